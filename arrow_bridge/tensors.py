@@ -1,0 +1,126 @@
+"""Arrow columns -> NumPy feature matrices, and model outputs -> Arrow arrays.
+
+One list column (``FLOAT[784]``, ``DOUBLE[]``) becomes an ``(n, width)`` ndarray
+that shares the Arrow buffer when the layout allows (no NULL inside a row);
+several scalar columns become a feature matrix; a VARCHAR column an array of
+strings. Outputs are cast to the Arrow type the function declared.
+
+Example:
+    >>> col = pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32(), 2))
+    >>> features([col], function="f")
+    array([[1., 2.],
+           [3., 4.]], dtype=float32)
+    >>> to_arrow([np.array([[0.5, 0.5]]), np.array([[0.1, 0.9]])], arrow_type("DOUBLE[2]"), 2).to_pylist()
+    [[0.5, 0.5], [0.1, 0.9]]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.types as pat
+
+from udf_engine.errors import InputError, ModelError
+
+_LIST_TYPES = (pat.is_fixed_size_list, pat.is_list, pat.is_large_list)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return any(check(t) for check in _LIST_TYPES)
+
+
+def _as_array(col: Any) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _numeric(values: pa.Array, function: str, what: str) -> np.ndarray:
+    if not (pat.is_integer(values.type) or pat.is_floating(values.type) or pat.is_boolean(values.type)):
+        raise InputError(f"function {function}: {what} must be numeric, got {values.type}")
+    # zero_copy_only would refuse a buffer with NULLs; those become NaN instead.
+    return values.to_numpy(zero_copy_only=False)
+
+
+def _list_matrix(col: pa.Array, function: str, width: int | None) -> np.ndarray:
+    n = len(col)
+    if pat.is_fixed_size_list(col.type):
+        got = col.type.list_size
+        if width is not None and got != width:
+            raise InputError(f"function {function}: expected arrays of length {width}, got length {got} ({col.type})")
+        return _numeric(col.flatten(), function, "array elements").reshape(n, got)
+    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+    expected = width if width is not None else (int(lengths[0]) if n else 0)
+    bad = np.flatnonzero(lengths != expected)
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(
+            f"function {function}: expected lists of length {expected}, got length {int(lengths[row])} "
+            f"(row {row + 1} of the batch)"
+        )
+    return _numeric(col.flatten(), function, "list elements").reshape(n, expected)
+
+
+def features(cols: Sequence[Any], *, function: str, width: int | None = None) -> np.ndarray:
+    """The model input for one call: an ``(n, width)`` matrix, or ``(n,)`` strings."""
+    arrays = [_as_array(c) for c in cols]
+    if not arrays:
+        raise InputError(f"function {function}: needs at least one argument")
+    if len(arrays) == 1:
+        col = arrays[0]
+        if _is_list(col.type):
+            return _list_matrix(col, function, width)
+        if pat.is_string(col.type) or pat.is_large_string(col.type) or pat.is_string_view(col.type):
+            return np.asarray(col.to_pylist(), dtype=object)
+    for i, col in enumerate(arrays, 1):
+        if _is_list(col.type):
+            raise InputError(f"function {function}: argument {i} is a list ({col.type}); pass one list or only scalars")
+    if width is not None and len(arrays) != width:
+        raise InputError(f"function {function}: expected {width} input values per row, got {len(arrays)} arguments")
+    return np.column_stack([_numeric(c, function, f"argument {i}") for i, c in enumerate(arrays, 1)])
+
+
+def _concat(results: Sequence[Any]) -> Any:
+    if not results:
+        return np.empty(0)
+    if isinstance(results[0], dict):
+        return {k: _concat([r[k] for r in results]) for k in results[0]}
+    if all(isinstance(r, np.ndarray) for r in results):
+        return np.concatenate(results) if len(results) > 1 else results[0]
+    return [row for r in results for row in r]
+
+
+def _convert(values: Any, target: pa.DataType) -> pa.Array:
+    if pat.is_struct(target):
+        if not isinstance(values, dict):
+            raise ModelError(f"declared a STRUCT result but the model returned {type(values).__name__}")
+        missing = [f.name for f in target if f.name not in values]
+        if missing:
+            raise ModelError(f"the model's result has no field(s) {missing} declared in the STRUCT")
+        children = [_convert(values[f.name], f.type) for f in target]
+        return pa.StructArray.from_arrays(children, fields=list(target))
+    if pat.is_fixed_size_list(target) and isinstance(values, np.ndarray) and values.ndim >= 2:
+        size = target.list_size
+        if values.shape[1] != size:
+            raise ModelError(f"declared {size} values per row but the model returned {values.shape[1]}")
+        inner = _convert(values.reshape(values.shape[0] * size, *values.shape[2:]), target.value_type)
+        return pa.FixedSizeListArray.from_arrays(inner, size)
+    if isinstance(values, np.ndarray):
+        if values.ndim == 2 and values.shape[1] == 1 and not _is_list(target):
+            values = values[:, 0]
+        if values.ndim == 1:
+            return pa.array(values).cast(target)
+        values = list(values)
+    return pa.array(values, type=target)
+
+
+def to_arrow(results: Sequence[Any], target: pa.DataType, rows: int) -> pa.Array:
+    """Join per-batch model outputs and convert them to one Arrow array of ``rows`` entries."""
+    values = _concat(results)
+    try:
+        array = _convert(values, target)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as err:
+        raise ModelError(f"the model's output does not convert to {target}: {err}") from None
+    if len(array) != rows:
+        raise ModelError(f"the model returned {len(array)} results for {rows} rows")
+    return array

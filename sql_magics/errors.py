@@ -1,0 +1,55 @@
+"""Errors of the statement language: parsing and executing scripts.
+
+Both derive from :class:`udf_engine.errors.RayUDFError`; only the magics turn
+them into IPython's ``UsageError`` and only the CLI into exit codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from udf_engine.errors import RayUDFError
+
+
+@dataclass
+class ParseError(RayUDFError):
+    """A statement could not be parsed.
+
+    ``line`` and ``col`` are 1-based; ``source_line`` is the text of that line.
+
+    Example:
+        >>> err = ParseError("expected 'as'", line=1, col=8, source_line="load x.`p`")
+        >>> print(err.highlight())
+        line 1, col 8: expected 'as'
+          load x.`p`
+                 ^
+    """
+
+    message: str
+    line: int = 0
+    col: int = 0
+    source_line: str = ""
+    source_name: str = ""
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        where = f"{self.source_name}: " if self.source_name else ""
+        return f"{where}line {self.line}, col {self.col}: {self.message}"
+
+    def highlight(self) -> str:
+        """Render the error with the offending line and a caret under the column."""
+        if not self.source_line:
+            return str(self)
+        caret = " " * (max(self.col, 1) - 1) + "^"
+        return f"{self}\n  {self.source_line}\n  {caret}"
+
+
+class ExecutionError(RayUDFError):
+    """A parsed statement failed while running; the message names the statement's line."""
+
+    def __init__(self, message: str, *, line: int = 0, statement: str = "") -> None:
+        self.line = line
+        self.statement = statement
+        super().__init__(f"line {line}: {message}" if line else message)

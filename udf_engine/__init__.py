@@ -1,0 +1,27 @@
+"""udf_engine: the Ray side of rayudf. Knows nothing of SQL.
+
+A model is loaded once into stateful ``UDFWorker`` actors owned by a ``UDFMaster``;
+a caller-side ``Dispatcher`` spreads batches over them.
+
+Example:
+    >>> from udf_engine import RayContext, UDFBuilder, UDFBuildInFunc, model_rows, put_model
+    >>> ctx = RayContext("digits", {"workers": 2}, model_refs=put_model(model_rows("m.keras")))  # doctest: +SKIP
+    >>> udf = UDFBuilder.build(ctx, UDFBuildInFunc.init_tf, UDFBuildInFunc.predict)              # doctest: +SKIP
+"""
+
+from udf_engine.builder import RemoteUDF, UDFBuilder, put_model
+from udf_engine.builtin_funcs import UDFBuildInFunc
+from udf_engine.dispatcher import Dispatcher
+from udf_engine.errors import ConfigError, InputError, ModelError, RayUDFError, WorkerError
+from udf_engine.master import UDFMaster
+from udf_engine.model_store import detect_format, materialize, model_meta, model_rows, read_model_rows, save_model
+from udf_engine.ray_runtime import NAMESPACE, RayContext, RayRuntime
+from udf_engine.settings import OPTIONS, UDFConf
+from udf_engine.worker import UDFWorker
+
+__all__ = [
+    "ConfigError", "Dispatcher", "InputError", "ModelError", "NAMESPACE", "OPTIONS", "RayContext",
+    "RayRuntime", "RayUDFError", "RemoteUDF", "UDFBuildInFunc", "UDFBuilder", "UDFConf", "UDFMaster",
+    "UDFWorker", "WorkerError", "detect_format", "materialize", "model_meta", "model_rows", "put_model",
+    "read_model_rows", "save_model",
+]

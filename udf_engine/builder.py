@@ -1,0 +1,139 @@
+"""UDFBuilder builds (or replaces) one UDF's master and workers; RemoteUDF is what it returns.
+
+Example:
+    >>> ctx = RayContext("digits", {"workers": 2}, model_refs=put_model(rows))    # doctest: +SKIP
+    >>> udf = UDFBuilder.build(ctx, UDFBuildInFunc.init_tf, UDFBuildInFunc.predict)  # doctest: +SKIP
+    >>> udf.map([np.zeros((3, 64))])[0].shape                                       # doctest: +SKIP
+    (3, 10)
+    >>> udf.shutdown()                                                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import ray
+
+from udf_engine.dispatcher import Dispatcher, user_error
+from udf_engine.errors import RayUDFError, WorkerError
+from udf_engine.master import UDFMaster
+from udf_engine.ray_runtime import NAMESPACE, RayContext
+from udf_engine.settings import UDFConf
+
+
+def put_model(rows: Sequence[dict]) -> list[ray.ObjectRef]:
+    """Put a model table's rows into the object store, one ref per row."""
+    return [ray.put(row) for row in rows]
+
+
+def _master_name(ray_context: RayContext) -> str:
+    return f"{ray_context.actor_prefix}.master"
+
+
+def _stop_existing(name: str, timeout_s: float = 30.0) -> None:
+    """Shut down a master of the same name and wait until its name is free."""
+    try:
+        old = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return
+    try:
+        ray.get(old.shutdown.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - it may be dead or stuck already; kill it regardless
+        pass
+    ray.kill(old)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    raise WorkerError(f"the old UDF master {name} did not stop within {timeout_s:.0f} s")
+
+
+@dataclass
+class RemoteUDF:
+    """A built UDF: its master (control plane) and a dispatcher (data plane)."""
+
+    function: str
+    master: Any
+    dispatcher: Dispatcher
+    conf: UDFConf
+    info: dict  # what the workers reported when the model loaded (input_width, load_s)
+
+    def map(self, batches: Sequence[Any]) -> list[Any]:
+        """Score batches on the workers; results in input order."""
+        return self.dispatcher.map(batches)
+
+    def probe(self, batch: Any) -> Any:
+        """Score one sample batch on a worker without counting it in the statistics."""
+        _, handle = self.dispatcher.workers()[0]
+        try:
+            return ray.get(handle.probe.remote(batch))
+        except ray.exceptions.RayTaskError as err:
+            raise user_error(err, self.function) from None
+
+    def stats(self) -> list[dict]:
+        """Per-worker statistics from the master."""
+        return ray.get(self.master.stats.remote())
+
+    def worker_handles(self) -> list[Any]:
+        """The live worker actor handles."""
+        return [h for _, h in self.dispatcher.workers()]
+
+    def shutdown(self) -> None:
+        """Kill the workers and the master."""
+        try:
+            ray.get(self.master.shutdown.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+        ray.kill(self.master)
+
+
+class UDFBuilder:
+    """Creates or replaces the named UDFMaster of one UDF (MLSQL's ``UDFBuilder``)."""
+
+    @staticmethod
+    def build(
+        ray_context: RayContext,
+        init_func: Callable[[Sequence[Any], dict], Any],
+        apply_func: Callable[[Any, Any], Any],
+        conf: dict | None = None,
+    ) -> RemoteUDF:
+        """Start the workers (each runs ``init_func`` once) and return the ready UDF.
+
+        Options come from ``ray_context.conf`` overlaid with ``conf``. Fails with
+        ModelError/WorkerError, leaving no actor behind, if any worker cannot load the model.
+        """
+        if ray_context.runtime is not None:
+            ray_context.runtime.ensure()
+        settings = UDFConf.from_options({**ray_context.conf, **(conf or {})})
+        name = _master_name(ray_context)
+        _stop_existing(name)
+        master = (
+            ray.remote(UDFMaster)
+            .options(name=name, namespace=NAMESPACE, num_cpus=0)
+            .remote(ray_context.function, ray_context.actor_prefix, init_func, apply_func, ray_context.model_refs, settings)
+        )
+        try:
+            info = ray.get(master.start.remote())
+            workers = ray.get(master.workers.remote())
+        except ray.exceptions.RayTaskError as err:
+            ray.kill(master)
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, RayUDFError):
+                raise type(cause)(str(cause)) from None
+            raise WorkerError(f"function {ray_context.function}: could not start its workers: {cause or err}") from None
+        dispatcher = Dispatcher(master, workers, function=ray_context.function, max_retries=settings.max_retries)
+        udf = RemoteUDF(ray_context.function, master, dispatcher, settings, info)
+        ray_context.udf = udf
+        return udf
+
+    @staticmethod
+    def apply(ray_context: RayContext) -> RemoteUDF:
+        """MLSQL's predictCode hook: the UDF built in this context."""
+        if ray_context.udf is None:
+            raise WorkerError(f"function {ray_context.function}: UDFBuilder.build was not called")
+        return ray_context.udf

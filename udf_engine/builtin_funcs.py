@@ -1,0 +1,144 @@
+"""Ready-made ``init_func``s and ``apply_func``s for UDFWorker (the MLSQL ``UDFBuildInFunc``).
+
+An ``init_func(model_refs, conf)`` runs once inside each worker: it fetches the
+model table's rows from the object store, rebuilds the files in a private
+temporary directory, checks the sha256 and loads the model. An
+``apply_func(model, batch)`` scores one batch (a 2-D ndarray) and returns an
+ndarray with one entry per row (or a dict of such arrays, which becomes a STRUCT).
+
+Example (inside a worker, or in-process for a test):
+    >>> rows = model_rows("models/digits.keras")            # doctest: +SKIP
+    >>> model = UDFBuildInFunc.init_tf(rows, {})              # rows or object refs
+    >>> UDFBuildInFunc.predict(model, np.zeros((2, 64))).shape
+    (2, 10)
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from udf_engine.errors import ModelError
+from udf_engine.model_store import materialize, model_meta
+
+
+def fetch_rows(model_refs: Sequence[Any]) -> list[dict]:
+    """Model-table rows from object refs (as Ray hands them to init_func) or plain rows."""
+    import ray
+
+    refs = [r for r in model_refs if isinstance(r, ray.ObjectRef)]
+    fetched = iter(ray.get(refs)) if refs else iter(())
+    return [next(fetched) if isinstance(r, ray.ObjectRef) else r for r in model_refs]
+
+
+class SavedModelPredictor:
+    """A TF SavedModel's serving signature behind a Keras-like ``predict``."""
+
+    def __init__(self, loaded: Any) -> None:
+        self._fn = loaded.signatures["serving_default"]
+        (self._input_name, spec), = self._fn.structured_input_signature[1].items()
+        self._dtype = spec.dtype.as_numpy_dtype
+        self.input_shape = tuple(spec.shape.as_list())
+
+    def predict(self, batch: np.ndarray, verbose: int = 0) -> Any:
+        out = self._fn(**{self._input_name: np.asarray(batch, dtype=self._dtype)})
+        arrays = {k: v.numpy() for k, v in out.items()}
+        return next(iter(arrays.values())) if len(arrays) == 1 else arrays
+
+    predict_on_batch = predict
+
+
+def _enable_gpu_memory_growth(tf: Any) -> None:
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised: growth can only be set before first use
+            pass
+
+
+def _with_model_files(model_refs: Sequence[Any], load: Callable[[Path, dict], Any]) -> Any:
+    rows = fetch_rows(model_refs)
+    meta = model_meta(rows)
+    workdir = Path(tempfile.mkdtemp(prefix="rayudf-model-"))
+    try:
+        return load(materialize(rows, workdir), meta)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class UDFBuildInFunc:
+    """Built-in loaders (``init_tf``, ``init_pickle``) and appliers (``predict``, ``predictor``)."""
+
+    @staticmethod
+    def init_tf(model_refs: Sequence[Any], conf: dict) -> Any:
+        """Load a Keras ``.keras``/``.h5`` file or a TF SavedModel directory."""
+        import tensorflow as tf
+
+        _enable_gpu_memory_growth(tf)
+
+        def load(path: Path, meta: dict) -> Any:
+            try:
+                if meta["format"] == "savedmodel":
+                    return SavedModelPredictor(tf.saved_model.load(str(path)))
+                import keras
+
+                return keras.models.load_model(path, compile=False)
+            except Exception as err:  # any loader failure is a model problem for the user
+                raise ModelError(f"cannot load {meta['format']} model {meta.get('name')!r}: {err}") from None
+
+        return _with_model_files(model_refs, load)
+
+    @staticmethod
+    def init_pickle(model_refs: Sequence[Any], conf: dict) -> Any:
+        """Load a cloudpickle/pickle/joblib object that has ``predict`` (or ``conf['method']``)."""
+
+        def load(path: Path, meta: dict) -> Any:
+            try:
+                if path.suffix == ".joblib":
+                    import joblib
+
+                    model = joblib.load(path)
+                else:
+                    import cloudpickle
+
+                    model = cloudpickle.loads(path.read_bytes())
+            except Exception as err:
+                raise ModelError(f"cannot unpickle model {meta.get('name')!r}: {err}") from None
+            method = conf.get("method", "predict")
+            if not callable(getattr(model, method, None)):
+                raise ModelError(f"model {meta.get('name')!r} has no method {method!r}")
+            return model
+
+        return _with_model_files(model_refs, load)
+
+    @staticmethod
+    def predict(model: Any, batch: np.ndarray) -> Any:
+        """Score a batch the fastest way the model offers (Keras ``predict_on_batch``)."""
+        scorer = getattr(model, "predict_on_batch", None) or model.predict
+        return scorer(batch)
+
+    @staticmethod
+    def predictor(method: str = "predict") -> Callable[[Any, np.ndarray], Any]:
+        """An apply_func calling ``model.<method>(batch)``, e.g. ``predictor("predict_proba")``."""
+        if method == "predict":
+            return UDFBuildInFunc.predict
+
+        def apply(model: Any, batch: np.ndarray) -> Any:
+            return getattr(model, method)(batch)
+
+        return apply
+
+
+def input_width(model: Any) -> int | None:
+    """How many features one row of the model's input has, when the model says so."""
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, list):  # a multi-input Keras model: no single width
+        return None
+    if shape and len(shape) == 2 and isinstance(shape[-1], int):
+        return shape[-1]
+    width = getattr(model, "n_features_in_", None)
+    return int(width) if width is not None else None

@@ -1,0 +1,202 @@
+"""UDFMaster: the control-plane actor of one UDF.
+
+It starts the UDFWorkers, waits until each has loaded the model, replaces dead
+ones (when told by a dispatcher, and on its own watch), reports statistics,
+scales and shuts down. Batches never pass through it.
+
+Example:
+    >>> master = ray.remote(UDFMaster).options(name="rayudf.s1.digits").remote(
+    ...     "digits", "rayudf.s1.digits", init, apply, model_refs, UDFConf())  # doctest: +SKIP
+    >>> workers = ray.get(master.start.remote())    # [(worker_id, handle), ...] # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import ray
+
+from udf_engine.errors import ModelError, WorkerError
+from udf_engine.settings import UDFConf
+from udf_engine.ray_runtime import NAMESPACE
+from udf_engine.worker import UDFWorker
+
+# How often the master pings its workers on its own; dispatchers report deaths sooner.
+WATCH_INTERVAL_S = 2.0
+
+
+@dataclass
+class _Slot:
+    """One worker position; a replacement keeps the slot and bumps the generation."""
+
+    index: int
+    generation: int
+    worker_id: str
+    handle: Any
+    replaced: int = 0  # how many times this slot's worker has been replaced
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The user's exception inside a RayTaskError, or the error itself."""
+    return getattr(err, "cause", None) or err
+
+
+class UDFMaster:
+    """Owns the workers of one UDF (an async Ray actor)."""
+
+    def __init__(
+        self,
+        function: str,
+        actor_prefix: str,
+        init_func: Callable,
+        apply_func: Callable,
+        model_refs: Sequence[Any],
+        conf: UDFConf,
+    ) -> None:
+        self._function = function  # the SQL name, for messages
+        self._prefix = actor_prefix  # worker actors are named f"{prefix}.w{slot}.{generation}"
+        self._init_func = init_func
+        self._apply_func = apply_func
+        self._model_refs = list(model_refs)  # kept so replacements can load the model again
+        self._conf = conf
+        self._slots: list[_Slot] = []
+        self._info: dict = {}  # what the first worker said of the model (input width, ...)
+        self._lock = asyncio.Lock()  # one start/replace/scale at a time
+        self._watch: asyncio.Task | None = None
+        self._slot_of: dict[str, int] = {}  # every worker id ever started -> its slot index
+
+    def _new_worker(self, index: int, generation: int) -> _Slot:
+        conf = self._conf
+        worker_id = f"{self._prefix}.w{index}.{generation}"
+        self._slot_of[worker_id] = index
+        handle = (
+            ray.remote(UDFWorker)
+            .options(
+                name=worker_id,
+                namespace=NAMESPACE,
+                num_cpus=conf.num_cpus,
+                num_gpus=conf.num_gpus,
+                resources=conf.resources or None,
+                max_concurrency=1,
+            )
+            .remote(worker_id, self._init_func, self._apply_func, self._model_refs, conf.as_conf())
+        )
+        return _Slot(index, generation, worker_id, handle)
+
+    async def _await_ready(self, slots: list[_Slot]) -> None:
+        """Wait for every worker to load the model; on any failure kill them all and raise."""
+        waits = [asyncio.ensure_future(asyncio.wait_for(s.handle.ready.remote(), self._conf.startup_timeout_s)) for s in slots]
+        try:
+            infos = await asyncio.gather(*waits)
+        except BaseException as err:
+            for w in waits:
+                w.cancel()
+            for s in slots:
+                ray.kill(s.handle)
+            cause = _cause(err)
+            if isinstance(cause, asyncio.TimeoutError):
+                raise WorkerError(
+                    f"function {self._function}: workers not ready after {self._conf.startup_timeout_s:.0f} s "
+                    f"(asked for num_cpus={self._conf.num_cpus}, num_gpus={self._conf.num_gpus} each; "
+                    f"free now: {ray.available_resources()})"
+                ) from None
+            if isinstance(cause, ModelError):
+                raise ModelError(f"function {self._function}: {cause}") from None
+            raise ModelError(f"function {self._function}: model failed to load: {cause}") from None
+        if not self._info:
+            self._info = dict(infos[0])
+
+    async def start(self) -> dict:
+        """Start ``conf.workers`` workers; return the model info once all have loaded it."""
+        async with self._lock:
+            slots = [self._new_worker(i, 0) for i in range(self._conf.workers)]
+            await self._await_ready(slots)
+            self._slots = slots
+        self._watch = asyncio.ensure_future(self._watch_loop())
+        return self._info
+
+    def workers(self) -> list[tuple[str, Any]]:
+        """The live workers as (worker_id, handle) pairs."""
+        return [(s.worker_id, s.handle) for s in self._slots]
+
+    async def replace(self, worker_id: str) -> tuple[str, Any] | None:
+        """Replace a dead worker; idempotent (a second report returns the same replacement).
+
+        Returns the replacement's (worker_id, handle), or None if the worker is unknown
+        (it was scaled away).
+        """
+        async with self._lock:
+            index = self._slot_of.get(worker_id)
+            if index is None or index >= len(self._slots):
+                return None
+            slot = self._slots[index]
+            if slot.worker_id != worker_id or await self._is_alive(slot):
+                return slot.worker_id, slot.handle
+            return await self._respawn(slot)
+
+    async def _respawn(self, slot: _Slot) -> tuple[str, Any]:
+        ray.kill(slot.handle)
+        fresh = self._new_worker(slot.index, slot.generation + 1)
+        await self._await_ready([fresh])
+        fresh.replaced = slot.replaced + 1
+        self._slots[slot.index] = fresh
+        return fresh.worker_id, fresh.handle
+
+    @staticmethod
+    async def _is_alive(slot: _Slot) -> bool:
+        try:
+            await asyncio.wait_for(slot.handle.stats.remote(), 10)
+            return True
+        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+            return False
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            for slot in list(self._slots):
+                if not await self._is_alive(slot):
+                    try:
+                        await self.replace(slot.worker_id)
+                    except Exception:  # noqa: BLE001 - keep watching; the next round tries again
+                        pass
+
+    async def scale(self, workers: int) -> list[tuple[str, Any]]:
+        """Grow or shrink to ``workers`` workers and return the live ones."""
+        if workers < 1:
+            raise WorkerError(f"function {self._function}: cannot scale to {workers} workers")
+        async with self._lock:
+            while len(self._slots) > workers:
+                ray.kill(self._slots.pop().handle)
+            fresh = [self._new_worker(i, 0) for i in range(len(self._slots), workers)]
+            if fresh:
+                await self._await_ready(fresh)
+                self._slots.extend(fresh)
+        return self.workers()
+
+    async def stats(self) -> list[dict]:
+        """One row per worker slot: counters, node, GPU ids, replacements, alive."""
+        rows = []
+        for slot in self._slots:
+            row = {"function": self._function, "slot": slot.index, "worker": slot.worker_id, "replaced": slot.replaced}
+            row.update(node=None, pid=None, gpu_ids=[], batches=0, rows=0, busy_s=0.0, errors=0)
+            try:
+                row.update(await asyncio.wait_for(slot.handle.stats.remote(), 10))
+                row["alive"] = True
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                row["alive"] = False
+            rows.append(row)
+        return rows
+
+    def info(self) -> dict:
+        """What the workers reported about the model when it loaded."""
+        return dict(self._info)
+
+    async def shutdown(self) -> None:
+        """Stop watching and kill every worker."""
+        if self._watch is not None:
+            self._watch.cancel()
+        for slot in self._slots:
+            ray.kill(slot.handle)
+        self._slots = []

@@ -1,0 +1,200 @@
+"""The model store: a model file or directory kept as a Parquet table of binary chunks.
+
+A model table has one row per chunk (``path``, ``start``, ``offset``, ``value``):
+``path`` is the file inside the model ("" for a single-file model), ``start`` the
+chunk's byte position in that file, ``offset`` its length and ``value`` the bytes.
+One metadata row (``path == META_PATH``) holds JSON with the format, sha256 and
+version. Rows travel to the workers through the Ray object store, so no worker
+needs a shared file system; the sha256 is checked after reassembly.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "m.pkl").write_bytes(b"not really a model")
+    >>> table_dir = save_model(d / "m.pkl", d / "m_table")
+    >>> rows = read_model_rows(table_dir)
+    >>> meta = model_meta(rows); meta["format"], meta["files"]
+    ('pickle', 1)
+    >>> model_path = materialize(rows, d / "restored")
+    >>> model_path.read_bytes()
+    b'not really a model'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from udf_engine.errors import ModelError
+
+# 4 MiB keeps each object-store entry small enough to stream and large enough
+# that a 100 MB model is only ~25 rows.
+CHUNK_BYTES = 4 << 20
+META_PATH = "__rayudf_meta__"
+STORE_VERSION = 1
+SCHEMA = pa.schema(
+    [("path", pa.string()), ("start", pa.int64()), ("offset", pa.int64()), ("value", pa.binary())]
+)
+
+_FORMAT_BY_SUFFIX = {
+    ".keras": "keras",
+    ".h5": "keras",
+    ".hdf5": "keras",
+    ".pkl": "pickle",
+    ".pickle": "pickle",
+    ".cloudpickle": "pickle",
+    ".joblib": "pickle",
+}
+
+
+def detect_format(src: str | os.PathLike) -> str:
+    """Name the format of a model file or directory: keras, savedmodel, pickle or table.
+
+    A directory holding ``saved_model.pb`` is a TF SavedModel; a directory of
+    Parquet files (or a ``.parquet`` file) is a model table written by :func:`save_model`.
+    """
+    path = Path(src)
+    if path.is_dir():
+        if (path / "saved_model.pb").exists():
+            return "savedmodel"
+        if any(path.glob("*.parquet")):
+            return "table"
+        raise ModelError(f"{path}: directory is neither a SavedModel nor a model table")
+    if path.suffix == ".parquet":
+        return "table"
+    fmt = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    if fmt is None:
+        known = ", ".join(sorted(_FORMAT_BY_SUFFIX))
+        raise ModelError(f"{path}: cannot tell the model format from the suffix (known: {known}); pass format=")
+    return fmt
+
+
+def _model_files(root: Path) -> list[tuple[str, Path]]:
+    if root.is_file():
+        return [("", root)]
+    return sorted(
+        (p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file()
+    )
+
+
+def _digest(files: Iterable[tuple[str, bytes]]) -> str:
+    """sha256 over (relative path, length, bytes) of every file, in path order."""
+    h = hashlib.sha256()
+    for rel, data in sorted(files, key=lambda f: f[0]):
+        h.update(rel.encode() + b"\0" + str(len(data)).encode() + b"\0")
+        h.update(data)
+    return h.hexdigest()
+
+
+def model_rows(src: str | os.PathLike, *, format: str | None = None, version: str = "1") -> list[dict]:
+    """Read a model file or directory into chunk rows plus the metadata row (in memory)."""
+    root = Path(src)
+    if not root.exists():
+        raise ModelError(f"model path not found: {root}")
+    fmt = format or detect_format(root)
+    rows: list[dict] = []
+    contents: list[tuple[str, bytes]] = []
+    for rel, path in _model_files(root):
+        data = path.read_bytes()
+        contents.append((rel, data))
+        for start in range(0, max(len(data), 1), CHUNK_BYTES):
+            chunk = data[start : start + CHUNK_BYTES]
+            rows.append({"path": rel, "start": start, "offset": len(chunk), "value": chunk})
+    meta = {
+        "format": fmt,
+        "sha256": _digest(contents),
+        "version": str(version),
+        "files": len(contents),
+        "name": root.name,
+        "store_version": STORE_VERSION,
+    }
+    rows.append({"path": META_PATH, "start": -1, "offset": 0, "value": json.dumps(meta).encode()})
+    return rows
+
+
+def save_model(
+    src: str | os.PathLike, dest: str | os.PathLike, *, format: str | None = None, version: str = "1"
+) -> Path:
+    """Save a model file or directory as a model table (a directory holding one Parquet file).
+
+    Returns the table directory; ``load parquet.`<dest>` as m`` reads it back.
+    """
+    rows = model_rows(src, format=format, version=version)
+    dest = Path(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=".rayudf-", dir=dest.parent if dest.parent.exists() else None))
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    pq.write_table(table, tmp / "part-00000.parquet", row_group_size=16)
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(tmp), dest)
+    return dest
+
+
+def read_model_rows(path: str | os.PathLike) -> list[dict]:
+    """Read a model table (directory or ``.parquet`` file) written by :func:`save_model`."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model table not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ModelError(f"{path}: not a readable model table ({err})") from None
+    return rows_from_table(table, source=str(path))
+
+
+def rows_from_table(table: pa.Table, *, source: str = "model table") -> list[dict]:
+    """Turn an Arrow table with the model-store columns into rows, checking its shape."""
+    missing = {"path", "start", "offset", "value"} - set(table.column_names)
+    if missing:
+        raise ModelError(f"{source}: not a model table, missing columns {sorted(missing)}")
+    return table.select(["path", "start", "offset", "value"]).to_pylist()
+
+
+def model_meta(rows: Sequence[dict]) -> dict[str, Any]:
+    """The metadata of a model table's rows (format, sha256, version, ...)."""
+    for row in rows:
+        if row["path"] == META_PATH:
+            return json.loads(row["value"])
+    raise ModelError("model table has no metadata row (was it written by save_model?)")
+
+
+def materialize(rows: Iterable[dict], dest: str | os.PathLike) -> Path:
+    """Write chunk rows back to files under ``dest`` and verify the sha256.
+
+    Returns the model's path: the file itself for a single-file model, else the directory.
+    Raises ModelError naming both checksums when the content does not match.
+    """
+    rows = list(rows)
+    meta = model_meta(rows)
+    dest = Path(dest)
+    parts: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["path"] != META_PATH:
+            parts.setdefault(row["path"], []).append(row)
+    contents: list[tuple[str, bytes]] = []
+    for rel, chunks in parts.items():
+        chunks.sort(key=lambda r: r["start"])
+        data = b"".join(r["value"] for r in chunks)
+        contents.append((rel, data))
+    actual = _digest(contents)
+    if actual != meta["sha256"]:
+        raise ModelError(
+            f"model {meta.get('name', '?')!r}: sha256 mismatch, the model table is corrupt "
+            f"(expected {meta['sha256']}, got {actual})"
+        )
+    single = list(parts) == [""]
+    root = dest / (meta.get("name") or "model") if single else dest
+    for rel, data in contents:
+        target = root if single else root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root

@@ -1,0 +1,93 @@
+"""Which Ray the UDFs run on, and the context object a UDF is built in.
+
+:class:`RayRuntime` joins the cluster named by ``address`` or ``RAY_ADDRESS``, or
+else starts a local Ray on first use (dashboard off) and stops it at ``shutdown``
+only if it started it. :class:`RayContext` is what ``UDFBuilder.build`` needs: the
+function's name, its options (``.conf``), the model table as object refs, and
+where the built UDF is left for the caller (MLSQL's ``ray_context``).
+
+Example:
+    >>> runtime = RayRuntime()           # nothing starts yet
+    >>> runtime.ensure()                 # doctest: +SKIP
+    >>> ctx = RayContext("digits", {"workers": "2"}, model_refs=[], actor_prefix="rayudf.ab12.digits")
+    >>> ctx.conf["workers"]
+    '2'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+# Every rayudf actor lives in this namespace; names inside it carry a per-session
+# token, so two sessions on one cluster never replace each other's UDFs.
+NAMESPACE = "rayudf"
+
+
+class RayRuntime:
+    """Starts or joins Ray once; stops it again only if it started it."""
+
+    def __init__(self, address: str | None = None, **init_options: Any) -> None:
+        self.address = address  # None: RAY_ADDRESS, else a local Ray
+        self._init_options = init_options  # extra ray.init arguments (num_cpus=..., num_gpus=...)
+        self._started_here = False
+
+    def ensure(self) -> None:
+        """Make sure Ray is up (idempotent)."""
+        import ray
+
+        if ray.is_initialized():
+            return
+        address = self.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, **self._init_options)
+            return
+        options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+        options.update(self._init_options)
+        ray.init(namespace=NAMESPACE, **options)
+        self._started_here = True
+
+    def shutdown(self) -> None:
+        """Stop the local Ray if this runtime started it."""
+        import ray
+
+        if self._started_here and ray.is_initialized():
+            ray.shutdown()
+        self._started_here = False
+
+
+@dataclass
+class RayContext:
+    """Everything one ``UDFBuilder.build`` call needs, and where it leaves the result.
+
+    ``conf`` holds the options of the registration (and, from scripts, the
+    ``!python conf`` values); ``model_refs`` the model table's rows as object refs.
+    """
+
+    function: str
+    conf: dict = field(default_factory=dict)
+    model_refs: list = field(default_factory=list)
+    actor_prefix: str = ""
+    runtime: RayRuntime | None = None
+    udf: Any = None  # the RemoteUDF that build() made
+
+    def __post_init__(self) -> None:
+        if not self.actor_prefix:
+            self.actor_prefix = f"rayudf.{self.function}"
+
+    @classmethod
+    def connect(cls, namespace: dict | Any, address: str | None = None) -> "RayContext":
+        """MLSQL's ``RayContext.connect(globals(), address)``: the context bound to this code.
+
+        The code runs with a global ``context`` that is the bound RayContext; an
+        ``address`` only matters when Ray is not running yet.
+        """
+        context = namespace.get("context") if isinstance(namespace, dict) else namespace
+        if not isinstance(context, RayContext):
+            raise TypeError("RayContext.connect: no rayudf context in these globals (run it from a register statement)")
+        if context.runtime is None:
+            context.runtime = RayRuntime(address)
+        context.runtime.ensure()
+        return context

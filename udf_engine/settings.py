@@ -1,0 +1,110 @@
+"""Settings of one registered UDF: a table of options and the validated dataclass built from it.
+
+The table :data:`OPTIONS` is the single place that names, defaults and
+explains every engine option; the CLI, the magics and the docs read it.
+
+Example:
+    >>> conf = UDFConf.from_options({"maxConcurrency": "3", "num_cpus": "0.5"})
+    >>> conf.workers, conf.num_cpus, conf.batch_size
+    (3, 0.5, 1024)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from udf_engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One engine option: its name, default, type, help text and accepted aliases."""
+
+    name: str
+    default: Any
+    type: type
+    help: str
+    aliases: tuple[str, ...] = ()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("workers", 2, int, "number of UDFWorker actors holding the model", ("maxConcurrency",)),
+    Option("num_cpus", 1.0, float, "CPUs reserved per worker (fractions allowed); also caps its math threads"),
+    Option("num_gpus", 0.0, float, "GPUs reserved per worker (fractions allowed)"),
+    Option("resources", {}, dict, 'custom Ray resources per worker, as JSON: {"accelerator": 1}'),
+    Option("batch_size", 1024, int, "rows per batch sent to a worker", ("batchSize",)),
+    Option("max_retries", 1, int, "times a batch whose worker died is retried on another worker"),
+    Option("startup_timeout_s", 300.0, float, "seconds to wait for workers to load the model"),
+)
+
+_BY_NAME = {alias: opt for opt in OPTIONS for alias in (opt.name, *opt.aliases)}
+
+
+def _coerce(opt: Option, value: Any) -> Any:
+    if opt.type is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        try:
+            parsed = json.loads(value)
+        except (TypeError, ValueError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"option {opt.name}: expected a JSON object, got {value!r}")
+        return parsed
+    try:
+        if opt.type is int and isinstance(value, str):
+            return int(float(value)) if float(value).is_integer() else int(value)
+        return opt.type(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {opt.name}: expected {opt.type.__name__}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class UDFConf:
+    """Validated engine settings of one UDF; ``extra`` keeps every other option verbatim.
+
+    ``extra`` reaches ``init_func(model_refs, conf)`` through :meth:`as_conf`, so a
+    loader can read its own options (``method="predict_proba"``).
+    """
+
+    workers: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict = field(default_factory=dict)
+    batch_size: int = 1024
+    max_retries: int = 1
+    startup_timeout_s: float = 300.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"option workers: must be at least 1, got {self.workers}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("options num_cpus and num_gpus must not be negative")
+        if self.batch_size < 1:
+            raise ConfigError(f"option batch_size: must be at least 1, got {self.batch_size}")
+        if self.max_retries < 0:
+            raise ConfigError(f"option max_retries: must not be negative, got {self.max_retries}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None) -> "UDFConf":
+        """Build settings from user options (strings allowed), resolving aliases."""
+        known: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in (options or {}).items():
+            opt = _BY_NAME.get(key)
+            if opt is None:
+                extra[key] = value
+            elif opt.name in known:
+                raise ConfigError(f"option {opt.name} given twice (as {key!r})")
+            else:
+                known[opt.name] = _coerce(opt, value)
+        return cls(**known, extra=extra)
+
+    def as_conf(self) -> dict[str, Any]:
+        """The flat dict handed to ``init_func``: engine settings plus every extra option."""
+        conf = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        conf.update(self.extra)
+        return conf

@@ -1,0 +1,118 @@
+"""UDFWorker: the Ray actor that loads a model once and scores batches with it.
+
+Example:
+    >>> import ray
+    >>> Worker = ray.remote(UDFWorker)                          # doctest: +SKIP
+    >>> w = Worker.remote("w0", init, apply, model_refs, conf)  # doctest: +SKIP
+    >>> ray.get(w.ready.remote())["input_width"]                # doctest: +SKIP
+    64
+    >>> ray.get(w.apply.remote(np.zeros((4, 64)))).shape        # doctest: +SKIP
+    (4, 10)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from udf_engine.builtin_funcs import input_width
+
+_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+)
+
+
+def limit_math_threads(num_cpus: float) -> int:
+    """Cap BLAS/OpenMP/TF thread pools at the worker's CPU share (at least 1).
+
+    Two workers on a 2-core machine that each start one thread per core would
+    oversubscribe the cores and run slower than one worker.
+    """
+    threads = max(1, math.ceil(num_cpus)) if num_cpus else 1
+    for name in _THREAD_ENV:
+        os.environ[name] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)  # pools numpy already started ignore the env vars
+    except ImportError:
+        pass
+    return threads
+
+
+class UDFWorker:
+    """Holds one loaded model; ``apply`` scores a batch, ``stats`` reports its counters."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        init_func: Callable[[Sequence[Any], dict], Any],
+        apply_func: Callable[[Any, Any], Any],
+        model_refs: Sequence[Any],
+        conf: dict,
+    ) -> None:
+        import ray
+
+        self._id = worker_id  # stable name of this worker in stats and errors
+        self._apply_func = apply_func
+        self._threads = limit_math_threads(float(conf.get("num_cpus") or 0))
+        self._batches = 0  # batches scored by apply()
+        self._rows = 0  # rows in those batches
+        self._busy_s = 0.0  # wall time spent inside apply_func
+        self._errors = 0  # apply() calls that raised
+        self._init_error: BaseException | None = None  # re-raised by ready()
+        self._model: Any = None
+        started = time.perf_counter()
+        try:
+            self._model = init_func(model_refs, conf)
+        except BaseException as err:  # reported by ready(), so the master sees the real cause
+            self._init_error = err
+        self._load_s = time.perf_counter() - started
+        ctx = ray.get_runtime_context()
+        self._node = ctx.get_node_id()
+        self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+
+    def ready(self) -> dict:
+        """Raise the model's load error, or describe the loaded model."""
+        if self._init_error is not None:
+            raise self._init_error
+        return {"worker": self._id, "input_width": input_width(self._model), "load_s": self._load_s}
+
+    def apply(self, batch: Any) -> Any:
+        """Score one batch and count it."""
+        started = time.perf_counter()
+        try:
+            result = self._apply_func(self._model, batch)
+        except BaseException:
+            self._errors += 1
+            raise
+        finally:
+            self._busy_s += time.perf_counter() - started
+        self._batches += 1
+        self._rows += len(batch)
+        return result
+
+    def probe(self, batch: Any) -> Any:
+        """Score a sample batch without counting it (used to infer the return type)."""
+        return self._apply_func(self._model, batch)
+
+    def stats(self) -> dict:
+        """This worker's counters, node and GPU ids."""
+        return {
+            "worker": self._id,
+            "node": self._node,
+            "pid": os.getpid(),
+            "gpu_ids": self._gpu_ids,
+            "threads": self._threads,
+            "batches": self._batches,
+            "rows": self._rows,
+            "busy_s": self._busy_s,
+            "errors": self._errors,
+            "load_s": self._load_s,
+        }
