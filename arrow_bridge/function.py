@@ -58,11 +58,13 @@ def infer_return_type(name: str, udf: Any, width: int | None) -> str:
             f"function {name}: cannot infer the return type because the model does not say how many "
             'inputs a row has; declare it, e.g. returns="DOUBLE[10]"'
         )
-    return duckdb_type_of(udf.probe(np.zeros((1, width), dtype=np.float32)))
+    # float64 zeros: a model that follows its input dtype (scikit-learn) then declares
+    # the wider type, so float64 inputs are never narrowed on the way out.
+    return duckdb_type_of(udf.probe(np.zeros((1, width), dtype=np.float64)))
 
 
 def _ensure_threads(con: duckdb.DuckDBPyConnection, wanted: int) -> None:
-    current = con.execute("SELECT current_setting('threads')").fetchone()[0]
+    (current,), = con.execute("SELECT current_setting('threads')").fetchall()
     if int(current) < wanted:
         con.execute(f"SET threads = {int(wanted)}")
 

@@ -36,6 +36,8 @@ def _as_array(col: Any) -> pa.Array:
 
 
 def _numeric(values: pa.Array, function: str, what: str) -> np.ndarray:
+    if pat.is_decimal(values.type):  # SQL literals such as 1.5 are DECIMAL in DuckDB
+        values = values.cast(pa.float64())
     if not (pat.is_integer(values.type) or pat.is_floating(values.type) or pat.is_boolean(values.type)):
         raise InputError(f"function {function}: {what} must be numeric, got {values.type}")
     # zero_copy_only would refuse a buffer with NULLs; those become NaN instead.
@@ -47,7 +49,7 @@ def _list_matrix(col: pa.Array, function: str, width: int | None) -> np.ndarray:
     if pat.is_fixed_size_list(col.type):
         got = col.type.list_size
         if width is not None and got != width:
-            raise InputError(f"function {function}: expected arrays of length {width}, got length {got} ({col.type})")
+            raise InputError(f"function {function}: expected arrays of length {width}, got length {got}")
         return _numeric(col.flatten(), function, "array elements").reshape(n, got)
     lengths = col.value_lengths().to_numpy(zero_copy_only=False)
     expected = width if width is not None else (int(lengths[0]) if n else 0)

@@ -43,6 +43,7 @@ _LOADERS = {
     "sklearn": UDFBuildInFunc.init_pickle,
 }
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_OWN_ERROR_PREFIX = re.compile(r"^(RayUDFError|ConfigError|ModelError|WorkerError|InputError): ")
 # Options the bridge and the session read; every other option goes to the engine.
 _BRIDGE_OPTIONS = ("returns", "version")
 
@@ -66,6 +67,8 @@ def _clean_duckdb_error(err: duckdb.Error) -> str:
     marker = "Python exception occurred while executing the UDF:"
     if marker in text:
         text = text.split(marker, 1)[1].strip()
+        # our own errors already say what went wrong; their class name adds nothing
+        text = _OWN_ERROR_PREFIX.sub("", text, count=1)
     return text.splitlines()[0] if text else type(err).__name__
 
 

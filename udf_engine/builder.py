@@ -53,6 +53,34 @@ def _stop_existing(name: str, timeout_s: float = 30.0) -> None:
     raise WorkerError(f"the old UDF master {name} did not stop within {timeout_s:.0f} s")
 
 
+def _needs(settings: UDFConf) -> dict[str, float]:
+    per_worker = {"CPU": settings.num_cpus, "GPU": settings.num_gpus, **settings.resources}
+    return {k: v * settings.workers for k, v in per_worker.items() if v}
+
+
+def _wait_for_resources(function: str, settings: UDFConf, grace_s: float = 5.0) -> None:
+    """Fail at once, naming what is asked and what is free, when the workers cannot be placed.
+
+    A registration that would wait for resources nobody is going to free looks like
+    a hang to the user. The grace period lets a replaced UDF's workers release theirs.
+    """
+    needs = _needs(settings)
+    deadline = time.monotonic() + grace_s
+    while True:
+        free = ray.available_resources()
+        short = {k: v for k, v in needs.items() if free.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return
+        if time.monotonic() > deadline:
+            asked = ", ".join(f"{k}={v:g}" for k, v in needs.items())
+            have = ", ".join(f"{k}={free.get(k, 0.0):g}" for k in needs)
+            raise WorkerError(
+                f"function {function}: not enough free Ray resources for {settings.workers} worker(s): "
+                f"asked {asked}, free {have}; unregister other functions or lower workers/num_cpus/num_gpus"
+            )
+        time.sleep(0.1)
+
+
 @dataclass
 class RemoteUDF:
     """A built UDF: its master (control plane) and a dispatcher (data plane)."""
@@ -112,6 +140,7 @@ class UDFBuilder:
         settings = UDFConf.from_options({**ray_context.conf, **(conf or {})})
         name = _master_name(ray_context)
         _stop_existing(name)
+        _wait_for_resources(ray_context.function, settings)
         master = (
             ray.remote(UDFMaster)
             .options(name=name, namespace=NAMESPACE, num_cpus=0)

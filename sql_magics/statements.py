@@ -1,0 +1,137 @@
+"""The statement kinds of the language: one small dataclass each.
+
+Every statement has a class attribute ``kind`` and, filled in by the parser, ``text`` (its
+raw source without the trailing ``;``), ``line`` and ``col`` (1-based, of its first token).
+Those three are keyword-only and left out of ``==``, so a statement built by hand compares
+equal to the parsed one.
+
+Example:
+    >>> Load("csv", "a.csv", {}, "a") == Load("csv", "a.csv", {}, "a", line=3, col=1)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+
+@dataclass(kw_only=True)
+class Statement:
+    """Base of every statement kind."""
+
+    kind: ClassVar[str] = ""
+    text: str = field(default="", compare=False, repr=False)
+    line: int = field(default=0, compare=False)
+    col: int = field(default=0, compare=False)
+
+
+@dataclass
+class Load(Statement):
+    """``load <format>.`<path>` [where k="v" and ...] as <table>``."""
+
+    kind: ClassVar[str] = "load"
+    format: str
+    path: str
+    options: dict[str, str]
+    table: str
+
+
+@dataclass
+class Save(Statement):
+    """``save [mode] <table> as <format>.`<path>` [where ...] [partitionBy c1, c2]``.
+
+    ``mode`` is one of "overwrite", "append", "errorIfExists" (the default) or "ignore".
+    """
+
+    kind: ClassVar[str] = "save"
+    mode: str
+    table: str
+    format: str
+    path: str
+    options: dict[str, str]
+    partition_by: list[str]
+
+
+@dataclass
+class Select(Statement):
+    """``select ... as <table>``: ``sql`` is the query before the final ``as``."""
+
+    kind: ClassVar[str] = "select"
+    sql: str
+    table: str
+
+
+@dataclass
+class Register(Statement):
+    """``register <kind>.`<path or table>` as <function> [where ...]``.
+
+    ``model_kind`` is kept as written (Ray, keras, sklearn, ScriptUDF, ...).
+    """
+
+    kind: ClassVar[str] = "register"
+    model_kind: str
+    path: str
+    function: str
+    options: dict[str, str]
+
+
+@dataclass
+class Unregister(Statement):
+    """``unregister <function>``."""
+
+    kind: ClassVar[str] = "unregister"
+    function: str
+
+
+@dataclass
+class Set(Statement):
+    """``set <key> = <value> [where type="text|sql|shell"]``; used later as ``${key}``."""
+
+    kind: ClassVar[str] = "set"
+    key: str
+    value: str
+    options: dict[str, str]
+
+
+@dataclass
+class Command(Statement):
+    """``!<name> <args...>``, e.g. ``!python conf "runIn=driver"``.
+
+    ``name`` is lower-cased; ``args`` are shell-like words with their quotes removed.
+    """
+
+    kind: ClassVar[str] = "command"
+    name: str
+    args: list[str]
+
+
+@dataclass
+class Include(Statement):
+    """``include <format>.`<file>``` (format normally ``local``)."""
+
+    kind: ClassVar[str] = "include"
+    format: str
+    path: str
+
+
+@dataclass
+class Sql(Statement):
+    """Any other statement, handed to DuckDB unchanged; ``text`` is the SQL."""
+
+    kind: ClassVar[str] = "sql"
+    text: str
+
+
+STATEMENT_TYPES: tuple[type[Statement], ...] = (
+    Load,
+    Save,
+    Select,
+    Register,
+    Unregister,
+    Set,
+    Command,
+    Include,
+    Sql,
+)
+"""Every statement class, e.g. for checking that each ``kind`` is documented."""

@@ -1,0 +1,136 @@
+"""Shared fixtures: one real local Ray for the whole run, real DuckDB, small real models.
+
+Ray is started once (with 2 logical GPUs, which only set CUDA_VISIBLE_DEVICES)
+and every Session joins it, so no test pays Ray's start-up twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Small enough that several UDFs fit at once in the test cluster's 4 logical CPUs.
+WORKER_CPUS = 0.5
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from udf_engine import NAMESPACE
+
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits: pixels scaled to 0..1 as float32, and labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return (data.data / 16.0).astype(np.float32), data.target.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def keras_model(digits, model_dir):
+    """A small trained Keras classifier and the path of its .keras file."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    pixels, labels = digits
+    model = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(10, activation="softmax")]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(pixels, labels, epochs=3, batch_size=128, verbose=0)
+    path = model_dir / "digits.keras"
+    model.save(path)
+    return model, path
+
+
+@pytest.fixture(scope="session")
+def sklearn_model(digits, model_dir):
+    """A logistic regression on the digits, pickled with cloudpickle."""
+    from sklearn.linear_model import LogisticRegression
+
+    pixels, labels = digits
+    model = LogisticRegression(max_iter=300).fit(pixels, labels)
+    path = model_dir / "digits_lr.pkl"
+    path.write_bytes(cloudpickle.dumps(model))
+    return model, path
+
+
+def write_digits_parquet(path: Path, pixels: np.ndarray, *, row_group_size: int = 256) -> Path:
+    """id, pixels as FLOAT[64], the same as a DOUBLE[] list, and the first three pixels as columns."""
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(len(pixels)), pa.int64()),
+            "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels.ravel()), pixels.shape[1]),
+            "plist": pa.array(list(pixels.astype(np.float64)), pa.list_(pa.float64())),
+            "a": pixels[:, 0].astype(np.float64),
+            "b": pixels[:, 1].astype(np.float64),
+            "c": pixels[:, 2].astype(np.float64),
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_parquet(digits, tmp_path_factory) -> Path:
+    return write_digits_parquet(tmp_path_factory.mktemp("data") / "digits.parquet", digits[0])
+
+
+@pytest.fixture(scope="module")
+def session(ray_cluster):
+    """One Session per test module, joined to the shared Ray (so closing it leaves Ray up)."""
+    from sql_magics import Session
+
+    with Session() as s:
+        yield s
+
+
+@pytest.fixture
+def register(session):
+    """Register a model for one test (1 worker, small CPU share unless told) and unregister it after."""
+    names: list[str] = []
+
+    def _register(name, path, **options):
+        options.setdefault("workers", 1)
+        options.setdefault("num_cpus", WORKER_CPUS)
+        registered = session.register_model(name, path, **options)
+        names.append(name)
+        return registered
+
+    yield _register
+    for name in names:
+        if name in session.functions:
+            session.unregister(name)
+
+
+def named_actors(prefix: str, timeout_s: float = 10.0) -> list[str]:
+    """Names of live rayudf actors starting with ``prefix``, after kills have had time to land."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+        if not names or time.monotonic() > deadline:
+            return names
+        time.sleep(0.2)

@@ -1,0 +1,145 @@
+"""Faults: a worker killed mid-query, bad input, missing or corrupt models, leftover actors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import cloudpickle
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import named_actors
+from sql_magics import ExecutionError, Session
+from udf_engine import ModelError, WorkerError, read_model_rows, save_model
+from udf_engine.model_store import SCHEMA
+
+
+@pytest.fixture(scope="module")
+def slow_model_path(model_dir):
+    """A deterministic model that takes a few ms per batch, so a query lasts long enough to kill a worker."""
+
+    class SlowSum:
+        n_features_in_ = 4
+
+        def predict(self, batch):
+            time.sleep(0.01)
+            return np.asarray(batch, dtype=np.float64) @ np.array([1.0, 10.0, 100.0, 1000.0])
+
+    path = model_dir / "slow.pkl"
+    path.write_bytes(cloudpickle.dumps(SlowSum()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wide_parquet(tmp_path_factory):
+    rows = 40_000
+    rng = np.random.default_rng(1)
+    x = rng.random((rows, 4))
+    path = tmp_path_factory.mktemp("wide") / "wide.parquet"
+    pq.write_table(pa.table({"id": np.arange(rows), "a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "d": x[:, 3]}), path, row_group_size=4096)
+    return path, x
+
+
+def test_worker_killed_mid_query_loses_no_row(session, register, slow_model_path, wide_parquet):
+    import ray
+
+    path, x = wide_parquet
+    registered = register("slow_sum", slow_model_path, workers=2, batch_size=128)
+    victim = registered.udf.worker_handles()[0]
+    frame = {}
+
+    def run_query():
+        frame["result"] = session.sql(f"select id, slow_sum(a, b, c, d) as y from '{path}' order by id")
+
+    query = threading.Thread(target=run_query)
+    query.start()
+    deadline = time.monotonic() + 30
+    while sum(s["batches"] for s in registered.udf.stats()) < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ray.kill(victim)
+    query.join(timeout=120)
+
+    result = frame["result"]
+    assert list(result["id"]) == list(range(len(x)))  # no row lost, none duplicated
+    np.testing.assert_allclose(result["y"].to_numpy(), x @ np.array([1.0, 10.0, 100.0, 1000.0]), rtol=0, atol=1e-9)
+    stats = registered.udf.stats()
+    assert len(stats) == 2 and all(s["alive"] for s in stats)
+    assert sum(s["replaced"] for s in stats) == 1, stats
+
+
+def test_wrong_length_names_function_and_both_lengths(session, register, sklearn_model):
+    _, path = sklearn_model
+    register("lr_len", path)
+    with pytest.raises(ExecutionError) as err:
+        session.sql("select lr_len([1.0, 2.0, 3.0]) as y")
+    message = str(err.value)
+    assert "lr_len" in message and "64" in message and "3" in message
+
+    with pytest.raises(ExecutionError, match=r"function lr_len: expected arrays of length 64, got length 10"):
+        session.sql("select lr_len(range(10)::FLOAT[10]) as y")
+    # the function still works afterwards
+    assert session.sql("select lr_len(range(64)::FLOAT[64]) as y")["y"].notna().all()
+
+
+def test_model_error_is_reported_and_workers_survive(session, register, model_dir):
+    class Picky:
+        n_features_in_ = 2
+
+        def predict(self, batch):
+            if (np.asarray(batch) < 0).any():
+                raise ValueError("negative input")
+            return np.asarray(batch).sum(axis=1)
+
+    path = model_dir / "picky.pkl"
+    path.write_bytes(cloudpickle.dumps(Picky()))
+    register("picky", path)
+    with pytest.raises(ExecutionError, match="picky.*ValueError: negative input"):
+        session.sql("select picky(-1.0, 2.0) as y")
+    assert session.sql("select picky(1.0, 2.0) as y")["y"][0] == 3.0
+
+
+def test_missing_model_path_fails_registration(session, tmp_path):
+    missing = tmp_path / "missing.keras"
+    with pytest.raises(ModelError, match="missing.keras"):
+        session.register_model("ghost", missing)
+    assert "ghost" not in session.functions
+    assert named_actors(f"rayudf.{session.id}.ghost") == []
+
+
+def test_corrupt_model_table_fails_on_checksum_and_leaves_no_actor(session, sklearn_model, tmp_path):
+    _, path = sklearn_model
+    rows = read_model_rows(save_model(path, tmp_path / "good"))
+    chunk = next(r for r in rows if r["path"] == "")
+    flipped = bytearray(chunk["value"])
+    flipped[100] ^= 0x20
+    chunk["value"] = bytes(flipped)
+    bad = tmp_path / "bad_table"
+    bad.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), bad / "part-00000.parquet")
+
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        session.register_model("corrupt", bad, workers=2, num_cpus=0.5)
+    assert "corrupt" not in session.functions
+    assert named_actors(f"rayudf.{session.id}.corrupt") == []
+
+
+def test_not_enough_resources_fails_fast(session, sklearn_model):
+    _, path = sklearn_model
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"not enough free Ray resources.*GPU=6"):
+        session.register_model("greedy", path, workers=3, num_cpus=0.1, num_gpus=2)
+    assert time.monotonic() - started < 30
+    assert named_actors(f"rayudf.{session.id}.greedy") == []
+
+
+def test_closing_a_session_stops_its_actors(ray_cluster, sklearn_model):
+    _, path = sklearn_model
+    with Session() as own:
+        own.register_model("short_lived", path, workers=1, num_cpus=0.5)
+        prefix = f"rayudf.{own.id}."
+        assert len(named_actors(prefix, timeout_s=0)) == 2  # the master and its worker
+    assert named_actors(prefix) == []
+    assert ray_cluster.is_initialized()  # the session joined Ray, so it leaves it running
