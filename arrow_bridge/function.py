@@ -89,6 +89,27 @@ def register_model_function(
     return fn
 
 
+def register_python_function(
+    con: duckdb.DuckDBPyConnection, name: str, func: Any, returns: str, *, vectorized: bool = False
+) -> None:
+    """Make a plain Python function callable from SQL, run in-process by DuckDB.
+
+    Row-wise (``vectorized=False``) it gets Python values; vectorized it gets one
+    NumPy array per argument and returns one array (or list) for the whole call.
+    """
+    unregister_function(con, name)
+    if not vectorized:
+        con.create_function(name, lambda *values: func(*values), None, returns, type="native")
+        return
+    target = arrow_type(returns)
+
+    def call(*cols: Any) -> pa.Array:
+        arrays = [c.to_numpy(zero_copy_only=False) for c in cols]
+        return to_arrow([func(*arrays)], target, len(cols[0]) if cols else 0)
+
+    con.create_function(name, call, None, returns, type="arrow")
+
+
 def unregister_function(con: duckdb.DuckDBPyConnection, name: str) -> None:
     """Remove a Python function from DuckDB if it is there."""
     try:

@@ -10,7 +10,7 @@ Example:
     >>> features([col], function="f")
     array([[1., 2.],
            [3., 4.]], dtype=float32)
-    >>> to_arrow([np.array([[0.5, 0.5]]), np.array([[0.1, 0.9]])], arrow_type("DOUBLE[2]"), 2).to_pylist()
+    >>> to_arrow([np.array([[0.5, 0.5]]), np.array([[0.1, 0.9]])], pa.list_(pa.float64(), 2), 2).to_pylist()
     [[0.5, 0.5], [0.1, 0.9]]
 """
 
@@ -44,23 +44,28 @@ def _numeric(values: pa.Array, function: str, what: str) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False)
 
 
-def _list_matrix(col: pa.Array, function: str, width: int | None) -> np.ndarray:
+def _list_tensor(col: pa.Array, function: str, width: int | None) -> np.ndarray:
+    """``(n, width)`` for a list of numbers, ``(n, width, ...)`` for lists of lists."""
     n = len(col)
     if pat.is_fixed_size_list(col.type):
         got = col.type.list_size
         if width is not None and got != width:
             raise InputError(f"function {function}: expected arrays of length {width}, got length {got}")
-        return _numeric(col.flatten(), function, "array elements").reshape(n, got)
-    lengths = col.value_lengths().to_numpy(zero_copy_only=False)
-    expected = width if width is not None else (int(lengths[0]) if n else 0)
-    bad = np.flatnonzero(lengths != expected)
-    if bad.size:
-        row = int(bad[0])
-        raise InputError(
-            f"function {function}: expected lists of length {expected}, got length {int(lengths[row])} "
-            f"(row {row + 1} of the batch)"
-        )
-    return _numeric(col.flatten(), function, "list elements").reshape(n, expected)
+    else:
+        lengths = col.value_lengths().to_numpy(zero_copy_only=False)
+        got = width if width is not None else (int(lengths[0]) if n else 0)
+        bad = np.flatnonzero(lengths != got)
+        if bad.size:
+            row = int(bad[0])
+            raise InputError(
+                f"function {function}: expected lists of length {got}, got length {int(lengths[row])} "
+                f"(row {row + 1} of the batch)"
+            )
+    child = col.flatten()
+    if _is_list(child.type):
+        inner = _list_tensor(child, function, None)
+        return inner.reshape(n, got, *inner.shape[1:])
+    return _numeric(child, function, "list elements").reshape(n, got)
 
 
 def features(cols: Sequence[Any], *, function: str, width: int | None = None) -> np.ndarray:
@@ -71,7 +76,7 @@ def features(cols: Sequence[Any], *, function: str, width: int | None = None) ->
     if len(arrays) == 1:
         col = arrays[0]
         if _is_list(col.type):
-            return _list_matrix(col, function, width)
+            return _list_tensor(col, function, width)
         if pat.is_string(col.type) or pat.is_large_string(col.type) or pat.is_string_view(col.type):
             return np.asarray(col.to_pylist(), dtype=object)
     for i, col in enumerate(arrays, 1):

@@ -4,8 +4,8 @@ DuckDB itself answers which Arrow type a DuckDB type maps to, so the mapping
 is always the one DuckDB uses when it reads the function's result.
 
 Example:
-    >>> arrow_type("FLOAT[3]")
-    FixedSizeListType(fixed_size_list<item: float>[3])
+    >>> arrow_type("FLOAT[3]").list_size
+    3
     >>> duckdb_type_of(np.zeros((1, 10), dtype="float32"))
     'FLOAT[10]'
     >>> duckdb_type_of({"label": np.array([3]), "score": np.array([0.9])})

@@ -6,6 +6,7 @@ them into IPython's ``UsageError`` and only the CLI into exit codes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from udf_engine.errors import RayUDFError
@@ -47,9 +48,30 @@ class ParseError(RayUDFError):
 
 
 class ExecutionError(RayUDFError):
-    """A parsed statement failed while running; the message names the statement's line."""
+    """A parsed statement failed while running; the message names the script and line.
 
-    def __init__(self, message: str, *, line: int = 0, statement: str = "") -> None:
+    Example:
+        >>> print(ExecutionError("unknown table t", line=3, source="score.sql"))
+        score.sql: line 3: unknown table t
+    """
+
+    def __init__(self, message: str, *, line: int = 0, source: str = "", statement: str = "") -> None:
+        self.message = message
         self.line = line
+        self.source = source
         self.statement = statement
-        super().__init__(f"line {line}: {message}" if line else message)
+        where = (f"{source}: " if source else "") + (f"line {line}: " if line else "")
+        super().__init__(where + message)
+
+
+_WRAPPED_UDF_ERROR = "Python exception occurred while executing the UDF:"
+_OWN_ERROR_PREFIX = re.compile(r"^(RayUDFError|ConfigError|ModelError|WorkerError|InputError|ExecutionError): ")
+
+
+def clean_duckdb_error(err: Exception) -> str:
+    """DuckDB's message in one line, without the wrapper it puts around a Python UDF's exception."""
+    text = str(err)
+    if _WRAPPED_UDF_ERROR in text:
+        # our own errors already say what went wrong; their class name adds nothing
+        text = _OWN_ERROR_PREFIX.sub("", text.split(_WRAPPED_UDF_ERROR, 1)[1].strip(), count=1)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__

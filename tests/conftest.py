@@ -76,11 +76,12 @@ def sklearn_model(digits, model_dir):
     return model, path
 
 
-def write_digits_parquet(path: Path, pixels: np.ndarray, *, row_group_size: int = 256) -> Path:
-    """id, pixels as FLOAT[64], the same as a DOUBLE[] list, and the first three pixels as columns."""
+def write_digits_parquet(path: Path, pixels: np.ndarray, labels: np.ndarray, *, row_group_size: int = 256) -> Path:
+    """id, label, pixels as FLOAT[64], the same as a DOUBLE[] list, and the first three pixels as columns."""
     table = pa.table(
         {
             "id": pa.array(np.arange(len(pixels)), pa.int64()),
+            "label": pa.array(labels, pa.int64()),
             "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels.ravel()), pixels.shape[1]),
             "plist": pa.array(list(pixels.astype(np.float64)), pa.list_(pa.float64())),
             "a": pixels[:, 0].astype(np.float64),
@@ -94,7 +95,7 @@ def write_digits_parquet(path: Path, pixels: np.ndarray, *, row_group_size: int 
 
 @pytest.fixture(scope="session")
 def digits_parquet(digits, tmp_path_factory) -> Path:
-    return write_digits_parquet(tmp_path_factory.mktemp("data") / "digits.parquet", digits[0])
+    return write_digits_parquet(tmp_path_factory.mktemp("data") / "digits.parquet", *digits)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import ray
 
+from udf_engine.builtin_funcs import RowWiseApply
 from udf_engine.dispatcher import Dispatcher, user_error
 from udf_engine.errors import RayUDFError, WorkerError
 from udf_engine.master import UDFMaster
@@ -138,6 +139,8 @@ class UDFBuilder:
         if ray_context.runtime is not None:
             ray_context.runtime.ensure()
         settings = UDFConf.from_options({**ray_context.conf, **(conf or {})})
+        if ray_context.row_wise and not isinstance(apply_func, RowWiseApply):
+            apply_func = RowWiseApply(apply_func)
         name = _master_name(ray_context)
         _stop_existing(name)
         _wait_for_resources(ray_context.function, settings)

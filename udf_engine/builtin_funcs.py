@@ -8,8 +8,8 @@ ndarray with one entry per row (or a dict of such arrays, which becomes a STRUCT
 
 Example (inside a worker, or in-process for a test):
     >>> rows = model_rows("models/digits.keras")            # doctest: +SKIP
-    >>> model = UDFBuildInFunc.init_tf(rows, {})              # rows or object refs
-    >>> UDFBuildInFunc.predict(model, np.zeros((2, 64))).shape
+    >>> model = UDFBuildInFunc.init_tf(rows, {})              # doctest: +SKIP
+    >>> UDFBuildInFunc.predict(model, np.zeros((2, 64))).shape  # doctest: +SKIP
     (2, 10)
 """
 
@@ -131,6 +131,29 @@ class UDFBuildInFunc:
             return getattr(model, method)(batch)
 
         return apply
+
+
+class RowWiseApply:
+    """Runs an MLSQL-style ``apply_func(model, value)`` written for one row over a whole batch.
+
+    Such a function returns ``{"value": ...}`` for its row; the batch's result is the
+    list of those values, in row order.
+
+    Example:
+        >>> apply = RowWiseApply(lambda model, v: {"value": [float(sum(v))]})
+        >>> apply(None, np.array([[1.0, 2.0], [3.0, 4.0]]))
+        [[3.0], [7.0]]
+    """
+
+    def __init__(self, func: Callable[[Any, Any], Any]) -> None:
+        self.func = func
+
+    def __call__(self, model: Any, batch: Any) -> list:
+        values = []
+        for row in batch:
+            result = self.func(model, row)
+            values.append(result["value"] if isinstance(result, dict) and "value" in result else result)
+        return values
 
 
 def input_width(model: Any) -> int | None:

@@ -80,6 +80,7 @@ class UDFMaster:
                 num_gpus=conf.num_gpus,
                 resources=conf.resources or None,
                 max_concurrency=1,
+                runtime_env={"env_vars": {k: str(v) for k, v in conf.env.items()}} if conf.env else None,
             )
             .remote(worker_id, self._init_func, self._apply_func, self._model_refs, conf.as_conf())
         )

@@ -71,6 +71,7 @@ class RayContext:
     model_refs: list = field(default_factory=list)
     actor_prefix: str = ""
     runtime: RayRuntime | None = None
+    row_wise: bool = False  # apply_func is written for one row (MLSQL); build() wraps it
     udf: Any = None  # the RemoteUDF that build() made
 
     def __post_init__(self) -> None:

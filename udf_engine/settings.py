@@ -34,6 +34,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("num_cpus", 1.0, float, "CPUs reserved per worker (fractions allowed); also caps its math threads"),
     Option("num_gpus", 0.0, float, "GPUs reserved per worker (fractions allowed)"),
     Option("resources", {}, dict, 'custom Ray resources per worker, as JSON: {"accelerator": 1}'),
+    Option("env", {}, dict, 'environment variables of the worker processes, as JSON: {"OMP_PROC_BIND": "true"}'),
     Option("batch_size", 1024, int, "rows per batch sent to a worker", ("batchSize",)),
     Option("max_retries", 1, int, "times a batch whose worker died is retried on another worker"),
     Option("startup_timeout_s", 300.0, float, "seconds to wait for workers to load the model"),
@@ -73,6 +74,7 @@ class UDFConf:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
     batch_size: int = 1024
     max_retries: int = 1
     startup_timeout_s: float = 300.0

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-from udf_engine.builtin_funcs import input_width
+from udf_engine.builtin_funcs import RowWiseApply, input_width
 
 _THREAD_ENV = (
     "OMP_NUM_THREADS",
@@ -82,7 +82,9 @@ class UDFWorker:
         """Raise the model's load error, or describe the loaded model."""
         if self._init_error is not None:
             raise self._init_error
-        return {"worker": self._id, "input_width": input_width(self._model), "load_s": self._load_s}
+        # a row-wise function takes whatever one row holds, so no width is promised
+        width = None if isinstance(self._apply_func, RowWiseApply) else input_width(self._model)
+        return {"worker": self._id, "input_width": width, "load_s": self._load_s}
 
     def apply(self, batch: Any) -> Any:
         """Score one batch and count it."""

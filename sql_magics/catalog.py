@@ -1,0 +1,61 @@
+"""What DuckDB holds under a name, and replacing it with a view or a table of a query.
+
+Example:
+    >>> import duckdb
+    >>> con = duckdb.connect()
+    >>> replace_relation(con, "t", "select 1 as x")
+    >>> relation_kind(con, "t"), relation_kind(con, "missing")
+    ('view', None)
+    >>> replace_relation(con, "t", "select $v as x", {"v": 2})   # parameters: a table
+    >>> relation_kind(con, "t"), con.execute("select x from t").fetchall()
+    ('table', [(2,)])
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+# DuckDB answers DDL, COPY and SET with one status column; those yield no rows for the user.
+_STATUS_COLUMNS = (["Count"], ["Success"])
+_ROW_STATEMENTS = ("SELECT", "EXPLAIN", "PRAGMA", "CALL")
+
+
+def quote_identifier(name: str) -> str:
+    """A SQL identifier, quoted."""
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def relation_kind(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
+    """'table', 'view' or None for what ``name`` is in the current catalog."""
+    rows = con.execute(
+        "SELECT 'table' FROM duckdb_tables() WHERE table_name = ? "
+        "UNION ALL SELECT 'view' FROM duckdb_views() WHERE view_name = ? AND NOT internal",
+        [name, name],
+    ).fetchall()
+    return rows[0][0] if rows else None
+
+
+def replace_relation(
+    con: duckdb.DuckDBPyConnection, name: str, query: str, parameters: dict | None = None, *, table: bool = False
+) -> None:
+    """Make ``name`` a view of ``query`` (lazy), or a table of its rows (``table=True``).
+
+    A view cannot hold parameter values, so a parameterised query is always a table.
+    Whatever ``name`` was before (view or table) is replaced.
+    """
+    kind = "table" if parameters or table else "view"
+    existing = relation_kind(con, name)
+    if existing and existing != kind:
+        con.execute(f"DROP {existing.upper()} {quote_identifier(name)}").fetchall()
+    statement = f"CREATE OR REPLACE {kind.upper()} {quote_identifier(name)} AS {query}"
+    (con.execute(statement, parameters) if parameters else con.execute(statement)).fetchall()
+
+
+def yields_rows(description: list | None, query: str) -> bool:
+    """Whether a statement's result is rows for the user rather than a status."""
+    if description is None:
+        return False
+    if [d[0] for d in description] not in _STATUS_COLUMNS:
+        return True
+    statement_type = duckdb.extract_statements(query)[-1].type.name
+    return statement_type in _ROW_STATEMENTS

@@ -1,0 +1,146 @@
+"""Formats of ``load`` and ``save``: which DuckDB reader a source needs, and how a table is written.
+
+``save overwrite`` writes to a temporary path beside the target and renames it into
+place, so a query that fails half way leaves the old output intact.
+
+Example:
+    >>> reader_sql("parquet", "data/*.parquet", {})
+    "read_parquet('data/*.parquet')"
+    >>> reader_sql("csv", "a.csv", {"header": "true", "delimiter": ";"})
+    "read_csv('a.csv', header = true, delim = ';')"
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+from sql_magics.catalog import quote_identifier, relation_kind
+from sql_magics.errors import ExecutionError
+
+FILE_FORMATS = ("parquet", "csv", "json")
+TABLE_FORMATS = ("table", "duckdb")
+LOAD_FORMATS = (*FILE_FORMATS, "jsonStr", *TABLE_FORMATS)
+SAVE_MODES = ("overwrite", "append", "errorIfExists", "ignore")
+
+_READERS = {"parquet": "read_parquet", "csv": "read_csv", "json": "read_json_auto"}
+# Spark option names users bring from Byzer scripts, and DuckDB's names for them.
+_SPARK_OPTION_NAMES = {"delimiter": "delim", "sep": "delim", "inferSchema": None, "multiLine": None}
+_SUFFIX = {"parquet": "*.parquet", "csv": "*.csv", "json": "*.json"}
+
+
+def quote_literal(value: str) -> str:
+    """A SQL string literal."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _literal(value: str) -> str:
+    lowered = str(value).lower()
+    if lowered in ("true", "false"):
+        return lowered
+    try:
+        float(value)
+        return str(value)
+    except ValueError:
+        return quote_literal(value)
+
+
+def _reader_options(options: Mapping[str, str]) -> list[str]:
+    pairs = []
+    for key, value in options.items():
+        name = _SPARK_OPTION_NAMES.get(key, key)
+        if name is not None:
+            pairs.append(f"{name} = {_literal(value)}")
+    return pairs
+
+
+def reader_sql(fmt: str, path: str, options: Mapping[str, str]) -> str:
+    """The DuckDB table function call that reads ``path``; a directory reads all its files."""
+    if fmt not in _READERS:
+        raise ExecutionError(f"load: format {fmt!r} is not supported (supported: {', '.join(LOAD_FORMATS)})")
+    if Path(path).is_dir():
+        path = str(Path(path) / "**" / _SUFFIX[fmt])
+    args = [quote_literal(path), *_reader_options(options)]
+    return f"{_READERS[fmt]}({', '.join(args)})"
+
+
+def _copy_options(fmt: str, options: Mapping[str, str], partition_by: list[str]) -> str:
+    parts = [f"FORMAT {fmt}"]
+    if partition_by:
+        parts.append(f"PARTITION_BY ({', '.join(quote_identifier(c) for c in partition_by)})")
+    parts.extend(f"{k.upper()} {_literal(v)}" for k, v in options.items() if _SPARK_OPTION_NAMES.get(k, k))
+    return ", ".join(parts)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[str, str], partition_by: list[str]) -> str:
+    """Write ``table`` to ``path`` in ``fmt`` under ``mode``; returns what happened, for messages."""
+    if fmt not in FILE_FORMATS:
+        raise ExecutionError(f"save: format {fmt!r} is not supported (supported: {', '.join(FILE_FORMATS + TABLE_FORMATS)})")
+    target = Path(path)
+    exists = target.exists()
+    if exists and mode == "errorIfExists":
+        raise ExecutionError(f"save: {path} already exists (use save overwrite or save append)")
+    if exists and mode == "ignore":
+        return f"{path} exists, left as it is"
+    query = f"SELECT * FROM {quote_identifier(table)}"
+    if exists and mode == "append" and target.is_file():
+        query = f"SELECT * FROM {reader_sql(fmt, path, {})} UNION ALL BY NAME {query}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if exists and mode == "append" and target.is_dir():
+        tmp = target / f"part-{uuid.uuid4().hex[:12]}.{fmt}"
+        copy_to(con, query, tmp if not partition_by else target, fmt, options, partition_by, append=bool(partition_by))
+        return f"appended to {path}"
+    tmp = target.with_name(f".{target.name}.rayudf-tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        copy_to(con, query, tmp, fmt, options, partition_by)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _replace(tmp, target)
+    return f"wrote {path}"
+
+
+def copy_to(con, query: str, path: Path, fmt: str, options: Mapping[str, str], partition_by: list[str], append: bool = False) -> None:
+    """``COPY (query) TO path``."""
+    extra = ", APPEND" if append else ""
+    con.execute(f"COPY ({query}) TO {quote_literal(str(path))} ({_copy_options(fmt, options, partition_by)}{extra})").fetchall()
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` into ``target``'s place; the old target survives until the move is certain."""
+    if target.exists() and (target.is_dir() or tmp.is_dir()):
+        backup = target.with_name(f".{target.name}.rayudf-old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, backup)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(backup, target)
+            raise
+        _remove(backup)
+    else:
+        os.replace(tmp, target)  # atomic for a file over a file
+
+
+def save_table(con, table: str, name: str, mode: str) -> str:
+    """Write ``table`` into the DuckDB table ``name`` under ``mode``."""
+    exists = relation_kind(con, name) is not None
+    source = f"SELECT * FROM {quote_identifier(table)}"
+    if exists and mode == "errorIfExists":
+        raise ExecutionError(f"save: table {name} already exists (use save overwrite or save append)")
+    if exists and mode == "ignore":
+        return f"table {name} exists, left as it is"
+    if exists and mode == "append":
+        con.execute(f"INSERT INTO {quote_identifier(name)} BY NAME {source}").fetchall()
+        return f"appended to table {name}"
+    con.execute(f"CREATE OR REPLACE TABLE {quote_identifier(name)} AS {source}").fetchall()
+    return f"wrote table {name}"

@@ -1,0 +1,36 @@
+"""``${key}`` substitution of ``set`` variables into SQL text and option values.
+
+Example:
+    >>> substitute("select * from t where d = '${day}'", {"day": "2026-11-22"})
+    "select * from t where d = '2026-11-22'"
+    >>> substitute("${missing}", {})
+    Traceback (most recent call last):
+    ...
+    sql_magics.errors.ExecutionError: unknown variable ${missing} (set it first: set missing = "...")
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+from sql_magics.errors import ExecutionError
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+
+
+def substitute(text: str, variables: Mapping[str, str]) -> str:
+    """Replace every ``${key}`` with its value; an unknown key is an error naming it."""
+
+    def value(match: re.Match) -> str:
+        key = match.group(1)
+        if key not in variables:
+            raise ExecutionError(f"unknown variable ${{{key}}} (set it first: set {key} = \"...\")")
+        return str(variables[key])
+
+    return _REFERENCE.sub(value, text)
+
+
+def substitute_options(options: Mapping[str, str], variables: Mapping[str, str]) -> dict[str, str]:
+    """The same substitution applied to every option value."""
+    return {key: substitute(value, variables) for key, value in options.items()}
