@@ -1,0 +1,102 @@
+"""The rayudf command line, run as a real subprocess that joins the test session's Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from udf_engine import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RAYUDF = str(Path(sys.executable).with_name("rayudf"))
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_cluster):
+    return ray_cluster.get_runtime_context().gcs_address
+
+
+def rayudf(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [RAYUDF, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
+
+
+def test_digits_example_scores_and_saves(ray_address, keras_model, digits, digits_parquet, tmp_path):
+    model, path = keras_model
+    out = tmp_path / "scored.parquet"
+    done = rayudf(
+        "run", "examples/digits_score.sql", "--ray-address", ray_address,
+        "--set", f"data={digits_parquet}", "--set", f"model={path}", "--set", f"out={out}", "--set", "workers=1",
+    )
+    assert done.returncode == 0, done.stderr
+    scored = pd.read_parquet(out).sort_values("id")
+    expected = model.predict(digits[0], verbose=0).argmax(axis=1)
+    np.testing.assert_array_equal(scored["predicted"].to_numpy(), expected)
+    accuracy = float((expected == digits[1]).mean())
+    assert "accuracy" in done.stdout and f"{accuracy:.6f}"[:5] in done.stdout
+
+
+def test_byzer_example_runs_unchanged(ray_address, keras_model, digits, digits_parquet, tmp_path):
+    model, path = keras_model
+    table = save_model(path, tmp_path / "clf_table")
+    done = rayudf(
+        "run", "examples/byzer_register_ray.sql", "--ray-address", ray_address, "--limit", "0",
+        "--set", f"model_table={table}", "--set", f"data={digits_parquet}", "--set", "workers=1",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].split() == ["id", "label", "predicted"] and len(lines) == 101
+    first = lines[1].split(maxsplit=2)
+    assert first[0] == "0" and float(first[2].strip("[]")) == model.predict(digits[0][:1], verbose=0).argmax()
+
+
+def test_parse_error_exits_2_with_one_line_and_runs_nothing(tmp_path):
+    script = tmp_path / "bad.sql"
+    target = tmp_path / "made.csv"
+    script.write_text(f"copy (select 1) to '{target}';\nload csv.`x` ass t;\n")
+    done = rayudf("run", str(script))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {script}: line 2, col 14: load: expected 'as <table>' after the path, found 'ass'"]
+    assert "Traceback" not in done.stderr and not target.exists()
+
+
+def test_execution_error_exits_1_naming_the_line(tmp_path):
+    script = tmp_path / "fails.sql"
+    script.write_text("select 1 as a from range(1);\n\nselect * from missing_table;\n")
+    done = rayudf("run", str(script))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {script}: line 3: ") and "missing_table" in lines[0]
+
+    debug = rayudf("run", str(script), "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_set_wins_over_the_script_and_limit_cuts_rows(tmp_path):
+    script = tmp_path / "vars.sql"
+    script.write_text('set n = "3";\nselect range as i from range(${n}) as output;\n')
+    done = rayudf("run", str(script), "--set", "n=30", "--limit", "5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "... 30 rows, 5 shown"
+    bad = rayudf("run", str(script), "--set", "novalue")
+    assert bad.returncode == 2 and "expected key=value" in bad.stderr
+
+
+def test_missing_script_is_a_usage_error(tmp_path):
+    done = rayudf("run", str(tmp_path / "nope.sql"))
+    assert done.returncode == 2 and "nope.sql" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_command(ray_address, tmp_path):
+    done = rayudf("demo", "--workdir", str(tmp_path / "demo"), "--output", str(tmp_path / "out.parquet"), env={"RAY_ADDRESS": ray_address})
+    assert done.returncode == 0, done.stderr
+    assert "accuracy" in done.stdout and "rows/s" in done.stdout
+    scored = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(scored) == 1797 and (scored["predicted"] == scored["label"]).mean() > 0.9
