@@ -1,0 +1,80 @@
+"""Run a query on a background thread, with a progress bar for slow ones and Ctrl-C that cancels.
+
+The calling thread only waits: it draws a tqdm bar (a widget in JupyterLab, text in a
+terminal) once the query has run for ``after_s`` seconds, showing DuckDB's percentage,
+the rows scored by model functions and rows/s; on KeyboardInterrupt it interrupts
+DuckDB and waits for the query to stop, so the session and its workers stay usable.
+
+Example:
+    >>> import duckdb
+    >>> con = duckdb.connect()
+    >>> run_with_progress(lambda: con.sql("select 42").fetchall(), con, rows_scored=lambda: 0)
+    [(42,)]
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+# How often the bar is redrawn; also how quickly a finished query is noticed.
+_TICK_S = 0.1
+
+
+class QueryInterrupted(Exception):
+    """The user interrupted a running query; it was cancelled."""
+
+
+def _bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=100, unit="%", desc="query", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}", leave=False)
+
+
+def run_with_progress(
+    work: Callable[[], Any],
+    con: Any,
+    *,
+    rows_scored: Callable[[], int],
+    after_s: float = 1.0,
+    show: bool = True,
+) -> Any:
+    """Run ``work()`` on a thread; show progress after ``after_s``; Ctrl-C interrupts ``con``."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as err:  # handed to the waiting thread, which re-raises it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="rayudf-query", daemon=True)
+    started, rows_at_start = time.monotonic(), rows_scored()
+    thread.start()
+    bar = None
+    try:
+        while thread.is_alive():
+            thread.join(_TICK_S)
+            elapsed = time.monotonic() - started
+            if bar is None and show and elapsed >= after_s and thread.is_alive():
+                bar = _bar(True)
+            if bar is not None:
+                rows = rows_scored() - rows_at_start
+                percent = con.query_progress() if hasattr(con, "query_progress") else -1
+                if percent is not None and percent >= 0:
+                    bar.n = min(100.0, float(percent))
+                bar.set_postfix_str(f"{rows:,} rows scored, {rows / max(elapsed, 1e-9):,.0f} rows/s", refresh=False)
+                bar.refresh()
+    except KeyboardInterrupt:
+        con.interrupt()
+        thread.join()
+        raise QueryInterrupted("query interrupted; the session and its workers are ready for the next one") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
