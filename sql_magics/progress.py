@@ -31,7 +31,7 @@ def _bar(enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=100, unit="%", desc="query", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}", leave=False)
+    return tqdm(total=100, desc="query", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}{postfix}", leave=False)
 
 
 def run_with_progress(
@@ -44,22 +44,25 @@ def run_with_progress(
 ) -> Any:
     """Run ``work()`` on a thread; show progress after ``after_s``; Ctrl-C interrupts ``con``."""
     outcome: dict[str, Any] = {}
+    # An Event, not Thread.join: a KeyboardInterrupt landing inside join() can leave
+    # the thread marked as stopped while it still runs (CPython 3.11).
+    done = threading.Event()
 
     def target() -> None:
         try:
             outcome["value"] = work()
         except BaseException as err:  # handed to the waiting thread, which re-raises it
             outcome["error"] = err
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=target, name="rayudf-query", daemon=True)
     started, rows_at_start = time.monotonic(), rows_scored()
-    thread.start()
+    threading.Thread(target=target, name="rayudf-query", daemon=True).start()
     bar = None
     try:
-        while thread.is_alive():
-            thread.join(_TICK_S)
+        while not done.wait(_TICK_S):
             elapsed = time.monotonic() - started
-            if bar is None and show and elapsed >= after_s and thread.is_alive():
+            if bar is None and show and elapsed >= after_s:
                 bar = _bar(True)
             if bar is not None:
                 rows = rows_scored() - rows_at_start
@@ -70,7 +73,7 @@ def run_with_progress(
                 bar.refresh()
     except KeyboardInterrupt:
         con.interrupt()
-        thread.join()
+        done.wait()
         raise QueryInterrupted("query interrupted; the session and its workers are ready for the next one") from None
     finally:
         if bar is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -79,6 +80,8 @@ class Session:
         ray_init: dict | None = None,
     ) -> None:
         self.con = duckdb.connect(database)  # the session's DuckDB
+        # DuckDB tracks a query's progress only when asked; our progress bar reads it, DuckDB prints nothing.
+        self.con.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false").fetchall()
         self.dialect = check_dialect(dialect)  # "duckdb" or "spark" (translated by sqlglot)
         self.runtime = RayRuntime(ray_address, **(ray_init or {}))  # started on first registration
         self.id = secrets.token_hex(3)  # keeps this session's actor names apart from others'
@@ -115,7 +118,25 @@ class Session:
                 return None
             return cursor.df()
         except duckdb.Error as err:
+            self._wait_until_idle()
             raise ExecutionError(clean_duckdb_error(err), statement=query) from None
+
+    def _wait_until_idle(self, timeout_s: float = 120.0) -> None:
+        """Wait for DuckDB to finish the model calls a failed or interrupted query left running.
+
+        DuckDB stops a query at once, but calls already inside a model function run to
+        their end and keep the connection busy; DuckDB refuses (not waits) meanwhile, so
+        the next statement would fail for no reason of its own.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.con.execute("SELECT 1").fetchall()
+                return
+            except duckdb.ResourceInUseException:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.02)
 
     def pin_variables(self, values: dict[str, str]) -> None:
         """Set variables that a script's own ``set`` statements do not override (``rayudf run --set``)."""
