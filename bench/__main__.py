@@ -1,0 +1,240 @@
+"""``python -m bench``: time SQL scoring against its peers in one run and write bench/RESULTS.md.
+
+Runs are interleaved (A B A B ...) so a noisy neighbour hurts every contender alike;
+the report quotes medians and ratios from this one run.
+
+Example:
+    $ python -m bench --rows 20000 --runs 3 --skip-memory      # a quick look
+    $ make bench                                                # the full run (~10 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import duckdb  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import contenders as c  # noqa: E402
+from bench.data import build_model, write_table  # noqa: E402
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=200_000, help="rows of the scored table")
+    p.add_argument("--width", type=int, default=784, help="FLOAT[width] per row")
+    p.add_argument("--runs", type=int, default=5, help="interleaved runs of each contender")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per model call, for every contender")
+    p.add_argument("--per-row-rows", type=int, default=2000, help="rows the per-row UDF scores (then scaled)")
+    p.add_argument("--big-rows", type=int, default=640_000, help="rows of the ~2 GB table for the memory run")
+    p.add_argument("--workdir", type=Path, default=Path("bench_data"), help="where tables and models go")
+    p.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"), help="the report")
+    p.add_argument("--skip-memory", action="store_true", help="skip the ~2 GB memory run")
+    return p.parse_args(argv)
+
+
+class Timings:
+    """Seconds per contender, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, list[float]] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.runs.setdefault(name, []).append(seconds)
+        print(f"  {name}: {seconds:.3f} s", flush=True)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.runs[name])
+
+
+def _interleave(t: Timings, runs: int, contenders: dict) -> None:
+    for i in range(runs):
+        print(f"run {i + 1}/{runs}", flush=True)
+        for name, work in contenders.items():
+            t.add(name, c.timed(work))
+
+
+def _ipython_shell():
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "sql_magics")
+    return shell
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    import keras
+    import ray
+
+    from sql_magics import Session
+    from udf_engine import NAMESPACE
+
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    work = args.workdir
+    table = write_table(work / f"table_{args.rows}x{args.width}.parquet", rows=args.rows, width=args.width)
+    model_path = build_model(work / f"mlp_{args.width}.keras", width=args.width)
+    print(f"table {table} ({table.stat().st_size / 2**20:,.0f} MiB), model {model_path}", flush=True)
+
+    # Twice the cores as logical CPUs: idle registered workers must not stop Ray Data's
+    # actors from being placed; only running ones use the cores.
+    ray.init(num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    model = keras.models.load_model(model_path, compile=False)
+    t = Timings()
+    results: dict[str, float] = {}
+    bs = args.batch_size
+
+    limit = duckdb.connect()
+    c.register_in_process(limit, "f_local", model, bs)
+    session = Session()
+    q_local, q1, q2 = (c.scoring_query(f, table) for f in ("f_local", "f1", "f2"))
+    session.register_model("f1", model_path, workers=1, batch_size=bs)
+    session.register_model("f2", model_path, workers=2, batch_size=bs)
+    for query, con in ((q_local, limit), (q1, session.con), (q2, session.con)):
+        c.fetch(con, query)  # warm: TF graphs traced, files cached
+
+    print("(a)/(b) warm scoring, results to the driver", flush=True)
+    _interleave(t, args.runs, {
+        "a_limit": lambda: c.fetch(limit, q_local),
+        "b_rayudf_1w": lambda: c.fetch(session.con, q1),
+        "b_rayudf_2w": lambda: c.fetch(session.con, q2),
+    })
+    print("(b) scoring written out with COPY", flush=True)
+    out = work / "out.parquet"
+    _interleave(t, args.runs, {
+        "a_limit_copy": lambda: c.copy_to(limit, q_local, out),
+        "b_rayudf_2w_copy": lambda: c.copy_to(session.con, q2, out),
+    })
+
+    session.unregister("f1")  # frees its CPU for the notebook session's workers
+
+    print("(f) interactive: limit 100, and a trivial select", flush=True)
+    shell = _ipython_shell()
+    q_small_local, q_small = c.scoring_query("f_local", table, 100), c.scoring_query("f2", table, 100)
+    shell.run_cell("%sql select 1 from range(1)")
+    shell_session = shell.magics_manager.registry["SqlMagic"].session
+    shell_session.register_model("f2", model_path, workers=2, batch_size=bs)
+    _interleave(t, max(args.runs, 20), {
+        "f_raw_duckdb_limit100": lambda: limit.sql(q_small_local).df(),
+        "f_session_limit100": lambda: session.sql(q_small),
+        "f_magic_limit100": lambda: shell.run_cell(f"%sql {q_small}", silent=True),
+        "f_raw_duckdb_trivial": lambda: limit.sql("select 42 as x").df(),
+        "f_session_trivial": lambda: session.sql("select 42 as x from range(1)"),
+        "f_magic_trivial": lambda: shell.run_cell("%sql select 42 as x from range(1)", silent=True),
+    })
+    shell.run_cell("%sql --close")
+    session.unregister("f2")
+
+    print("(d) per-row Python UDF on a subset", flush=True)
+    c.register_per_row(limit, "f_row", model)
+    subset = f"SELECT f_row(image) FROM read_parquet('{table}') LIMIT {args.per_row_rows}"
+    _interleave(t, min(args.runs, 3), {"d_per_row": lambda: c.fetch(limit, subset)})
+    results["d_rows_per_s"] = args.per_row_rows / t.median("d_per_row")
+
+    print("(b)+(e) cold, end to end, against (c) Ray Data end to end", flush=True)
+
+    def cold() -> None:
+        started = time.perf_counter()
+        session.register_model("fc", model_path, workers=2, batch_size=bs)
+        c.fetch(session.con, c.scoring_query("fc", table, 1))
+        t.add("e_register_to_first_row", time.perf_counter() - started)
+        c.fetch(session.con, c.scoring_query("fc", table))
+        session.unregister("fc")
+
+    c.ray_data_run(table, model_path, 2, bs)  # warm Ray Data's own imports once
+    _interleave(t, args.runs, {"be_rayudf_cold_2w": cold, "c_ray_data_2w": lambda: c.ray_data_run(table, model_path, 2, bs)})
+
+    session.close()
+    memory = None if args.skip_memory else _memory_run(args, model_path, bs, work)
+    ray.shutdown()
+    _report(args, command, t, results, memory, table)
+    return 0
+
+
+def _memory_run(args, model_path, bs, work) -> dict:
+    """(g) in a fresh driver process that joins this Ray, so its RSS is a rayudf user's driver's."""
+    import ray
+
+    big = write_table(work / f"big_{args.big_rows}x{args.width}.parquet", rows=args.big_rows, width=args.width, seed=1)
+    print(f"(g) scoring and saving {big} ({big.stat().st_size / 2**30:.2f} GiB)", flush=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.memory_run", str(big), str(model_path), str(work / "big_out.parquet"),
+         "--ray-address", ray.get_runtime_context().gcs_address, "--batch-size", str(bs)],
+        capture_output=True, text=True, check=True,
+    )
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"bytes": big.stat().st_size, "rows": args.big_rows, **measured}
+
+
+def _machine() -> str:
+    import psutil
+    import ray
+
+    return (
+        f"{platform.platform()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+        f"Python {platform.python_version()}, duckdb {duckdb.__version__}, ray {ray.__version__}"
+    )
+
+
+def _report(args, command, t: Timings, results, memory, table) -> None:
+    m = t.median
+    rows = args.rows
+    a, b1, b2 = m("a_limit"), m("b_rayudf_1w"), m("b_rayudf_2w")
+    cold_total = m("be_rayudf_cold_2w")  # register, first row, the whole query, unregister
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {_machine()}  ",
+        f"Table: {rows:,} rows x FLOAT[{args.width}] ({table.stat().st_size / 2**20:,.0f} MiB); model: Keras MLP "
+        f"{args.width}->512->10; batch size {args.batch_size}; medians of {args.runs} interleaved runs.",
+        "",
+        "| measure | median | rows/s | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+        f"| (a) in-process limit (DuckDB Arrow UDF) | {a:.2f} s | {rows / a:,.0f} | 1.00 | |",
+        f"| (b) rayudf, 1 worker | {b1:.2f} s | {rows / b1:,.0f} | {a / b1:.2f}x of (a) | |",
+        f"| (b) rayudf, 2 workers | {b2:.2f} s | {rows / b2:,.0f} | {a / b2:.2f}x of (a) | >= 0.9x |",
+        f"| (a) limit, COPY to Parquet | {m('a_limit_copy'):.2f} s | {rows / m('a_limit_copy'):,.0f} | 1.00 | |",
+        f"| (b) rayudf 2 workers, COPY to Parquet | {m('b_rayudf_2w_copy'):.2f} s | {rows / m('b_rayudf_2w_copy'):,.0f} | "
+        f"{m('a_limit_copy') / m('b_rayudf_2w_copy'):.2f}x of (a) | |",
+        f"| (e) register to first row, 2 workers | {m('e_register_to_first_row'):.2f} s | | | |",
+        f"| (b)+(e) rayudf cold, end to end | {cold_total:.2f} s | {rows / cold_total:,.0f} | "
+        f"{cold_total / m('c_ray_data_2w'):.2f}x the time of (c) | <= 0.5x |",
+        f"| (c) Ray Data map_batches, 2 actors, end to end | {m('c_ray_data_2w'):.2f} s | {rows / m('c_ray_data_2w'):,.0f} | 1.00 | |",
+        f"| (d) per-row Python UDF ({args.per_row_rows:,} rows, scaled) | {rows / results['d_rows_per_s']:.1f} s | "
+        f"{results['d_rows_per_s']:,.0f} | {(rows / b2) / results['d_rows_per_s']:.0f}x slower than (b) | |",
+        f"| (f) limit 100: raw DuckDB + in-process UDF | {1000 * m('f_raw_duckdb_limit100'):.1f} ms | | | |",
+        f"| (f) limit 100: Session.sql | {1000 * m('f_session_limit100'):.1f} ms | | "
+        f"+{1000 * (m('f_session_limit100') - m('f_raw_duckdb_limit100')):.1f} ms | <= +20 ms |",
+        f"| (f) limit 100: %sql | {1000 * m('f_magic_limit100'):.1f} ms | | "
+        f"+{1000 * (m('f_magic_limit100') - m('f_raw_duckdb_limit100')):.1f} ms | <= +20 ms |",
+        f"| (f) trivial select: raw DuckDB / Session.sql / %sql | {1000 * m('f_raw_duckdb_trivial'):.1f} / "
+        f"{1000 * m('f_session_trivial'):.1f} / {1000 * m('f_magic_trivial'):.1f} ms | | "
+        f"+{1000 * (m('f_magic_trivial') - m('f_raw_duckdb_trivial')):.1f} ms (%sql) | a few ms |",
+    ]
+    if memory:
+        peaks = ", ".join(f"{k} {v:,.0f} MiB" for k, v in memory["peak_mb"].items())
+        lines.append(
+            f"| (g) score + save {memory['bytes'] / 2**30:.2f} GiB ({memory['rows']:,} rows), 2 workers | "
+            f"{memory['seconds']:.1f} s | {memory['rows'] / memory['seconds']:,.0f} | peak RSS: {peaks} | driver < 1 GB |"
+        )
+    lines += ["", "All runs (seconds, in order):", ""]
+    lines += [f"- {name}: " + ", ".join(f"{s:.3f}" for s in runs) for name, runs in t.runs.items()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:28]))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The benchmark's data and model: a generated Parquet table of FLOAT[width] rows and a Keras MLP.
+
+Example:
+    >>> path = write_table("/tmp/bench.parquet", rows=1000, width=8)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Many row groups, so DuckDB can read (and call the function) from several threads.
+ROW_GROUP = 16_384
+
+
+def write_table(path: str | Path, *, rows: int, width: int, seed: int = 0) -> Path:
+    """Write ``rows`` rows (id BIGINT, image FLOAT[width]) in chunks, never holding them all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    schema = pa.schema([("id", pa.int64()), ("image", pa.list_(pa.float32(), width))])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, ROW_GROUP):
+            n = min(ROW_GROUP, rows - start)
+            values = rng.random((n, width), dtype=np.float32)
+            batch = pa.record_batch(
+                [pa.array(np.arange(start, start + n)), pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), width)],
+                schema=schema,
+            )
+            writer.write_batch(batch, row_group_size=ROW_GROUP)
+    return path
+
+
+def build_model(path: str | Path, *, width: int, hidden: int = 512, classes: int = 10) -> Path:
+    """Save an MLP width -> hidden -> classes (softmax) with fixed random weights as ``.keras``."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((width,)), keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(classes, activation="softmax")]
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
