@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup demo test clean
+.PHONY: setup chromium demo test clean
 
 setup: $(STAMP)
 
@@ -17,7 +18,19 @@ $(STAMP): setup.cfg pyproject.toml
 demo: setup
 	$(BIN)/rayudf demo
 
-test: setup
+# Debian's Chromium for tests/test_browser.py (Playwright drives it; it never downloads a browser).
+# Installed when missing and we are root; otherwise that one test is skipped, saying why.
+chromium:
+	@if [ -x $(CHROMIUM) ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "make: $(CHROMIUM) is missing and we are not root: the JupyterLab browser test will be skipped" \
+			"(run 'sudo apt-get install chromium chromium-driver' to include it)"; \
+	fi
+
+test: setup chromium
 	$(BIN)/python -m pytest
 
 clean:

@@ -26,9 +26,7 @@ class QueryInterrupted(Exception):
     """The user interrupted a running query; it was cancelled."""
 
 
-def _bar(enabled: bool):
-    if not enabled:
-        return None
+def _bar():
     from tqdm.auto import tqdm
 
     return tqdm(total=100, desc="query", bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}{postfix}", leave=False)
@@ -59,18 +57,23 @@ def run_with_progress(
     started, rows_at_start = time.monotonic(), rows_scored()
     threading.Thread(target=target, name="rayudf-query", daemon=True).start()
     bar = None
+
+    def draw(percent: float) -> None:
+        elapsed = time.monotonic() - started
+        rows = rows_scored() - rows_at_start
+        if percent >= 0:
+            bar.n = min(100.0, percent)
+        bar.set_postfix_str(f"{rows:,} rows scored, {rows / max(elapsed, 1e-9):,.0f} rows/s", refresh=False)
+        bar.refresh()
+
     try:
         while not done.wait(_TICK_S):
-            elapsed = time.monotonic() - started
-            if bar is None and show and elapsed >= after_s:
-                bar = _bar(True)
+            if bar is None and show and time.monotonic() - started >= after_s:
+                bar = _bar()
             if bar is not None:
-                rows = rows_scored() - rows_at_start
-                percent = con.query_progress() if hasattr(con, "query_progress") else -1
-                if percent is not None and percent >= 0:
-                    bar.n = min(100.0, float(percent))
-                bar.set_postfix_str(f"{rows:,} rows scored, {rows / max(elapsed, 1e-9):,.0f} rows/s", refresh=False)
-                bar.refresh()
+                draw(con.query_progress())
+        if bar is not None and "error" not in outcome:
+            draw(100.0)  # finished: a full bar (a notebook widget left short turns red)
     except KeyboardInterrupt:
         con.interrupt()
         done.wait()
