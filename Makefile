@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup chromium demo test clean
+.PHONY: setup chromium demo test bench clean
 
 setup: $(STAMP)
 
@@ -33,5 +33,9 @@ chromium:
 test: setup chromium
 	$(BIN)/python -m pytest
 
+# The benchmark (SPEC 7): about 10 minutes; writes bench/RESULTS.md. BENCH_ARGS="--rows 20000" for a quick look.
+bench: setup
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) demo_data out .pytest_cache
+	rm -rf $(VENV) demo_data out bench_data .pytest_cache
