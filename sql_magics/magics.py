@@ -138,8 +138,7 @@ class SqlMagic(Magics):
         self._register_frames(text, namespace)
         parameters = {name: namespace[name] for name in _PARAMETER.findall(text) if name in namespace}
         try:
-            if any(statement.kind == "register" for statement in session.parse(text)):
-                session.runtime.ensure()  # ray.init belongs on the main thread (signal handlers)
+            session.start_ray_for(session.parse(text))  # here, on the main thread
             return run_with_progress(
                 lambda: session.sql(text, parameters=parameters),
                 session.con,

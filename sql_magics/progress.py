@@ -68,10 +68,12 @@ def run_with_progress(
 
     try:
         while not done.wait(_TICK_S):
-            if bar is None and show and time.monotonic() - started >= after_s:
+            percent = con.query_progress()
+            # no bar while nothing measurable runs (a registration loading its model)
+            if bar is None and show and time.monotonic() - started >= after_s and (percent >= 0 or rows_scored() > rows_at_start):
                 bar = _bar()
             if bar is not None:
-                draw(con.query_progress())
+                draw(percent)
         if bar is not None and "error" not in outcome:
             draw(100.0)  # finished: a full bar (a notebook widget left short turns red)
     except KeyboardInterrupt:

@@ -109,6 +109,19 @@ class Session:
         executor = Executor(self, parameters=parameters)
         return executor.run(statements, base_dir=Path(base_dir or Path.cwd()), source_name=source_name)
 
+    def start_ray_for(self, statements: list[Statement]) -> None:
+        """Start (or join) Ray now if these statements may register a model.
+
+        Call it on the main thread before running the statements on another one:
+        ``ray.init`` wants the main thread, and the processes it starts die with the
+        thread that started them. A ``set ray.address`` among the statements is honoured.
+        """
+        for statement in statements:
+            if statement.kind == "set" and statement.key == "ray.address":
+                self.runtime.address = statement.value
+        if any(statement.kind in ("register", "include") for statement in statements):
+            self.runtime.ensure()
+
     def run_duckdb(self, query: str, parameters: Any = None) -> pd.DataFrame | None:
         """Run one DuckDB statement; a DataFrame if it yields rows, else None."""
         try:

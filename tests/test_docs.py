@@ -60,6 +60,7 @@ DOCTESTED = [
     "sql_magics.formats",
     "sql_magics.catalog",
     "sql_magics.executor",
+    "sql_magics.progress",
 ]
 
 
@@ -68,3 +69,13 @@ def test_docstring_examples_run(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_every_magic_option_is_documented():
+    from sql_magics.magics import SqlMagic
+
+    jupyter_doc = (ROOT / "docs" / "jupyter.md").read_text()
+    options = SqlMagic.class_own_traits(config=True)
+    assert options  # the magic has options to document
+    for name, trait in options.items():
+        assert f"| `{name}` | {trait.default_value}" in jupyter_doc, name

@@ -161,3 +161,37 @@ def test_nothing_to_run_and_stray_line_text(ip):
     assert isinstance(error, UsageError) and "nothing to run" in str(error)
     _, error = run(ip, "%%sql oops\nselect 1")
     assert isinstance(error, UsageError) and "name <<" in str(error)
+
+
+FRESH_KERNEL = """
+import os
+os.environ.pop("RAY_ADDRESS", None)
+from IPython.testing.globalipapp import start_ipython
+ip = start_ipython()
+ip.run_line_magic("load_ext", "sql_magics")
+cells = [
+    '%%sql\\nregister model.`{path}` as lr where workers="1" and num_cpus="0.5";',
+    "import time; time.sleep(2)",  # the cell that registered is over; its thread is gone
+    "%sql lr_out << select lr(range(64)::FLOAT[64]) as label from range(3)",
+]
+for cell in cells:
+    result = ip.run_cell(cell)
+    assert result.error_in_exec is None, result.error_in_exec
+print("LABELS", ip.user_ns["lr_out"]["label"].tolist())
+ip.run_cell("%sql --close")
+"""
+
+
+def test_a_kernel_without_ray_starts_its_own_and_keeps_it(sklearn_model, tmp_path):
+    import subprocess
+    import sys
+
+    model, path = sklearn_model
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_KERNEL.format(path=path))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = model.predict(np.arange(64, dtype=np.float32)[None, :])[0]
+    assert f"LABELS [{expected}, {expected}, {expected}]" in done.stdout
+    assert "SIGTERM handler is not set" not in done.stderr
