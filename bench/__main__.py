@@ -23,7 +23,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import duckdb  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench import contenders as c  # noqa: E402
 from bench.data import build_model, write_table  # noqa: E402
@@ -223,7 +222,9 @@ def _report(args, command, t: Timings, results, memory, table) -> None:
         f"+{1000 * (m('f_magic_trivial') - m('f_raw_duckdb_trivial')):.1f} ms (%sql) | a few ms |",
     ]
     if memory:
-        peaks = ", ".join(f"{k} {v:,.0f} MiB" for k, v in memory["peak_mb"].items())
+        peaks = ", ".join(
+            f"{k} {v:,.0f} MiB ({memory['peak_private_mb'][k]:,.0f} private)" for k, v in memory["peak_mb"].items()
+        )
         lines.append(
             f"| (g) score + save {memory['bytes'] / 2**30:.2f} GiB ({memory['rows']:,} rows), 2 workers | "
             f"{memory['seconds']:.1f} s | {memory['rows'] / memory['seconds']:,.0f} | peak RSS: {peaks} | driver < 1 GB |"

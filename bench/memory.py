@@ -1,5 +1,8 @@
 """Peak resident memory of a set of processes, sampled on a background thread.
 
+Both RSS and private memory (RSS less shared pages) are kept: a Ray driver's RSS also
+counts the object-store pages it wrote batches into, which belong to the store.
+
 Example:
     >>> import os
     >>> with PeakRSS({"driver": os.getpid()}) as peaks:
@@ -24,6 +27,7 @@ class PeakRSS:
     def __init__(self, pids: dict[str, int]) -> None:
         self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self.peak_mb = {name: 0.0 for name in pids}  # peak RSS seen, MiB
+        self.peak_private_mb = {name: 0.0 for name in pids}  # peak RSS less shared pages, MiB
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -31,7 +35,9 @@ class PeakRSS:
         while True:
             for name, proc in self._procs.items():
                 try:
-                    self.peak_mb[name] = max(self.peak_mb[name], proc.memory_info().rss / 2**20)
+                    info = proc.memory_info()
+                    self.peak_mb[name] = max(self.peak_mb[name], info.rss / 2**20)
+                    self.peak_private_mb[name] = max(self.peak_private_mb[name], (info.rss - info.shared) / 2**20)
                 except psutil.Error:
                     pass
             if self._stop.wait(_SAMPLE_S):

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             seconds = time.perf_counter() - started
         rows = session.sql(f"select count(*) as n from read_parquet('{args.out}')")["n"][0]
-    print(json.dumps({"seconds": seconds, "rows_written": int(rows), "peak_mb": peaks.peak_mb}))
+    print(json.dumps({"seconds": seconds, "rows_written": int(rows), "peak_mb": peaks.peak_mb, "peak_private_mb": peaks.peak_private_mb}))
     return 0
 
 

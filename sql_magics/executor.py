@@ -23,7 +23,7 @@ import pandas as pd
 
 from sql_magics import formats, registration
 from sql_magics.commands import run_command
-from sql_magics.dialect import check_dialect, to_duckdb
+from sql_magics.dialect import to_duckdb
 from sql_magics.errors import ExecutionError, ParseError, clean_duckdb_error
 from sql_magics.catalog import quote_identifier, replace_relation
 from sql_magics.parser import parse

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from sql_magics.errors import ExecutionError
-from udf_engine import RayContext, UDFBuildInFunc, UDFBuilder, UDFMaster, UDFWorker, put_model
+from udf_engine import RayContext, UDFBuildInFunc, UDFBuilder, UDFMaster, UDFWorker
 
 if TYPE_CHECKING:
     from sql_magics.session import RegisteredFunction, Session
@@ -85,17 +85,7 @@ def register_ray(session: "Session", function: str, source: str, options: dict) 
         raise ExecutionError(f"register Ray {function}: the registerCode option is required")
     rows = session.model_rows(source) if source else []
     conf = {**session.python_conf, **{k: v for k, v in options.items() if k not in _CODE_OPTIONS}}
-    if session.python_env:
-        conf.setdefault("env", dict(session.python_env))
-    session.runtime.ensure()
-    context = RayContext(
-        function,
-        conf=conf,
-        model_refs=put_model(rows),
-        actor_prefix=session.actor_prefix(function),
-        runtime=session.runtime,
-        row_wise=True,
-    )
+    context = session.ray_context(function, conf, rows, row_wise=True)
     namespace = {"__name__": f"__rayudf_register_{function}__", "context": context}
     with pyjava_names():
         _run_code(code, namespace, f"registerCode of {function}")

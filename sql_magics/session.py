@@ -216,18 +216,24 @@ class Session:
         """Build workers with ``init_func``/``apply_func`` over a model's rows and register them."""
         self._check_name(function)
         engine_options = {k: v for k, v in options.items() if k not in _BRIDGE_OPTIONS}
+        udf = UDFBuilder.build(self.ray_context(function, engine_options, rows), init_func, apply_func)
+        return self.expose(function, udf, kind=kind, path=path, options=options)
+
+    def ray_context(self, function: str, conf: dict, rows: list[dict], *, row_wise: bool = False) -> RayContext:
+        """The context to build ``function`` in: this session's Ray and actor names, the model
+        rows in the object store, and ``!python env`` for the workers."""
+        conf = dict(conf)
         if self.python_env:
-            engine_options.setdefault("env", dict(self.python_env))
+            conf.setdefault("env", dict(self.python_env))
         self.runtime.ensure()
-        ctx = RayContext(
+        return RayContext(
             function,
-            conf=engine_options,
+            conf=conf,
             model_refs=put_model(rows),
             actor_prefix=self.actor_prefix(function),
             runtime=self.runtime,
+            row_wise=row_wise,
         )
-        udf = UDFBuilder.build(ctx, init_func, apply_func)
-        return self.expose(function, udf, kind=kind, path=path, options=options)
 
     def actor_prefix(self, function: str) -> str:
         """The name prefix of this session's actors for ``function``."""

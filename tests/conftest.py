@@ -6,7 +6,9 @@ and every Session joins it, so no test pays Ray's start-up twice.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -123,6 +125,20 @@ def register(session):
     for name in names:
         if name in session.functions:
             session.unregister(name)
+
+
+def write_kernelspec(jupyter_path: Path) -> Path:
+    """A ``python3`` kernelspec running this interpreter under ``jupyter_path``; put that first
+    on JUPYTER_PATH so a kernelspec installed elsewhere (~/.local/share/jupyter) is never used."""
+    spec_dir = jupyter_path / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (rayudf tests)",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    return jupyter_path
 
 
 def named_actors(prefix: str, timeout_s: float = 10.0) -> list[str]:

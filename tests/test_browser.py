@@ -28,6 +28,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import write_kernelspec
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,14 +86,7 @@ class JupyterLab:
             path.write_text(json.dumps(values))
         # The kernel is this interpreter: a python3 kernelspec first on JUPYTER_PATH, so one
         # installed elsewhere (~/.local/share/jupyter, another venv) is never picked instead.
-        spec_dir = home / "jupyter-path" / "kernels" / "python3"
-        spec_dir.mkdir(parents=True)
-        spec = {
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3 (ipykernel)",
-            "language": "python",
-        }
-        (spec_dir / "kernel.json").write_text(json.dumps(spec))
+        write_kernelspec(home / "jupyter-path")
         env = dict(os.environ)
         env.update(
             JUPYTER_PATH=str(home / "jupyter-path"),

@@ -12,15 +12,13 @@ virtualenv) can never make the notebooks run in an interpreter without rayudf.
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import named_actors
+from conftest import named_actors, write_kernelspec
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -43,15 +41,7 @@ def ray_address(ray_cluster):
 @pytest.fixture
 def kernel_env(ray_address, tmp_path_factory, monkeypatch):
     """RAY_ADDRESS for the kernel, and a ``python3`` kernelspec that runs this interpreter."""
-    jupyter_path = tmp_path_factory.mktemp("jupyter")
-    spec_dir = jupyter_path / "kernels" / "python3"
-    spec_dir.mkdir(parents=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (rayudf tests)",
-        "language": "python",
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    jupyter_path = write_kernelspec(tmp_path_factory.mktemp("jupyter"))
     monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
     monkeypatch.setenv("RAY_ADDRESS", ray_address)
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -6,7 +6,6 @@ import json
 
 import cloudpickle
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
