@@ -97,8 +97,9 @@ def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[
         query = f"SELECT * FROM {reader_sql(fmt, path, {})} UNION ALL BY NAME {query}"
     target.parent.mkdir(parents=True, exist_ok=True)
     if exists and mode == "append" and target.is_dir():
-        tmp = target / f"part-{uuid.uuid4().hex[:12]}.{fmt}"
-        copy_to(con, query, tmp if not partition_by else target, fmt, options, partition_by, append=bool(partition_by))
+        # a new part file beside the old ones; a partitioned write lets DuckDB add to each partition
+        part = target / f"part-{uuid.uuid4().hex[:12]}.{fmt}"
+        copy_to(con, query, target if partition_by else part, fmt, options, partition_by, append=bool(partition_by))
         return f"appended to {path}"
     tmp = target.with_name(f".{target.name}.rayudf-tmp-{uuid.uuid4().hex[:8]}")
     try:

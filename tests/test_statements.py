@@ -148,6 +148,20 @@ def test_save_partitioned_csv_and_table(s, tmp_path):
     assert s.sql("select count(*) as n from kept")["n"][0] == 12
 
 
+def test_append_to_directories(s, tmp_path):
+    s.sql("select range as i, range % 2 as part from range(4) as t")
+    s.sql(f"save t as parquet.`{tmp_path / 'parts'}` partitionBy part")
+    s.sql(f"save append t as parquet.`{tmp_path / 'parts'}` partitionBy part")
+    (tmp_path / "plain").mkdir()
+    s.sql(f"save append t as parquet.`{tmp_path / 'plain'}`; save append t as parquet.`{tmp_path / 'plain'}`")
+    counts = s.sql(
+        f"""load parquet.`{tmp_path / 'parts'}` as parts; load parquet.`{tmp_path / 'plain'}` as plain;
+        select (select count(*) from parts) as parts, (select count(*) from plain) as plain from range(1)"""
+    )
+    assert counts.to_dict("records") == [{"parts": 8, "plain": 8}]
+    assert len(list((tmp_path / "plain").glob("part-*.parquet"))) == 2
+
+
 def test_failing_overwrite_keeps_the_old_output(s, tmp_path):
     out = tmp_path / "keep.parquet"
     pq.write_table(pa.table({"v": [1, 2, 3]}), out)
