@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from sql_magics.session import Session
 
 SET_TYPES = ("text", "sql", "shell")
+# Byzer statements that run Spark ML algorithms; there is no Spark here.
+UNSUPPORTED_BYZER = ("train", "run", "predict")
 
 
 class Executor:
@@ -171,6 +173,12 @@ class Executor:
             self._including.pop()
 
     def sql(self, stmt: Sql, **_: object) -> pd.DataFrame | None:
+        first = stmt.text.split(None, 1)[0].lower() if stmt.text.strip() else ""
+        if first in UNSUPPORTED_BYZER:
+            raise ExecutionError(
+                f"{first}: Byzer's {'/'.join(UNSUPPORTED_BYZER)} statements need Spark ML and are not supported; "
+                "train the model in Python and register it (register keras|sklearn|Ray ...)"
+            )
         return self._frame(self._sql(stmt.text))
 
 

@@ -332,6 +332,13 @@ def test_execution_errors_name_the_line(s):
         s.sql("register Ray.`` as f where registerCode='''x = 1'''")
 
 
+@pytest.mark.parametrize("statement", ["train data as RandomForest.`/tmp/m` where keepVersion='true'", "run data as TableRepartition.`` as t", "predict data as RandomForest.`/tmp/m` as p"])
+def test_spark_ml_statements_are_refused(s, statement):
+    word = statement.split()[0]
+    with pytest.raises(ExecutionError, match=rf"line 1: {word}: .*not supported"):
+        s.sql(statement)
+
+
 def test_parse_returns_statement_kinds(s):
     kinds = [st.kind for st in s.parse("load csv.`a` as a; select 1 as b; save b as csv.`c`; set x = '1'; !models; copy b to 'x.csv'")]
     assert kinds == ["load", "select", "save", "set", "command", "sql"]
