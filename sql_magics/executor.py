@@ -78,9 +78,6 @@ class Executor:
     def _frame(self, query: str) -> pd.DataFrame | None:
         return self.session.run_duckdb(query, self._bound(query))
 
-    def _execute(self, query: str) -> None:
-        self.session.con.execute(query).fetchall()
-
     # -- one handler per statement kind ------------------------------------------------
 
     def load(self, stmt: Load, **_: object) -> None:

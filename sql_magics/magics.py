@@ -26,6 +26,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope, no_var_expand
 from traitlets import Bool, Float, Int
 
+from sql_magics.catalog import relation_kind
 from sql_magics.errors import ParseError
 from sql_magics.progress import QueryInterrupted, run_with_progress
 from sql_magics.session import Session
@@ -162,10 +163,7 @@ class SqlMagic(Magics):
             value = namespace.get(name)
             if value is None or not _is_table_like(value):
                 continue
-            if name not in self._registered and con.execute(
-                "SELECT 1 FROM duckdb_tables() WHERE table_name = ? UNION ALL "
-                "SELECT 1 FROM duckdb_views() WHERE view_name = ? AND NOT internal", [name, name]
-            ).fetchall():
+            if name not in self._registered and relation_kind(con, name):
                 continue  # a DuckDB table or view of that name wins over the notebook object
             con.register(name, value)
             self._registered.add(name)
