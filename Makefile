@@ -9,10 +9,14 @@ CHROMIUM := /usr/bin/chromium
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# rfc3987-syntax (pulled in by Jupyter through jsonschema[format-nongpl]) compiles ~35 Earley
+# parsers when imported, and every Ray worker imports it through ray.runtime_env: 1.2 s more
+# per worker start (python-jsonschema/jsonschema#1428). Nothing here validates IRIs, so it goes.
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip uninstall --quiet --yes rfc3987-syntax
 	touch $(STAMP)
 
 demo: setup

@@ -32,7 +32,9 @@ def _is_list(t: pa.DataType) -> bool:
 
 
 def _as_array(col: Any) -> pa.Array:
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(col, pa.ChunkedArray):  # DuckDB hands one chunk: take it rather than copy it
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
 
 
 def _numeric(values: pa.Array, function: str, what: str) -> np.ndarray:

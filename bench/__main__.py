@@ -33,7 +33,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=200_000, help="rows of the scored table")
     p.add_argument("--width", type=int, default=784, help="FLOAT[width] per row")
     p.add_argument("--runs", type=int, default=5, help="interleaved runs of each contender")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows per model call, for every contender")
+    p.add_argument("--batch-size", type=int, default=2048, help="rows per model call, for every contender (DuckDB passes at most 2048 per call)")
     p.add_argument("--per-row-rows", type=int, default=2000, help="rows the per-row UDF scores (then scaled)")
     p.add_argument("--big-rows", type=int, default=640_000, help="rows of the ~2 GB table for the memory run")
     p.add_argument("--workdir", type=Path, default=Path("bench_data"), help="where tables and models go")

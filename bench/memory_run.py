@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--ray-address", required=True)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=2048)
     args = p.parse_args(argv)
 
     from sql_magics import Session

@@ -6,7 +6,7 @@ explains every engine option; the CLI, the magics and the docs read it.
 Example:
     >>> conf = UDFConf.from_options({"maxConcurrency": "3", "num_cpus": "0.5"})
     >>> conf.workers, conf.num_cpus, conf.batch_size
-    (3, 0.5, 1024)
+    (3, 0.5, 2048)
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("num_gpus", 0.0, float, "GPUs reserved per worker (fractions allowed)"),
     Option("resources", {}, dict, 'custom Ray resources per worker, as JSON: {"accelerator": 1}'),
     Option("env", {}, dict, 'environment variables of the worker processes, as JSON: {"OMP_PROC_BIND": "true"}'),
-    Option("batch_size", 1024, int, "rows per batch sent to a worker", ("batchSize",)),
+    Option("batch_size", 2048, int, "rows per batch sent to a worker (DuckDB calls a function with at most 2048)", ("batchSize",)),
     Option("max_retries", 1, int, "times a batch whose worker died is retried on another worker"),
     Option("startup_timeout_s", 300.0, float, "seconds to wait for workers to load the model"),
 )
@@ -75,7 +75,7 @@ class UDFConf:
     num_gpus: float = 0.0
     resources: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
-    batch_size: int = 1024
+    batch_size: int = 2048
     max_retries: int = 1
     startup_timeout_s: float = 300.0
     extra: dict = field(default_factory=dict)
