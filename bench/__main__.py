@@ -154,25 +154,30 @@ def main(argv: list[str] | None = None) -> int:
     _interleave(t, args.runs, {"be_rayudf_cold_2w": cold, "c_ray_data_2w": lambda: c.ray_data_run(table, model_path, 2, bs)})
 
     session.close()
-    memory = None if args.skip_memory else _memory_run(args, model_path, bs, work)
+    memory = [] if args.skip_memory else [_memory_run(args, model_path, bs, work, limit) for limit in (None, "400MB")]
     ray.shutdown()
     _report(args, command, t, results, memory, table)
     return 0
 
 
-def _memory_run(args, model_path, bs, work) -> dict:
-    """(g) in a fresh driver process that joins this Ray, so its RSS is a rayudf user's driver's."""
+def _memory_run(args, model_path, bs, work, memory_limit: str | None) -> dict:
+    """(g) in a fresh driver process that joins this Ray, so its RSS is a rayudf user's driver's.
+
+    Run twice: with DuckDB's default memory_limit (80% of RAM), whose buffer pool keeps what
+    it read, and with ``memory_limit`` set, as a user who wants a small driver would.
+    """
     import ray
 
     big = write_table(work / f"big_{args.big_rows}x{args.width}.parquet", rows=args.big_rows, width=args.width, seed=1)
     print(f"(g) scoring and saving {big} ({big.stat().st_size / 2**30:.2f} GiB)", flush=True)
     done = subprocess.run(
         [sys.executable, "-m", "bench.memory_run", str(big), str(model_path), str(work / "big_out.parquet"),
-         "--ray-address", ray.get_runtime_context().gcs_address, "--batch-size", str(bs)],
+         "--ray-address", ray.get_runtime_context().gcs_address, "--batch-size", str(bs)]
+        + (["--memory-limit", memory_limit] if memory_limit else []),
         capture_output=True, text=True, check=True,
     )
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"bytes": big.stat().st_size, "rows": args.big_rows, **measured}
+    return {"bytes": big.stat().st_size, "rows": args.big_rows, "memory_limit": memory_limit, **measured}
 
 
 def _machine() -> str:
@@ -221,13 +226,12 @@ def _report(args, command, t: Timings, results, memory, table) -> None:
         f"{1000 * m('f_session_trivial'):.1f} / {1000 * m('f_magic_trivial'):.1f} ms | | "
         f"+{1000 * (m('f_magic_trivial') - m('f_raw_duckdb_trivial')):.1f} ms (%sql) | a few ms |",
     ]
-    if memory:
-        peaks = ", ".join(
-            f"{k} {v:,.0f} MiB ({memory['peak_private_mb'][k]:,.0f} private)" for k, v in memory["peak_mb"].items()
-        )
+    for run in memory:
+        peaks = ", ".join(f"{k} {v:,.0f} MiB ({run['peak_private_mb'][k]:,.0f} private)" for k, v in run["peak_mb"].items())
+        limit = f"DuckDB memory_limit {run['memory_limit']}" if run["memory_limit"] else "DuckDB's default memory_limit"
         lines.append(
-            f"| (g) score + save {memory['bytes'] / 2**30:.2f} GiB ({memory['rows']:,} rows), 2 workers | "
-            f"{memory['seconds']:.1f} s | {memory['rows'] / memory['seconds']:,.0f} | peak RSS: {peaks} | driver < 1 GB |"
+            f"| (g) score + save {run['bytes'] / 2**30:.2f} GiB ({run['rows']:,} rows), 2 workers, {limit} | "
+            f"{run['seconds']:.1f} s | {run['rows'] / run['seconds']:,.0f} | peak RSS: {peaks} | driver < 1 GB |"
         )
     lines += ["", "All runs (seconds, in order):", ""]
     lines += [f"- {name}: " + ", ".join(f"{s:.3f}" for s in runs) for name, runs in t.runs.items()]

@@ -23,11 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--ray-address", required=True)
     p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--memory-limit", help="DuckDB's memory_limit for the run, e.g. 400MB (default: DuckDB's)")
     args = p.parse_args(argv)
 
     from sql_magics import Session
 
     with Session(ray_address=args.ray_address) as session:
+        if args.memory_limit:
+            session.sql(f"set memory_limit = '{args.memory_limit}'")
         registered = session.register_model("fbig", args.model, workers=2, batch_size=args.batch_size)
         pids = {"driver": os.getpid(), **{f"worker {i}": s["pid"] for i, s in enumerate(registered.udf.stats())}}
         with PeakRSS(pids) as peaks:
