@@ -37,7 +37,7 @@ chromium:
 test: setup chromium
 	$(BIN)/python -m pytest
 
-# The benchmark (SPEC 7): about 10 minutes; writes bench/RESULTS.md. BENCH_ARGS="--rows 20000" for a quick look.
+# The benchmark (SPEC 7): about 5 minutes; writes bench/RESULTS.md. BENCH_ARGS="--rows 20000" for a quick look.
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
