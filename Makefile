@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup chromium demo test bench clean
+.PHONY: setup chromium demo lint test bench clean
 
 setup: $(STAMP)
 
@@ -34,10 +34,14 @@ chromium:
 			"(run 'sudo apt-get install chromium chromium-driver' to include it)"; \
 	fi
 
-test: setup chromium
+# ruff's rules are in pyproject.toml; a finding fails the build like a failing test.
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup chromium lint
 	$(BIN)/python -m pytest
 
-# The benchmark (SPEC 7): about 5 minutes; writes bench/RESULTS.md. BENCH_ARGS="--rows 20000" for a quick look.
+# The benchmark (README, "Performance"): about 5 minutes; writes bench/RESULTS.md. BENCH_ARGS="--rows 20000" for a quick look.
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

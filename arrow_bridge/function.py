@@ -2,12 +2,14 @@
 
 DuckDB calls the function with at most 2048 rows at a time, from several threads
 at once. Each call cuts its rows into ``batch_size`` pieces and fans them out over
-the workers through the dispatcher; DuckDB's ``threads`` is raised so that enough
-calls are in flight to keep every worker busy.
+the workers through the dispatcher; :func:`add_function` raises the connection's
+``threads`` setting (never lowers it) so that enough calls are in flight to keep
+every worker busy.
 
 Example:
-    >>> fn = register_model_function(con, "digit", udf)         # doctest: +SKIP
-    >>> con.sql("select digit(pixels) from digits").fetchall()  # doctest: +SKIP
+    >>> fn = model_function("digit", udf, counter=RowCounter())  # doctest: +SKIP
+    >>> add_function(con, fn)                                     # doctest: +SKIP
+    >>> con.sql("select digit(pixels) from digits").fetchall()    # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,18 +27,40 @@ from udf_engine.dispatcher import MAX_IN_FLIGHT_PER_WORKER
 from udf_engine.errors import ConfigError
 
 
+class RowCounter:
+    """Rows scored by model functions, added to from DuckDB's threads, read by progress bars.
+
+    Example:
+        >>> counter = RowCounter()
+        >>> counter.add(2048); counter.add(10); counter.value
+        2058
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value = 0  # rows scored so far
+
+    def add(self, rows: int) -> None:
+        with self._lock:
+            self._value += rows
+
+    @property
+    def value(self) -> int:
+        with self._lock:
+            return self._value
+
+
 class ModelFunction:
     """The callable DuckDB runs: Arrow columns in, one Arrow array out."""
 
-    def __init__(self, name: str, udf: Any, return_type: str, batch_size: int, width: int | None) -> None:
+    def __init__(self, name: str, udf: Any, return_type: str, batch_size: int, width: int | None, counter: RowCounter) -> None:
         self.name = name  # the SQL name
         self.udf = udf  # a RemoteUDF (anything with map(batches) -> list)
         self.return_type = return_type  # DuckDB type, e.g. "FLOAT[10]"
         self.arrow_type = arrow_type(return_type)
         self.batch_size = batch_size  # rows per batch sent to a worker
         self.width = width  # values per input row, when the model says so
-        self._lock = threading.Lock()
-        self.rows_scored = 0  # rows returned since registration (read by progress bars)
+        self._counter = counter  # told of every row scored
 
     def __call__(self, *cols: Any) -> pa.Array:
         rows = len(cols[0]) if cols else 0
@@ -46,8 +70,7 @@ class ModelFunction:
         step = self.batch_size
         batches = [matrix[i : i + step] for i in range(0, rows, step)]
         result = to_arrow(self.udf.map(batches), self.arrow_type, rows)
-        with self._lock:
-            self.rows_scored += rows
+        self._counter.add(rows)
         return result
 
 
@@ -64,32 +87,32 @@ def infer_return_type(name: str, udf: Any, width: int | None) -> str:
 
 
 def _ensure_threads(con: duckdb.DuckDBPyConnection, wanted: int) -> None:
+    """Raise DuckDB's ``threads`` to ``wanted`` if it is lower (a later ``SET threads`` wins).
+
+    DuckDB calls a function from one thread per pipeline: with fewer threads than batches
+    the workers can hold, some workers would idle while a query runs.
+    """
     (current,), = con.execute("SELECT current_setting('threads')").fetchall()
     if int(current) < wanted:
         con.execute(f"SET threads = {int(wanted)}")
 
 
-def register_model_function(
-    con: duckdb.DuckDBPyConnection,
-    name: str,
-    udf: Any,
-    *,
-    returns: str | None = None,
-    batch_size: int | None = None,
-) -> ModelFunction:
-    """Make ``udf`` callable from SQL as ``name(...)``; replaces a function of that name."""
+def model_function(name: str, udf: Any, *, counter: RowCounter, returns: str | None = None) -> ModelFunction:
+    """The function DuckDB will call as ``name(...)``; probes the model for its type unless ``returns`` is given."""
     width = udf.info.get("input_width")
     return_type = returns or infer_return_type(name, udf, width)
-    fn = ModelFunction(name, udf, return_type, batch_size or udf.conf.batch_size, width)
-    unregister_function(con, name)
+    return ModelFunction(name, udf, return_type, udf.conf.batch_size, width, counter)
+
+
+def add_function(con: duckdb.DuckDBPyConnection, fn: ModelFunction) -> None:
+    """Make ``fn`` callable from SQL by its name; raises DuckDB's threads to keep its workers busy."""
     # parameters=None makes DuckDB accept any number of arguments of any type:
     # f(pixels) and f(a, b, c) both reach __call__ with the columns as they are.
-    con.create_function(name, fn, None, return_type, type="arrow")
-    _ensure_threads(con, udf.conf.workers * MAX_IN_FLIGHT_PER_WORKER)
-    return fn
+    con.create_function(fn.name, fn, None, fn.return_type, type="arrow")
+    _ensure_threads(con, fn.udf.conf.workers * MAX_IN_FLIGHT_PER_WORKER)
 
 
-def register_python_function(
+def add_python_function(
     con: duckdb.DuckDBPyConnection, name: str, func: Any, returns: str, *, vectorized: bool = False
 ) -> None:
     """Make a plain Python function callable from SQL, run in-process by DuckDB.
@@ -97,7 +120,6 @@ def register_python_function(
     Row-wise (``vectorized=False``) it gets Python values; vectorized it gets one
     NumPy array per argument and returns one array (or list) for the whole call.
     """
-    unregister_function(con, name)
     if not vectorized:
         con.create_function(name, lambda *values: func(*values), None, returns, type="native")
         return
@@ -108,11 +130,3 @@ def register_python_function(
         return to_arrow([func(*arrays)], target, len(cols[0]) if cols else 0)
 
     con.create_function(name, call, None, returns, type="arrow")
-
-
-def unregister_function(con: duckdb.DuckDBPyConnection, name: str) -> None:
-    """Remove a Python function from DuckDB if it is there."""
-    try:
-        con.remove_function(name)
-    except duckdb.Error:
-        pass

@@ -22,6 +22,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from arrow_bridge.quoting import quote_identifier
 from udf_engine.errors import ConfigError
 
 _SCALAR_NAMES = {
@@ -70,17 +71,13 @@ def _scalar_name(dtype: np.dtype) -> str:
     return name
 
 
-def _quote(name: str) -> str:
-    return '"' + str(name).replace('"', '""') + '"'
-
-
 def duckdb_type_of(output: Any) -> str:
     """The DuckDB type of a model's output for a batch (one entry per row).
 
     ``(n,)`` and ``(n, 1)`` arrays are scalars, ``(n, k)`` arrays ``T[k]``, dicts STRUCTs.
     """
     if isinstance(output, dict):
-        fields = ", ".join(f"{_quote(k)} {duckdb_type_of(v)}" for k, v in output.items())
+        fields = ", ".join(f"{quote_identifier(k)} {duckdb_type_of(v)}" for k, v in output.items())
         return f"STRUCT({fields})"
     array = np.asarray(output)
     if array.ndim == 0:

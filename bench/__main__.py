@@ -5,7 +5,7 @@ the report quotes medians and ratios from this one run.
 
 Example:
     $ python -m bench --rows 20000 --runs 3 --skip-memory      # a quick look
-    $ make bench                                                # the full run (~10 min)
+    $ make bench                                                # the full run (about 5 minutes)
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import duckdb  # noqa: E402
+import duckdb
 
-from bench import contenders as c  # noqa: E402
-from bench.data import build_model, write_table  # noqa: E402
+from bench import contenders as c
+from bench.data import build_model, write_table
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +33,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=200_000, help="rows of the scored table")
     p.add_argument("--width", type=int, default=784, help="FLOAT[width] per row")
     p.add_argument("--runs", type=int, default=5, help="interleaved runs of each contender")
-    p.add_argument("--batch-size", type=int, default=2048, help="rows per model call, for every contender (DuckDB passes at most 2048 per call)")
+    p.add_argument(
+        "--batch-size", type=int, default=2048, help="rows per model call, for every contender (DuckDB passes at most 2048 per call)"
+    )
     p.add_argument("--per-row-rows", type=int, default=2000, help="rows the per-row UDF scores (then scaled)")
     p.add_argument("--big-rows", type=int, default=640_000, help="rows of the ~2 GB table for the memory run")
     p.add_argument("--workdir", type=Path, default=Path("bench_data"), help="where tables and models go")
@@ -93,25 +95,25 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     bs = args.batch_size
 
-    limit = duckdb.connect()
-    c.register_in_process(limit, "f_local", model, bs)
+    in_process = duckdb.connect()  # the limit: the same model called inside DuckDB
+    c.register_in_process(in_process, "f_local", model, bs)
     session = Session()
     q_local, q1, q2 = (c.scoring_query(f, table) for f in ("f_local", "f1", "f2"))
     session.register_model("f1", model_path, workers=1, batch_size=bs)
     session.register_model("f2", model_path, workers=2, batch_size=bs)
-    for query, con in ((q_local, limit), (q1, session.con), (q2, session.con)):
+    for query, con in ((q_local, in_process), (q1, session.con), (q2, session.con)):
         c.fetch(con, query)  # warm: TF graphs traced, files cached
 
     print("(a)/(b) warm scoring, results to the driver", flush=True)
     _interleave(t, args.runs, {
-        "a_limit": lambda: c.fetch(limit, q_local),
+        "a_limit": lambda: c.fetch(in_process, q_local),
         "b_rayudf_1w": lambda: c.fetch(session.con, q1),
         "b_rayudf_2w": lambda: c.fetch(session.con, q2),
     })
     print("(b) scoring written out with COPY", flush=True)
     out = work / "out.parquet"
     _interleave(t, args.runs, {
-        "a_limit_copy": lambda: c.copy_to(limit, q_local, out),
+        "a_limit_copy": lambda: c.copy_to(in_process, q_local, out),
         "b_rayudf_2w_copy": lambda: c.copy_to(session.con, q2, out),
     })
 
@@ -124,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     shell_session = shell.magics_manager.registry["SqlMagic"].session
     shell_session.register_model("f2", model_path, workers=2, batch_size=bs)
     _interleave(t, max(args.runs, 20), {
-        "f_raw_duckdb_limit100": lambda: limit.sql(q_small_local).df(),
+        "f_raw_duckdb_limit100": lambda: in_process.sql(q_small_local).df(),
         "f_session_limit100": lambda: session.sql(q_small),
         "f_magic_limit100": lambda: shell.run_cell(f"%sql {q_small}", silent=True),
-        "f_raw_duckdb_trivial": lambda: limit.sql("select 42 as x").df(),
+        "f_raw_duckdb_trivial": lambda: in_process.sql("select 42 as x").df(),
         "f_session_trivial": lambda: session.sql("select 42 as x from range(1)"),
         "f_magic_trivial": lambda: shell.run_cell("%sql select 42 as x from range(1)", silent=True),
     })
@@ -135,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     session.unregister("f2")
 
     print("(d) per-row Python UDF on a subset", flush=True)
-    c.register_per_row(limit, "f_row", model)
+    c.register_per_row(in_process, "f_row", model)
     subset = f"SELECT f_row(image) FROM read_parquet('{table}') LIMIT {args.per_row_rows}"
-    _interleave(t, min(args.runs, 3), {"d_per_row": lambda: c.fetch(limit, subset)})
+    _interleave(t, min(args.runs, 3), {"d_per_row": lambda: c.fetch(in_process, subset)})
     results["d_rows_per_s"] = args.per_row_rows / t.median("d_per_row")
 
     print("(b)+(e) cold, end to end, against (c) Ray Data end to end", flush=True)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     _interleave(t, args.runs, {"be_rayudf_cold_2w": cold, "c_ray_data_2w": lambda: c.ray_data_run(table, model_path, 2, bs)})
 
     session.close()
-    memory = [] if args.skip_memory else [_memory_run(args, model_path, bs, work, limit) for limit in (None, "400MB")]
+    memory = [] if args.skip_memory else [_memory_run(args, model_path, bs, work, memory_limit) for memory_limit in (None, "400MB")]
     ray.shutdown()
     _report(args, command, t, results, memory, table)
     return 0
@@ -228,9 +230,9 @@ def _report(args, command, t: Timings, results, memory, table) -> None:
     ]
     for run in memory:
         peaks = ", ".join(f"{k} {v:,.0f} MiB ({run['peak_private_mb'][k]:,.0f} private)" for k, v in run["peak_mb"].items())
-        limit = f"DuckDB memory_limit {run['memory_limit']}" if run["memory_limit"] else "DuckDB's default memory_limit"
+        setting = f"DuckDB memory_limit {run['memory_limit']}" if run["memory_limit"] else "DuckDB's default memory_limit"
         lines.append(
-            f"| (g) score + save {run['bytes'] / 2**30:.2f} GiB ({run['rows']:,} rows), 2 workers, {limit} | "
+            f"| (g) score + save {run['bytes'] / 2**30:.2f} GiB ({run['rows']:,} rows), 2 workers, {setting} | "
             f"{run['seconds']:.1f} s | {run['rows'] / run['seconds']:,.0f} | peak RSS: {peaks} | driver < 1 GB |"
         )
     lines += ["", "All runs (seconds, in order):", ""]

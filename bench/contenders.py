@@ -7,8 +7,9 @@ to the driver as Arrow, so only the way the rows reach the model differs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -43,7 +43,7 @@ class PeakRSS:
             if self._stop.wait(_SAMPLE_S):
                 return
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._thread.start()
         return self
 

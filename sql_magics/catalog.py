@@ -3,10 +3,12 @@
 Example:
     >>> import duckdb
     >>> con = duckdb.connect()
-    >>> replace_relation(con, "t", "select 1 as x")
-    >>> relation_kind(con, "t"), relation_kind(con, "missing")
-    ('view', None)
+    >>> replace_relation(con, "t", "select 1 as x, 2 as y")
+    'view'
+    >>> relation_kind(con, "t"), relation_kind(con, "missing"), column_count(con, "t")
+    ('view', None, 2)
     >>> replace_relation(con, "t", "select $v as x", {"v": 2})   # parameters: a table
+    'table'
     >>> relation_kind(con, "t"), con.execute("select x from t").fetchall()
     ('table', [(2,)])
 """
@@ -15,14 +17,11 @@ from __future__ import annotations
 
 import duckdb
 
+from arrow_bridge.quoting import quote_identifier
+
 # DuckDB answers DDL, COPY and SET with one status column; those yield no rows for the user.
 _STATUS_COLUMNS = (["Count"], ["Success"])
 _ROW_STATEMENTS = ("SELECT", "EXPLAIN", "PRAGMA", "CALL")
-
-
-def quote_identifier(name: str) -> str:
-    """A SQL identifier, quoted."""
-    return '"' + str(name).replace('"', '""') + '"'
 
 
 def relation_kind(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
@@ -35,13 +34,19 @@ def relation_kind(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+def column_count(con: duckdb.DuckDBPyConnection, name: str) -> int:
+    """How many columns the table or view ``name`` has."""
+    (count,), = con.execute("SELECT count(*) FROM duckdb_columns() WHERE table_name = ?", [name]).fetchall()
+    return count
+
+
 def replace_relation(
     con: duckdb.DuckDBPyConnection, name: str, query: str, parameters: dict | None = None, *, table: bool = False
-) -> None:
+) -> str:
     """Make ``name`` a view of ``query`` (lazy), or a table of its rows (``table=True``).
 
     A view cannot hold parameter values, so a parameterised query is always a table.
-    Whatever ``name`` was before (view or table) is replaced.
+    Whatever ``name`` was before (view or table) is replaced. Returns what ``name`` is now.
     """
     kind = "table" if parameters or table else "view"
     existing = relation_kind(con, name)
@@ -49,6 +54,7 @@ def replace_relation(
         con.execute(f"DROP {existing.upper()} {quote_identifier(name)}").fetchall()
     statement = f"CREATE OR REPLACE {kind.upper()} {quote_identifier(name)} AS {query}"
     (con.execute(statement, parameters) if parameters else con.execute(statement)).fetchall()
+    return kind
 
 
 def yields_rows(description: list | None, query: str) -> bool:

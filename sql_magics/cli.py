@@ -67,12 +67,15 @@ def run(script: Path, sets: tuple[str, ...], ray_address: str | None, limit: int
     try:
         with Session(ray_address=ray_address) as session:
             session.pin_variables(variables)
-            result = session.sql(text, source_name=str(script), base_dir=script.parent)
-            if result is not None:
-                shown = result if limit <= 0 else result.head(limit)
+            result = session.run(text, source_name=str(script), base_dir=script.parent)
+            frame = result.frame
+            if frame is not None:
+                shown = frame if limit <= 0 else frame.head(limit)
                 click.echo(shown.to_string(index=False))
-                if len(shown) < len(result):
-                    click.echo(f"... {len(result)} rows, {limit} shown")
+                if len(shown) < len(frame):
+                    click.echo(f"... {len(frame)} rows, {limit} shown")
+            elif result.notice:
+                click.echo(result.notice)
     except ParseError as err:
         if debug:
             raise

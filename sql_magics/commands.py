@@ -1,22 +1,32 @@
 """The ``!`` commands: ``!python conf``, ``!python env``, ``!workers``, ``!models``.
 
 Example:
-    >>> session.sql('!python conf "rayAddress=auto"; !workers;')   # doctest: +SKIP
+    >>> import duckdb
+    >>> from udf_engine import RayRuntime
+    >>> registry, state = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12"), ScriptState()
+    >>> run_command("python", ["conf", "rayAddress=auto"], registry=registry, state=state)
+    >>> state.python_conf
+    {'rayAddress': 'auto'}
+    >>> list(run_command("models", [], registry=registry, state=state).columns)
+    ['function', 'kind', 'path', 'version', 'workers', 'batch_size', 'returns']
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
 
 import pandas as pd
 
 from sql_magics.errors import ExecutionError
+from sql_magics.registry import FunctionRegistry
+from sql_magics.script_state import ScriptState
 
-if TYPE_CHECKING:
-    from sql_magics.session import Session
-
-WORKER_COLUMNS = ["function", "worker", "node", "gpu_ids", "batches", "rows", "mean_ms_per_batch", "errors", "replaced", "alive"]
+WORKER_COLUMNS = [
+    "function", "worker", "node", "gpu_ids", "batches", "rows", "mean_ms_per_batch", "errors", "replaced", "alive", "last_error",
+]
 MODEL_COLUMNS = ["function", "kind", "path", "version", "workers", "batch_size", "returns"]
+# Ray node ids are 56 hex digits; the first 12 tell the nodes of a cluster apart.
+_NODE_ID_CHARS = 12
 
 
 def _key_value(args: list[str], usage: str) -> tuple[str, str]:
@@ -28,32 +38,32 @@ def _key_value(args: list[str], usage: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def python(session: "Session", args: list[str]) -> None:
+def python(state: ScriptState, args: list[str]) -> None:
     """``!python conf "k=v"`` (reaches registerCode as ``context.conf``) or ``!python env "K=V"``."""
     sub = args[0].lower() if args else ""
     if sub == "conf":
         key, value = _key_value(args, '!python conf "key=value"')
-        session.python_conf[key] = value
+        state.python_conf[key] = value
     elif sub == "env":
         key, value = _key_value(args, '!python env "NAME=value"')
-        session.python_env[key] = value
+        state.python_env[key] = value
     else:
         raise ExecutionError(f"!python {sub}: unknown sub-command (supported: conf, env)")
 
 
-def workers_frame(session: "Session") -> pd.DataFrame:
+def workers_frame(registry: FunctionRegistry) -> pd.DataFrame:
     """One row per worker of every Ray-served function."""
     rows = []
-    for name, registered in session.functions.items():
+    for name, registered in registry.functions.items():
         if registered.udf is None:
             continue
         for s in registered.udf.stats():
             mean_ms = 1000.0 * s["busy_s"] / s["batches"] if s["batches"] else 0.0
-            rows.append({**s, "function": name, "mean_ms_per_batch": round(mean_ms, 3), "node": (s["node"] or "")[:12]})
+            rows.append({**s, "function": name, "mean_ms_per_batch": round(mean_ms, 3), "node": (s["node"] or "")[:_NODE_ID_CHARS]})
     return pd.DataFrame(rows, columns=WORKER_COLUMNS)
 
 
-def models_frame(session: "Session") -> pd.DataFrame:
+def models_frame(registry: FunctionRegistry) -> pd.DataFrame:
     """One row per registered function."""
     rows = [
         {
@@ -65,22 +75,22 @@ def models_frame(session: "Session") -> pd.DataFrame:
             "batch_size": r.udf.conf.batch_size if r.udf else None,
             "returns": r.returns,
         }
-        for name, r in session.functions.items()
+        for name, r in registry.functions.items()
     ]
     return pd.DataFrame(rows, columns=MODEL_COLUMNS)
 
 
-_COMMANDS: dict[str, Callable[["Session", list[str]], pd.DataFrame | None]] = {
-    "python": python,
-    "workers": lambda session, args: workers_frame(session),
-    "models": lambda session, args: models_frame(session),
+_COMMANDS: dict[str, Callable[[FunctionRegistry, ScriptState, list[str]], pd.DataFrame | None]] = {
+    "python": lambda registry, state, args: python(state, args),
+    "workers": lambda registry, state, args: workers_frame(registry),
+    "models": lambda registry, state, args: models_frame(registry),
 }
 COMMANDS = tuple(_COMMANDS)
 
 
-def run_command(session: "Session", name: str, args: list[str]) -> pd.DataFrame | None:
+def run_command(name: str, args: list[str], *, registry: FunctionRegistry, state: ScriptState) -> pd.DataFrame | None:
     """Run ``!name args...``; a table for ``!workers`` and ``!models``."""
     command = _COMMANDS.get(name)
     if command is None:
         raise ExecutionError(f"!{name}: unknown command (supported: {', '.join('!' + c for c in COMMANDS)})")
-    return command(session, args)
+    return command(registry, state, args)

@@ -1,58 +1,83 @@
-"""Runs parsed statements against a Session: one handler per statement kind.
+"""Runs parsed statements: one handler per statement kind.
 
-Every error leaves here as an ExecutionError naming the script and the
-statement's line; nothing runs before the whole script has parsed.
+The executor works on three things it is given: the :class:`Database` that runs SQL, the
+:class:`FunctionRegistry` that registers models, and the :class:`ScriptState` that
+statements leave for the ones after them. Every error leaves here as an ExecutionError
+naming the script and the statement's line; nothing runs before the whole script has parsed.
 
 Example:
-    >>> from sql_magics import Session
-    >>> with Session() as s:
-    ...     s.sql('set n = "3"; select range as i from range(${n}) as output;')["i"].tolist()
+    >>> from udf_engine import RayRuntime
+    >>> db = Database()
+    >>> executor = Executor(db, FunctionRegistry(db.con, RayRuntime(), session_id="ab12"), ScriptState())
+    >>> script = parse('set n = "3"; select range as i from range(${n}) as output;')
+    >>> executor.run(script, base_dir=Path(".")).frame["i"].tolist()
     [0, 1, 2]
 """
 
 from __future__ import annotations
 
 import io
-import re
 import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import duckdb
 import pandas as pd
 
+from arrow_bridge.quoting import quote_identifier
 from sql_magics import formats, registration
+from sql_magics.catalog import column_count, replace_relation
 from sql_magics.commands import run_command
-from sql_magics.dialect import to_duckdb
+from sql_magics.database import Database
+from sql_magics.dialect import check_dialect, to_duckdb
 from sql_magics.errors import ExecutionError, ParseError, clean_duckdb_error
-from sql_magics.catalog import quote_identifier, replace_relation
 from sql_magics.parser import parse
+from sql_magics.registry import FunctionRegistry
+from sql_magics.script_state import ScriptState
 from sql_magics.statements import Command, Include, Load, Register, Save, Select, Set, Sql, Statement, Unregister
-from sql_magics.variables import substitute, substitute_options
+from sql_magics.variables import parameter_names, substitute, substitute_options
 from udf_engine.errors import RayUDFError
-
-if TYPE_CHECKING:
-    from sql_magics.session import Session
 
 SET_TYPES = ("text", "sql", "shell")
 # Byzer statements that run Spark ML algorithms; there is no Spark here.
 UNSUPPORTED_BYZER = ("train", "run", "predict")
+# The table a named select shows its rows under (MLSQL's convention).
+OUTPUT_TABLE = "output"
+# How much of a failed `set ... where type="shell"` command's stderr the error quotes:
+# enough for its message, not a whole usage text.
+_SHELL_ERROR_CHARS = 200
+
+
+@dataclass
+class ScriptResult:
+    """What a script gives back: the rows of its last statement that yields rows, and a
+    line to show when it yields none (what its last statement made, and how to see it)."""
+
+    frame: pd.DataFrame | None
+    notice: str | None = None
 
 
 class Executor:
-    """Executes one script (and the files it includes) in a Session."""
+    """Executes one script (and the files it includes)."""
 
-    def __init__(self, session: "Session", *, parameters: dict | None = None) -> None:
-        self.session = session
+    def __init__(
+        self, db: Database, registry: FunctionRegistry, state: ScriptState, *, parameters: dict | None = None
+    ) -> None:
+        self.db = db
+        self.registry = registry
+        self.state = state
         self.parameters = parameters or {}  # values for $name query parameters
         self._including: list[Path] = []  # include stack, to refuse cycles
+        self._notice: str | None = None  # what the statement that ran last says when it yields no rows
 
-    def run(self, statements: list[Statement], *, base_dir: Path, source_name: str = "") -> pd.DataFrame | None:
-        """Run statements in order; the rows of the last statement that yields rows."""
-        result = None
+    def run(self, statements: list[Statement], *, base_dir: Path, source_name: str = "") -> ScriptResult:
+        """Run statements in order."""
+        frame = None
         for statement in statements:
+            self._notice = None
             try:
-                frame = _HANDLERS[statement.kind](self, statement, base_dir=base_dir)
+                result = _HANDLERS[statement.kind](self, statement, base_dir=base_dir)
             except (ParseError, ExecutionError) as err:
                 if isinstance(err, ParseError) or err.line:
                     raise  # already placed (an included file's statement)
@@ -61,30 +86,46 @@ class Executor:
                 raise ExecutionError(str(err), line=statement.line, source=source_name) from None
             except duckdb.Error as err:
                 raise ExecutionError(clean_duckdb_error(err), line=statement.line, source=source_name) from None
-            if frame is not None:
-                result = frame
-        return result
+            if result is not None:
+                frame = result
+        return ScriptResult(frame, None if frame is not None else self._notice)
+
+    def assign(self, key: str, value: str) -> None:
+        """``set key = value``: a ${key} variable, or a setting (sql.dialect, ray.address, DuckDB's own)."""
+        state = self.state
+        if key in state.pinned:
+            return
+        if key == "sql.dialect":
+            state.dialect = check_dialect(value)
+        elif key == "ray.address":
+            self.registry.runtime.address = value
+        elif self.db.is_setting(key):
+            self.db.set_setting(key, value)
+        state.variables[key] = value
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _sql(self, text: str) -> str:
-        return to_duckdb(substitute(text, self.session.variables), self.session.dialect)
+    def _substitute(self, text: str) -> str:
+        return substitute(text, self.state.variables)
+
+    def _to_duckdb(self, text: str) -> str:
+        """Statement text as DuckDB SQL: ${key} substituted, translated from the script's dialect."""
+        return to_duckdb(self._substitute(text), self.state.dialect)
 
     def _bound(self, query: str) -> dict | None:
         """The parameters a query refers to as $name (None when it refers to none)."""
-        wanted = {name: value for name, value in self.parameters.items() if re.search(rf"\${name}\b", query)}
-        return wanted or None
+        wanted = parameter_names(query)
+        return {name: value for name, value in self.parameters.items() if name in wanted} or None
 
     def _frame(self, query: str) -> pd.DataFrame | None:
-        return self.session.run_duckdb(query, self._bound(query))
+        return self.db.query(query, self._bound(query))
 
     # -- one handler per statement kind ------------------------------------------------
 
     def load(self, stmt: Load, **_: object) -> None:
-        variables = self.session.variables
-        path, options = substitute(stmt.path, variables), substitute_options(stmt.options, variables)
+        path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
         fmt = stmt.format.lower()
-        con = self.session.con
+        con = self.db.con
         if fmt == "jsonstr":
             self._load_json_lines(stmt.table, path)
         elif fmt in formats.TABLE_FORMATS:
@@ -95,68 +136,71 @@ class Executor:
     def _load_json_lines(self, table: str, variable: str) -> None:
         import pyarrow.json as pajson
 
-        if variable not in self.session.variables:
+        if variable not in self.state.variables:
             raise ExecutionError(f"load jsonStr: no variable named {variable!r} (set {variable} = '''...''' first)")
-        text = self.session.variables[variable].strip()
+        text = self.state.variables[variable].strip()
         try:
             arrow = pajson.read_json(io.BytesIO(text.encode()))
         except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds for bad JSON
             raise ExecutionError(f"load jsonStr: variable {variable} is not JSON lines: {err}") from None
+        con = self.db.con
         scratch = f"__rayudf_json_{table}"
-        self.session.con.register(scratch, arrow)
+        con.register(scratch, arrow)
         try:
-            replace_relation(self.session.con, table, f"SELECT * FROM {quote_identifier(scratch)}", table=True)
+            replace_relation(con, table, f"SELECT * FROM {quote_identifier(scratch)}", table=True)
         finally:
-            self.session.con.unregister(scratch)
+            con.unregister(scratch)
 
     def select(self, stmt: Select, **_: object) -> pd.DataFrame | None:
-        query = self._sql(stmt.sql)
-        replace_relation(self.session.con, stmt.table, query, self._bound(query))
-        if stmt.table == "output":
+        query = self._to_duckdb(stmt.sql)
+        kind = replace_relation(self.db.con, stmt.table, query, self._bound(query))
+        if stmt.table == OUTPUT_TABLE:
             return self._frame(f"SELECT * FROM {quote_identifier(stmt.table)}")
+        columns = column_count(self.db.con, stmt.table)
+        self._notice = (
+            f"{kind} {stmt.table} created: {columns} column{'' if columns == 1 else 's'}; "
+            f"end with 'as {OUTPUT_TABLE}' to see rows"
+        )
         return None
 
     def save(self, stmt: Save, **_: object) -> None:
-        variables = self.session.variables
-        path, options = substitute(stmt.path, variables), substitute_options(stmt.options, variables)
+        path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
         fmt = stmt.format.lower()
         if fmt in formats.TABLE_FORMATS:
-            formats.save_table(self.session.con, stmt.table, path, stmt.mode)
+            formats.save_table(self.db.con, stmt.table, path, stmt.mode)
         else:
-            formats.save_file(self.session.con, stmt.table, fmt, path, stmt.mode, options, stmt.partition_by)
+            formats.save_file(self.db.con, stmt.table, fmt, path, stmt.mode, options, stmt.partition_by)
 
     def register(self, stmt: Register, **_: object) -> None:
-        variables = self.session.variables
-        registration.register(
-            self.session, stmt.model_kind, substitute(stmt.path, variables), stmt.function, substitute_options(stmt.options, variables)
-        )
+        path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
+        registration.register(self.registry, self.state, stmt.model_kind, path, stmt.function, options)
 
     def unregister(self, stmt: Unregister, **_: object) -> None:
-        self.session.unregister(stmt.function)
+        self.registry.unregister(stmt.function)
 
     def set(self, stmt: Set, **_: object) -> None:
-        session = self.session
-        value = substitute(stmt.value, session.variables)
+        value = self._substitute(stmt.value)
         kind = stmt.options.get("type", "text").lower()
         if kind == "sql":
-            rows = session.con.execute(to_duckdb(value, session.dialect)).fetchall()
+            rows = self.db.con.execute(to_duckdb(value, self.state.dialect)).fetchall()
             value = "" if not rows else str(rows[0][0])
         elif kind == "shell":
             done = subprocess.run(value, shell=True, capture_output=True, text=True)
             if done.returncode != 0:
-                raise ExecutionError(f"set {stmt.key}: shell command exited {done.returncode}: {done.stderr.strip()[:200]}")
+                stderr = done.stderr.strip()[:_SHELL_ERROR_CHARS]
+                raise ExecutionError(f"set {stmt.key}: shell command exited {done.returncode}: {stderr}")
             value = done.stdout.strip()
         elif kind != "text":
             raise ExecutionError(f"set {stmt.key}: type {kind!r} is not supported (supported: {', '.join(SET_TYPES)})")
-        session.set_variable(stmt.key, value)
+        self.assign(stmt.key, value)
 
     def command(self, stmt: Command, **_: object) -> pd.DataFrame | None:
-        return run_command(self.session, stmt.name, stmt.args)
+        return run_command(stmt.name, stmt.args, registry=self.registry, state=self.state)
 
     def include(self, stmt: Include, *, base_dir: Path, **_: object) -> pd.DataFrame | None:
         if stmt.format.lower() != "local":
             raise ExecutionError(f"include: format {stmt.format!r} is not supported (only local)")
-        path = (base_dir / substitute(stmt.path, self.session.variables)).resolve()
+        path = (base_dir / self._substitute(stmt.path)).resolve()
         if path in self._including:
             raise ExecutionError(f"include: {path} includes itself")
         try:
@@ -165,9 +209,11 @@ class Executor:
             raise ExecutionError(f"include: cannot read {path}: {err.strerror}") from None
         self._including.append(path)
         try:
-            return self.run(parse(text, source_name=str(path)), base_dir=path.parent, source_name=str(path))
+            included = self.run(parse(text, source_name=str(path)), base_dir=path.parent, source_name=str(path))
         finally:
             self._including.pop()
+        self._notice = included.notice  # what the included script's last statement said
+        return included.frame
 
     def sql(self, stmt: Sql, **_: object) -> pd.DataFrame | None:
         first = stmt.text.split(None, 1)[0].lower() if stmt.text.strip() else ""
@@ -176,7 +222,7 @@ class Executor:
                 f"{first}: Byzer's {'/'.join(UNSUPPORTED_BYZER)} statements need Spark ML and are not supported; "
                 "train the model in Python and register it (register keras|sklearn|Ray ...)"
             )
-        return self._frame(self._sql(stmt.text))
+        return self._frame(self._to_duckdb(stmt.text))
 
 
 _HANDLERS: dict[str, Callable[..., pd.DataFrame | None]] = {

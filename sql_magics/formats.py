@@ -15,26 +15,21 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
-from sql_magics.catalog import quote_identifier, relation_kind
+from arrow_bridge.quoting import quote_identifier, quote_literal
+from sql_magics.catalog import relation_kind
 from sql_magics.errors import ExecutionError
 
 FILE_FORMATS = ("parquet", "csv", "json")
 TABLE_FORMATS = ("table", "duckdb")
 LOAD_FORMATS = (*FILE_FORMATS, "jsonStr", *TABLE_FORMATS)
-SAVE_MODES = ("overwrite", "append", "errorIfExists", "ignore")
 
 _READERS = {"parquet": "read_parquet", "csv": "read_csv", "json": "read_json_auto"}
 # Spark option names users bring from Byzer scripts, and DuckDB's names for them.
 _SPARK_OPTION_NAMES = {"delimiter": "delim", "sep": "delim", "inferSchema": None, "multiLine": None}
 _SUFFIX = {"parquet": "*.parquet", "csv": "*.csv", "json": "*.json"}
-
-
-def quote_literal(value: str) -> str:
-    """A SQL string literal."""
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _literal(value: str) -> str:
@@ -82,8 +77,8 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[str, str], partition_by: list[str]) -> str:
-    """Write ``table`` to ``path`` in ``fmt`` under ``mode``; returns what happened, for messages."""
+def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[str, str], partition_by: list[str]) -> None:
+    """Write ``table`` to ``path`` in ``fmt`` under ``mode``."""
     if fmt not in FILE_FORMATS:
         raise ExecutionError(f"save: format {fmt!r} is not supported (supported: {', '.join(FILE_FORMATS + TABLE_FORMATS)})")
     target = Path(path)
@@ -91,7 +86,7 @@ def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[
     if exists and mode == "errorIfExists":
         raise ExecutionError(f"save: {path} already exists (use save overwrite or save append)")
     if exists and mode == "ignore":
-        return f"{path} exists, left as it is"
+        return
     query = f"SELECT * FROM {quote_identifier(table)}"
     if exists and mode == "append" and target.is_file():
         query = f"SELECT * FROM {reader_sql(fmt, path, {})} UNION ALL BY NAME {query}"
@@ -100,7 +95,7 @@ def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[
         # a new part file beside the old ones; a partitioned write lets DuckDB add to each partition
         part = target / f"part-{uuid.uuid4().hex[:12]}.{fmt}"
         copy_to(con, query, target if partition_by else part, fmt, options, partition_by, append=bool(partition_by))
-        return f"appended to {path}"
+        return
     tmp = target.with_name(f".{target.name}.rayudf-tmp-{uuid.uuid4().hex[:8]}")
     try:
         copy_to(con, query, tmp, fmt, options, partition_by)
@@ -108,7 +103,6 @@ def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[
         _remove(tmp)
         raise
     _replace(tmp, target)
-    return f"wrote {path}"
 
 
 def copy_to(con, query: str, path: Path, fmt: str, options: Mapping[str, str], partition_by: list[str], append: bool = False) -> None:
@@ -132,16 +126,15 @@ def _replace(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)  # atomic for a file over a file
 
 
-def save_table(con, table: str, name: str, mode: str) -> str:
+def save_table(con, table: str, name: str, mode: str) -> None:
     """Write ``table`` into the DuckDB table ``name`` under ``mode``."""
     exists = relation_kind(con, name) is not None
     source = f"SELECT * FROM {quote_identifier(table)}"
     if exists and mode == "errorIfExists":
         raise ExecutionError(f"save: table {name} already exists (use save overwrite or save append)")
     if exists and mode == "ignore":
-        return f"table {name} exists, left as it is"
+        return
     if exists and mode == "append":
         con.execute(f"INSERT INTO {quote_identifier(name)} BY NAME {source}").fetchall()
-        return f"appended to table {name}"
+        return
     con.execute(f"CREATE OR REPLACE TABLE {quote_identifier(name)} AS {source}").fetchall()
-    return f"wrote table {name}"

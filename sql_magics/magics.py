@@ -26,15 +26,17 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope, no_var_expand
 from traitlets import Bool, Float, Int
 
+from arrow_bridge.frames import scannable
 from sql_magics.catalog import relation_kind
 from sql_magics.errors import ParseError
+from sql_magics.executor import ScriptResult
 from sql_magics.progress import QueryInterrupted, run_with_progress
 from sql_magics.session import Session
+from sql_magics.variables import parameter_names
 from udf_engine.errors import RayUDFError
 
 _STORE = re.compile(r"^\s*([A-Za-z_]\w*)\s*<<\s*(.*)$", re.DOTALL)
-_PARAMETER = re.compile(r"(?<![\w$])\$([A-Za-z_]\w*)")
-_IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
+_NAME = re.compile(r"[A-Za-z_]\w*")  # any word of a cell that may name a notebook object
 
 
 def _is_table_like(value: Any) -> bool:
@@ -116,12 +118,14 @@ class SqlMagic(Magics):
             raise UsageError("%sql: nothing to run")
         namespace = {**self.shell.user_ns, **(local_ns or {})}
         started = time.perf_counter()
-        frame = self._run(text, namespace)
+        result = self._run(text, namespace)
         elapsed = time.perf_counter() - started
+        if result.frame is None and result.notice:
+            print(result.notice)
         if target:
-            self.shell.user_ns[target] = frame
+            self.shell.user_ns[target] = result.frame
             return None
-        return None if frame is None else SqlResult(frame, elapsed, self.displaylimit)
+        return None if result.frame is None else SqlResult(result.frame, elapsed, self.displaylimit)
 
     @staticmethod
     def _split_line(line: str, cell: str | None) -> tuple[str | None, str]:
@@ -134,16 +138,15 @@ class SqlMagic(Magics):
             raise UsageError(f"%%sql: unexpected {line.strip()!r} on the magic's line (use '%%sql name <<' to store the result)")
         return None, cell
 
-    def _run(self, text: str, namespace: dict) -> pd.DataFrame | None:
+    def _run(self, text: str, namespace: dict) -> ScriptResult:
         session = self.session
         self._register_frames(text, namespace)
-        parameters = {name: namespace[name] for name in _PARAMETER.findall(text) if name in namespace}
+        parameters = {name: namespace[name] for name in parameter_names(text) if name in namespace}
         try:
-            session.start_ray_for(session.parse(text))  # here, on the main thread
             return run_with_progress(
-                lambda: session.sql(text, parameters=parameters),
+                lambda: session.run(text, parameters=parameters),
                 session.con,
-                rows_scored=lambda: sum(f.function.rows_scored for f in session.functions.values() if f.function),
+                rows_scored=lambda: session.rows_scored,
                 after_s=self.progress_after_s,
                 show=self.progress,
             )
@@ -159,11 +162,11 @@ class SqlMagic(Magics):
     def _register_frames(self, text: str, namespace: dict) -> None:
         """Make notebook DataFrames and Arrow tables named in the text queryable by that name."""
         con = self.session.con
-        for name in set(_IDENTIFIER.findall(text)):
+        for name in set(_NAME.findall(text)):
             value = namespace.get(name)
             if value is None or not _is_table_like(value):
                 continue
             if name not in self._registered and relation_kind(con, name):
                 continue  # a DuckDB table or view of that name wins over the notebook object
-            con.register(name, value)
+            con.register(name, scannable(value) if isinstance(value, pd.DataFrame) else value)
             self._registered.add(name)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 from sql_magics.errors import ParseError
 from sql_magics.statements import (
+    DEFAULT_SAVE_MODE,
+    SAVE_MODES,
     Command,
     Include,
     Load,
@@ -27,12 +29,11 @@ from sql_magics.statements import (
     Statement,
     Unregister,
 )
-from sql_magics.tokens import BACKQUOTE, NUMBER, OP, STRING, TRIPLE, WORD, Token, TokenKind
-from sql_magics.tokens import iter_tokens, parse_error
+from sql_magics.tokens import BACKQUOTE, NUMBER, OP, STRING, TRIPLE, WORD, Token, TokenKind, iter_tokens, parse_error
 
 __all__ = ["parse"]
 
-_SAVE_MODES = {mode.lower(): mode for mode in ("overwrite", "append", "errorIfExists", "ignore")}
+_SAVE_MODES = {mode.lower(): mode for mode in SAVE_MODES}
 _WHERE = ("where", "options")
 # DuckDB's own `SET GLOBAL x = 1`, `SET VARIABLE x = 1`: a scope word followed by a name.
 _DUCKDB_SET_SCOPES = ("global", "session", "local", "variable")
@@ -227,7 +228,7 @@ class _Parser:
         return Load(format_, path, options, table)
 
     def _save(self) -> Save:
-        mode = "errorIfExists"
+        mode = DEFAULT_SAVE_MODE
         token, after = self._peek(), self._peek(1)
         # `save append as ...` saves a table named "append": a mode needs a table after it.
         table_follows = not (after and after.is_word("as"))

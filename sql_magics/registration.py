@@ -1,46 +1,52 @@
 """The ``register`` kinds of the statement language.
 
-- ``keras``/``tf``/``sklearn``/``pickle``/``model``: a model file, directory or loaded model
-  table, served by Ray workers (``Session.register_model``).
+- ``keras``/``tf``/``savedmodel``/``sklearn``/``pickle``/``model``: a model file, directory or
+  loaded model table, served by Ray workers (``FunctionRegistry.register_model``).
 - ``Ray``: MLSQL's ``registerCode``, Python that calls ``UDFBuilder.build(ray_context, ...)``
   with ``from pyjava.api.mlsql import RayContext`` / ``from pyjava.udf import ...`` names
   resolving to this project's classes; its ``apply_func`` is written for one row.
 - ``ScriptUDF``: a plain Python function run in-process by DuckDB.
 
 Example:
-    >>> session.sql('''register ScriptUDF.`` as plus where lang="python" and returns="BIGINT"
-    ...     and code=\\'\\'\\'def apply(a, b): return a + b\\'\\'\\';''')   # doctest: +SKIP
+    >>> import duckdb
+    >>> from udf_engine import RayRuntime
+    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12")
+    >>> fn = register(registry, ScriptState(), "ScriptUDF", "", "plus",
+    ...               {"returns": "BIGINT", "code": "def apply(a, b): return a + b"})
+    >>> fn.kind, fn.returns
+    ('ScriptUDF', 'BIGINT')
 """
 
 from __future__ import annotations
 
 import sys
 import types
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any
 
 from sql_magics.errors import ExecutionError
-from udf_engine import RayContext, UDFBuildInFunc, UDFBuilder, UDFMaster, UDFWorker
+from sql_magics.registry import DETECTED_KIND, FunctionRegistry, RegisteredFunction
+from sql_magics.script_state import ScriptState
+from udf_engine import RayContext, UDFBuilder, UDFBuildInFunc, UDFMaster, UDFWorker
+from udf_engine.builtin_funcs import MODEL_KINDS
+from udf_engine.errors import remote_cause
 
-if TYPE_CHECKING:
-    from sql_magics.session import RegisteredFunction, Session
-
-MODEL_KINDS = ("keras", "tf", "savedmodel", "sklearn", "pickle", "model")
-REGISTER_KINDS = (*MODEL_KINDS, "Ray", "ScriptUDF")
+REGISTER_KINDS = (*MODEL_KINDS, DETECTED_KIND, "Ray", "ScriptUDF")
 # MLSQL returns a list of lists of doubles from a Ray UDF unless told otherwise.
 RAY_DEFAULT_RETURNS = "DOUBLE[][]"
 _CODE_OPTIONS = ("registerCode", "predictCode", "code")
 
 
-def register(session: "Session", kind: str, source: str, function: str, options: dict) -> "RegisteredFunction":
+def register(registry: FunctionRegistry, state: ScriptState, kind: str, source: str, function: str, options: dict) -> RegisteredFunction:
     """Run one ``register <kind>.`<source>` as <function> where <options>``."""
     lowered = kind.lower()
-    if lowered in MODEL_KINDS:
-        return session.register_model(function, source, format=lowered, **options)
+    if lowered in MODEL_KINDS or lowered == DETECTED_KIND:
+        return registry.register_model(function, source, kind=lowered, **state.with_python_env(options))
     if lowered == "ray":
-        return register_ray(session, function, source, options)
+        return register_ray(registry, state, function, source, options)
     if lowered == "scriptudf":
-        return register_script(session, function, options)
+        return register_script(registry, function, options)
     raise ExecutionError(f"register: kind {kind!r} is not supported (supported: {', '.join(REGISTER_KINDS)})")
 
 
@@ -73,28 +79,32 @@ def _run_code(code: str, namespace: dict, what: str) -> None:
         exec(compile(code, f"<{what}>", "exec"), namespace)
     except ExecutionError:
         raise
-    except Exception as err:
-        cause = getattr(err, "cause", None) or err
+    except Exception as err:  # noqa: BLE001 - the user's code may raise anything
+        cause = remote_cause(err)
         raise ExecutionError(f"{what} failed: {type(cause).__name__}: {cause}") from None
 
 
-def register_ray(session: "Session", function: str, source: str, options: dict) -> "RegisteredFunction":
+def register_ray(registry: FunctionRegistry, state: ScriptState, function: str, source: str, options: dict) -> RegisteredFunction:
     """MLSQL's ``register Ray.`<model table>` as f where registerCode='''...'''``."""
     code = options.get("registerCode")
     if not code:
         raise ExecutionError(f"register Ray {function}: the registerCode option is required")
-    rows = session.model_rows(source) if source else []
-    conf = {**session.python_conf, **{k: v for k, v in options.items() if k not in _CODE_OPTIONS}}
-    context = session.ray_context(function, conf, rows, row_wise=True)
+    rows = registry.rows_of(source) if source else []
+    conf = state.with_python_env({**state.python_conf, **{k: v for k, v in options.items() if k not in _CODE_OPTIONS}})
+    context = registry.ray_context(function, conf, rows, row_wise=True)
     namespace = {"__name__": f"__rayudf_register_{function}__", "context": context}
     with pyjava_names():
         _run_code(code, namespace, f"registerCode of {function}")
         if context.udf is None:
             raise ExecutionError(f"register Ray {function}: registerCode did not call UDFBuilder.build(ray_context, ...)")
         if options.get("predictCode"):
-            _run_code(options["predictCode"], namespace, f"predictCode of {function}")
+            try:
+                _run_code(options["predictCode"], namespace, f"predictCode of {function}")
+            except ExecutionError:
+                context.udf.shutdown()  # built, but never registered: nobody else would stop its workers
+                raise
     returns = options.get("returns", RAY_DEFAULT_RETURNS)
-    return session.expose(function, context.udf, kind="Ray", path=source, options={**options, "returns": returns})
+    return registry.add_udf(function, context.udf, kind="Ray", path=source, options={**options, "returns": returns}, rows=rows)
 
 
 def _script_function(function: str, code: str, method: str | None) -> Callable:
@@ -121,7 +131,7 @@ def _spark_type(name: str) -> str:
         raise ExecutionError(f"returnType {name!r} is not a Spark SQL type") from None
 
 
-def register_script(session: "Session", function: str, options: dict) -> "RegisteredFunction":
+def register_script(registry: FunctionRegistry, function: str, options: dict) -> RegisteredFunction:
     """``register ScriptUDF.`` as f where lang="python" and code='''def apply(...)'''``."""
     lang = options.get("lang", "python").lower()
     if lang != "python":
@@ -133,4 +143,4 @@ def register_script(session: "Session", function: str, options: dict) -> "Regist
     if not returns:
         raise ExecutionError(f'register ScriptUDF {function}: declare the result type, e.g. returns="DOUBLE"')
     vectorized = options.get("udfType", "").lower() == "vectorized"
-    return session.expose_python(function, func, returns, vectorized=vectorized, options=options)
+    return registry.add_python(function, func, returns, vectorized=vectorized, options=options)

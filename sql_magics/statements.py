@@ -15,6 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+SAVE_MODES = ("overwrite", "append", "errorIfExists", "ignore")
+"""The modes of ``save``, as written in scripts (matched without regard to case)."""
+DEFAULT_SAVE_MODE = "errorIfExists"
+
 
 @dataclass(kw_only=True)
 class Statement:
@@ -41,7 +45,7 @@ class Load(Statement):
 class Save(Statement):
     """``save [mode] <table> as <format>.`<path>` [where ...] [partitionBy c1, c2]``.
 
-    ``mode`` is one of "overwrite", "append", "errorIfExists" (the default) or "ignore".
+    ``mode`` is one of :data:`SAVE_MODES`; :data:`DEFAULT_SAVE_MODE` when the script names none.
     """
 
     kind: ClassVar[str] = "save"

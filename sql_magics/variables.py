@@ -1,4 +1,4 @@
-"""``${key}`` substitution of ``set`` variables into SQL text and option values.
+"""``${key}`` substitution of ``set`` variables, and the ``$name`` query parameters a text refers to.
 
 Example:
     >>> substitute("select * from t where d = '${day}'", {"day": "2026-11-22"})
@@ -7,16 +7,20 @@ Example:
     Traceback (most recent call last):
     ...
     sql_magics.errors.ExecutionError: unknown variable ${missing} (set it first: set missing = "...")
+    >>> sorted(parameter_names("select $who, ${day}, $$x$$ from t where n = $n"))
+    ['n', 'who']
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from sql_magics.errors import ExecutionError
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+# DuckDB's named parameter: `$` and a name, not part of a word, `${key}` or `$$ quoting $$`.
+_PARAMETER = re.compile(r"(?<![\w$])\$([A-Za-z_]\w*)")
 
 
 def substitute(text: str, variables: Mapping[str, str]) -> str:
@@ -34,3 +38,8 @@ def substitute(text: str, variables: Mapping[str, str]) -> str:
 def substitute_options(options: Mapping[str, str], variables: Mapping[str, str]) -> dict[str, str]:
     """The same substitution applied to every option value."""
     return {key: substitute(value, variables) for key, value in options.items()}
+
+
+def parameter_names(text: str) -> set[str]:
+    """The names a text refers to as ``$name`` query parameters."""
+    return set(_PARAMETER.findall(text))

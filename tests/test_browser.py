@@ -114,7 +114,7 @@ class JupyterLab:
         ]
         if os.geteuid() == 0:
             cmd.append("--allow-root")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log_tail(self, chars: int = 4000) -> str:

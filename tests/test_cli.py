@@ -89,6 +89,14 @@ def test_set_wins_over_the_script_and_limit_cuts_rows(tmp_path):
     assert bad.returncode == 2 and "expected key=value" in bad.stderr
 
 
+def test_a_script_ending_in_a_named_select_says_what_it_made(tmp_path):
+    script = tmp_path / "view.sql"
+    script.write_text("select 42 as answer;\n")
+    done = rayudf("run", str(script))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "view answer created: 1 column; end with 'as output' to see rows"
+
+
 def test_missing_script_is_a_usage_error(tmp_path):
     done = rayudf("run", str(tmp_path / "nope.sql"))
     assert done.returncode == 2 and "nope.sql" in done.stderr and "Traceback" not in done.stderr
@@ -99,4 +107,7 @@ def test_demo_command(ray_address, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "accuracy" in done.stdout and "rows/s" in done.stdout
     scored = pd.read_parquet(tmp_path / "out.parquet")
-    assert len(scored) == 1797 and (scored["predicted"] == scored["label"]).mean() > 0.9
+    held_out = scored[scored["held_out"]]
+    accuracy = (held_out["predicted"] == held_out["label"]).mean()
+    assert len(scored) == 1797 and len(held_out) == 450 and accuracy > 0.9
+    assert f"accuracy {accuracy:.3f} on the 450 held-out images" in done.stdout

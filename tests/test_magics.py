@@ -87,6 +87,41 @@ def test_notebook_dataframes_and_arrow_tables_by_name(ip):
     assert result.df["s"].tolist() == [100]
 
 
+def test_dataframe_of_numpy_scalar_lists_keeps_its_types(ip, model_dir):
+    """Embeddings kept as lists of np.float32 reach SQL as FLOAT lists, not as their repr."""
+    weights = np.arange(1.0, 9.0)
+
+    class Weighted:
+        n_features_in_ = 8
+
+        def predict(self, batch):
+            return np.asarray(batch, dtype=np.float64) @ weights
+
+    path = model_dir / "weighted.pkl"
+    path.write_bytes(cloudpickle.dumps(Weighted()))
+    rng = np.random.default_rng(3)
+    embeddings = [list(rng.random(8).astype("float32")) for _ in range(5)]
+    ip.user_ns["people"] = pd.DataFrame({"name": list("abcde"), "emb": embeddings})
+    _, error = run(ip, f'%sql register model.`{path}` as weigh where workers="1" and num_cpus="{WORKER_CPUS}"')
+    assert error is None
+    result, error = run(ip, "%sql select name, weigh(emb::FLOAT[8]) as w from people order by name")
+    assert error is None, error
+    expected = np.stack(embeddings).astype(np.float64) @ weights
+    np.testing.assert_allclose(result.df["w"].to_numpy(), expected, rtol=1e-6)
+
+
+def test_a_named_select_says_what_it_made(ip, capsys):
+    ip.user_ns["pets"] = pd.DataFrame({"name": ["rex"], "age": [3], "kind": ["dog"]})
+    result, error = run(ip, "%%sql\nselect * from pets as p")
+    assert error is None and result is None
+    assert capsys.readouterr().out.strip() == "view p created: 3 columns; end with 'as output' to see rows"
+    result, error = run(ip, "%sql select 42 as answer")
+    assert error is None and result is None
+    assert capsys.readouterr().out.strip() == "view answer created: 1 column; end with 'as output' to see rows"
+    result, error = run(ip, "%%sql\nselect * from pets as p2;\nselect name from p2 as output")
+    assert result.df["name"].tolist() == ["rex"] and "created" not in capsys.readouterr().out  # rows shown: nothing to say
+
+
 def test_display_limit_and_footer(ip, magic):
     ip.run_line_magic("config", "SqlMagic.displaylimit = 3")
     result, error = run(ip, "%sql select range as i from range(50)")
@@ -148,7 +183,7 @@ def test_close_stops_the_workers(ip, sklearn_model):
     _, path = sklearn_model
     magic = ip.magics_manager.registry["SqlMagic"]
     run(ip, f'%sql register model.`{path}` as closing where workers="1" and num_cpus="{WORKER_CPUS}"')
-    prefix = magic.session.actor_prefix("closing")
+    prefix = magic.session.registry.actor_prefix("closing")
     assert named_actors(prefix, timeout_s=0)
     _, error = run(ip, "%sql --close")
     assert error is None and named_actors(prefix) == []

@@ -38,7 +38,7 @@ def test_keras_fixed_size_array_column(session, keras_fn, keras_model, digits, d
     model, _ = keras_model
     frame = session.sql(f"select id, digit(pixels) as probs from '{digits_parquet}' order by id")
 
-    assert keras_fn.function.return_type == "FLOAT[10]"
+    assert keras_fn.model_function.return_type == "FLOAT[10]"
     assert list(frame["id"]) == list(range(len(digits[0])))
     np.testing.assert_allclose(scored(frame, "probs"), model.predict(digits[0], verbose=0), atol=TOL)
 
@@ -49,11 +49,14 @@ def test_keras_list_column(session, keras_fn, keras_model, digits, digits_parque
     np.testing.assert_allclose(scored(frame, "probs"), model.predict(digits[0], verbose=0), atol=TOL)
 
 
-def test_both_workers_receive_batches(session, keras_fn, digits_parquet):
+def test_both_workers_receive_batches(session, keras_fn, digits, digits_parquet):
+    before = {s["worker"]: s["rows"] for s in keras_fn.udf.stats()}
     session.sql(f"select digit(pixels) from '{digits_parquet}'")
     stats = keras_fn.udf.stats()
-    assert len(stats) == 2
-    assert all(s["batches"] > 0 and s["alive"] for s in stats), stats
+    scored = {s["worker"]: s["rows"] - before[s["worker"]] for s in stats}
+    assert len(stats) == 2 and all(s["alive"] for s in stats), stats
+    assert all(rows > 0 for rows in scored.values()), scored  # this query's rows reached both workers
+    assert sum(scored.values()) == len(digits[0])  # each row scored once
     assert all(s["threads"] == 1 for s in stats)  # math threads capped at the CPU share
 
 
@@ -62,7 +65,7 @@ def test_pickled_classifier_predict_proba(session, register, sklearn_model, digi
     register("proba", path, method="predict_proba")
     frame = session.sql(f"select proba(pixels) as p from '{digits_parquet}' order by id")
 
-    assert session.functions["proba"].function.return_type == "DOUBLE[10]"
+    assert session.functions["proba"].model_function.return_type == "DOUBLE[10]"
     np.testing.assert_allclose(scored(frame, "p"), model.predict_proba(digits[0]), atol=TOL)
 
 
@@ -71,7 +74,7 @@ def test_three_scalar_columns(session, register, three_feature_model, digits, di
     register("reg3", path)
     frame = session.sql(f"select reg3(a, b, c) as y from '{digits_parquet}' order by id")
 
-    assert session.functions["reg3"].function.return_type == "DOUBLE"
+    assert session.functions["reg3"].model_function.return_type == "DOUBLE"
     np.testing.assert_allclose(frame["y"].to_numpy(), model.predict(digits[0][:, :3].astype(np.float64)), atol=TOL)
 
 
@@ -107,7 +110,7 @@ def test_inferred_struct(session, register, struct_model_path, digits, digits_pa
     register("best", struct_model_path)
     frame = session.sql(f"select best(pixels).label as label, best(pixels).score as score from '{digits_parquet}' order by id")
 
-    assert session.functions["best"].function.return_type == 'STRUCT("label" BIGINT, "score" DOUBLE)'
+    assert session.functions["best"].model_function.return_type == 'STRUCT("label" BIGINT, "score" DOUBLE)'
     np.testing.assert_array_equal(frame["label"].to_numpy(), digits[0].argmax(axis=1))
     np.testing.assert_allclose(frame["score"].to_numpy(), digits[0].max(axis=1), atol=TOL)
 

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import WORKER_CPUS, named_actors
 from sql_magics import ExecutionError, ParseError, Session
+
+from conftest import WORKER_CPUS, named_actors
 
 
 @pytest.fixture
@@ -29,7 +30,10 @@ def test_load_parquet_glob_and_directory(s, tmp_path):
     folder.mkdir()
     for i in range(3):
         pq.write_table(pa.table({"i": [i, i + 10]}), folder / f"p{i}.parquet")
-    frame = s.sql(f"load parquet.`{folder}/*.parquet` as g; load parquet.`{folder}` as d; select (select count(*) from g) as g, (select count(*) from d) as d from range(1)")
+    frame = s.sql(
+        f"load parquet.`{folder}/*.parquet` as g; load parquet.`{folder}` as d; "
+        "select (select count(*) from g) as g, (select count(*) from d) as d from range(1)"
+    )
     assert (frame["g"][0], frame["d"][0]) == (6, 6)
 
 
@@ -114,7 +118,7 @@ def test_spark_dialect_translates_selects(s):
         select cast(array(1, 2) as array<double>) as xs, array(3) as ys, nvl(null, 'd') as d as output"""
     )
     assert list(frame["xs"][0]) == [1.0, 2.0] and list(frame["ys"][0]) == [3] and frame["d"][0] == "d"
-    assert Session(dialect="spark").dialect == "spark"
+    assert Session(dialect="spark").state.dialect == "spark"
     with pytest.raises(ExecutionError, match="sql.dialect"):
         s.sql('set sql.dialect = "oracle"')
 
@@ -273,9 +277,9 @@ def apply(a):
 def test_unregister_stops_workers_and_removes_the_function(s, sklearn_model):
     _, path = sklearn_model
     s.sql(f'register model.`{path}` as gone where workers="1" and num_cpus="{WORKER_CPUS}"')
-    assert len(named_actors(s.actor_prefix("gone"), timeout_s=0)) == 2
+    assert len(named_actors(s.registry.actor_prefix("gone"), timeout_s=0)) == 2
     s.sql("unregister gone")
-    assert named_actors(s.actor_prefix("gone")) == []
+    assert named_actors(s.registry.actor_prefix("gone")) == []
     with pytest.raises(ExecutionError, match="gone"):
         s.sql("select gone(1.0)")
     models = s.sql("!models")
@@ -287,7 +291,7 @@ def test_unregister_stops_workers_and_removes_the_function(s, sklearn_model):
 
 def test_commands(s):
     s.sql('!python conf "a=1"; !python env "B=2"')
-    assert s.python_conf == {"a": "1"} and s.python_env == {"B": "2"}
+    assert s.state.python_conf == {"a": "1"} and s.state.python_env == {"B": "2"}
     assert list(s.sql("!models").columns) == ["function", "kind", "path", "version", "workers", "batch_size", "returns"]
     with pytest.raises(ExecutionError, match=r"!nope: unknown command"):
         s.sql("!nope")
@@ -332,7 +336,14 @@ def test_execution_errors_name_the_line(s):
         s.sql("register Ray.`` as f where registerCode='''x = 1'''")
 
 
-@pytest.mark.parametrize("statement", ["train data as RandomForest.`/tmp/m` where keepVersion='true'", "run data as TableRepartition.`` as t", "predict data as RandomForest.`/tmp/m` as p"])
+BYZER_ML_STATEMENTS = [
+    "train data as RandomForest.`/tmp/m` where keepVersion='true'",
+    "run data as TableRepartition.`` as t",
+    "predict data as RandomForest.`/tmp/m` as p",
+]
+
+
+@pytest.mark.parametrize("statement", BYZER_ML_STATEMENTS)
 def test_spark_ml_statements_are_refused(s, statement):
     word = statement.split()[0]
     with pytest.raises(ExecutionError, match=rf"line 1: {word}: .*not supported"):

@@ -11,17 +11,29 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import ray
 
 from udf_engine.builtin_funcs import RowWiseApply
 from udf_engine.dispatcher import Dispatcher, user_error
-from udf_engine.errors import RayUDFError, WorkerError
+from udf_engine.errors import RayUDFError, WorkerError, remote_cause
 from udf_engine.master import UDFMaster
 from udf_engine.ray_runtime import NAMESPACE, RayContext
 from udf_engine.settings import UDFConf
+
+# How long a master gets to kill its workers itself before it is killed: killing actors
+# is a few calls to the GCS, so 10 s only runs out for a master that is stuck or gone.
+SHUTDOWN_TIMEOUT_S = 10.0
+# How long a replaced master's name may stay taken after the kill: Ray frees it once
+# the GCS has seen the actor die, normally within a second.
+NAME_RELEASE_TIMEOUT_S = 30.0
+NAME_POLL_S = 0.05
+# How long a registration waits for the resources a replaced UDF's workers release.
+RESOURCES_GRACE_S = 5.0
+RESOURCES_POLL_S = 0.1
 
 
 def put_model(rows: Sequence[dict]) -> list[ray.ObjectRef]:
@@ -33,25 +45,30 @@ def _master_name(ray_context: RayContext) -> str:
     return f"{ray_context.actor_prefix}.master"
 
 
-def _stop_existing(name: str, timeout_s: float = 30.0) -> None:
+def _stop_master(master: Any) -> None:
+    """Let a master kill its workers, then kill it; a master already gone is fine."""
+    try:
+        ray.get(master.shutdown.remote(), timeout=SHUTDOWN_TIMEOUT_S)
+    except (ray.exceptions.RayError, TimeoutError):
+        pass  # dead or stuck already: killing it kills its workers too, as they are its children
+    ray.kill(master)
+
+
+def _stop_existing(name: str) -> None:
     """Shut down a master of the same name and wait until its name is free."""
     try:
         old = ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return
-    try:
-        ray.get(old.shutdown.remote(), timeout=10)
-    except Exception:  # noqa: BLE001 - it may be dead or stuck already; kill it regardless
-        pass
-    ray.kill(old)
-    deadline = time.monotonic() + timeout_s
+    _stop_master(old)
+    deadline = time.monotonic() + NAME_RELEASE_TIMEOUT_S
     while time.monotonic() < deadline:
         try:
             ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
             return
-        time.sleep(0.05)
-    raise WorkerError(f"the old UDF master {name} did not stop within {timeout_s:.0f} s")
+        time.sleep(NAME_POLL_S)
+    raise WorkerError(f"the old UDF master {name} did not stop within {NAME_RELEASE_TIMEOUT_S:.0f} s")
 
 
 def _needs(settings: UDFConf) -> dict[str, float]:
@@ -59,14 +76,14 @@ def _needs(settings: UDFConf) -> dict[str, float]:
     return {k: v * settings.workers for k, v in per_worker.items() if v}
 
 
-def _wait_for_resources(function: str, settings: UDFConf, grace_s: float = 5.0) -> None:
+def _wait_for_resources(function: str, settings: UDFConf) -> None:
     """Fail at once, naming what is asked and what is free, when the workers cannot be placed.
 
     A registration that would wait for resources nobody is going to free looks like
     a hang to the user. The grace period lets a replaced UDF's workers release theirs.
     """
     needs = _needs(settings)
-    deadline = time.monotonic() + grace_s
+    deadline = time.monotonic() + RESOURCES_GRACE_S
     while True:
         free = ray.available_resources()
         short = {k: v for k, v in needs.items() if free.get(k, 0.0) + 1e-9 < v}
@@ -79,7 +96,7 @@ def _wait_for_resources(function: str, settings: UDFConf, grace_s: float = 5.0) 
                 f"function {function}: not enough free Ray resources for {settings.workers} worker(s): "
                 f"asked {asked}, free {have}; unregister other functions or lower workers/num_cpus/num_gpus"
             )
-        time.sleep(0.1)
+        time.sleep(RESOURCES_POLL_S)
 
 
 @dataclass
@@ -114,11 +131,7 @@ class RemoteUDF:
 
     def shutdown(self) -> None:
         """Kill the workers and the master."""
-        try:
-            ray.get(self.master.shutdown.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - already gone is fine
-            pass
-        ray.kill(self.master)
+        _stop_master(self.master)
 
 
 class UDFBuilder:
@@ -154,10 +167,10 @@ class UDFBuilder:
             workers = ray.get(master.workers.remote())
         except ray.exceptions.RayTaskError as err:
             ray.kill(master)
-            cause = getattr(err, "cause", None)
+            cause = remote_cause(err)
             if isinstance(cause, RayUDFError):
                 raise type(cause)(str(cause)) from None
-            raise WorkerError(f"function {ray_context.function}: could not start its workers: {cause or err}") from None
+            raise WorkerError(f"function {ray_context.function}: could not start its workers: {cause}") from None
         dispatcher = Dispatcher(master, workers, function=ray_context.function, max_retries=settings.max_retries)
         udf = RemoteUDF(ray_context.function, master, dispatcher, settings, info)
         ray_context.udf = udf

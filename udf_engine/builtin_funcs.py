@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ class UDFBuildInFunc:
                 import keras
 
                 return keras.models.load_model(path, compile=False)
-            except Exception as err:  # any loader failure is a model problem for the user
+            except Exception as err:  # noqa: BLE001 - any loader failure is a model problem for the user
                 raise ModelError(f"cannot load {meta['format']} model {meta.get('name')!r}: {err}") from None
 
         return _with_model_files(model_refs, load)
@@ -106,7 +107,7 @@ class UDFBuildInFunc:
                     import cloudpickle
 
                     model = cloudpickle.loads(path.read_bytes())
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - unpickling runs the model's own code, which may raise anything
                 raise ModelError(f"cannot unpickle model {meta.get('name')!r}: {err}") from None
             method = conf.get("method", "predict")
             if not callable(getattr(model, method, None)):
@@ -131,6 +132,17 @@ class UDFBuildInFunc:
             return getattr(model, method)(batch)
 
         return apply
+
+
+# The init_func that loads each model format (the formats detect_format names).
+LOADERS: dict[str, Callable[[Sequence[Any], dict], Any]] = {
+    "keras": UDFBuildInFunc.init_tf,
+    "savedmodel": UDFBuildInFunc.init_tf,
+    "pickle": UDFBuildInFunc.init_pickle,
+}
+# The model kinds a user may name, and the format a file of that kind is read as when its
+# suffix does not tell. A kind accepts any model its format's loader loads (keras: SavedModels too).
+MODEL_KINDS: dict[str, str] = {"keras": "keras", "tf": "keras", "savedmodel": "savedmodel", "sklearn": "pickle", "pickle": "pickle"}
 
 
 class RowWiseApply:

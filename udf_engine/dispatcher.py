@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ray
 
-from udf_engine.errors import ModelError, RayUDFError, WorkerError
+from udf_engine.errors import ModelError, RayUDFError, WorkerError, remote_cause
 
 # One batch running and one queued behind it: the worker starts the next batch the
 # moment it finishes one, without waiting a round trip for it, while a slow worker
@@ -34,7 +35,7 @@ _WAIT_TICK_S = 0.5
 
 def user_error(err: ray.exceptions.RayTaskError, function: str) -> RayUDFError:
     """The exception an apply_func raised inside a worker, as a project error."""
-    cause = getattr(err, "cause", None)
+    cause = remote_cause(err)
     if isinstance(cause, RayUDFError):
         return cause
     return ModelError(f"function {function}: the model raised {type(cause).__name__}: {cause}")
@@ -64,11 +65,6 @@ class Dispatcher:
         self._cond = threading.Condition()
 
     # -- public verbs -------------------------------------------------------------
-
-    def has_free(self) -> bool:
-        """True when some worker can take another batch now."""
-        with self._cond:
-            return any(n < self._max_in_flight for n in self._in_flight.values())
 
     def workers(self) -> list[tuple[str, Any]]:
         """The live workers as (worker_id, handle) pairs."""
@@ -161,7 +157,7 @@ class Dispatcher:
             fresh = ray.get(self._master.replace.remote(dead_id))
             error = None
         except Exception as err:  # noqa: BLE001 - reported to the waiting threads below
-            fresh, error = None, getattr(err, "cause", None) or err
+            fresh, error = None, remote_cause(err)
         with self._cond:
             self._replacing.discard(dead_id)
             if error is not None:

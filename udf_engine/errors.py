@@ -30,3 +30,15 @@ class WorkerError(RayUDFError):
 
 class InputError(RayUDFError):
     """Rows handed to a model function do not fit it (wrong length, wrong type)."""
+
+
+def remote_cause(err: BaseException) -> BaseException:
+    """The exception that user code raised inside a Ray task or actor call, else ``err`` itself.
+
+    Ray wraps it in a ``RayTaskError`` whose ``cause`` is the original exception.
+
+    Example:
+        >>> remote_cause(ValueError("bad row"))
+        ValueError('bad row')
+    """
+    return getattr(err, "cause", None) or err

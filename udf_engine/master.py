@@ -1,30 +1,35 @@
 """UDFMaster: the control-plane actor of one UDF.
 
 It starts the UDFWorkers, waits until each has loaded the model, replaces dead
-ones (when told by a dispatcher, and on its own watch), reports statistics,
-scales and shuts down. Batches never pass through it.
+ones (when told by a dispatcher, and on its own watch), reports statistics and
+shuts them down. Batches never pass through it.
 
 Example:
     >>> master = ray.remote(UDFMaster).options(name="rayudf.s1.digits").remote(
     ...     "digits", "rayudf.s1.digits", init, apply, model_refs, UDFConf())  # doctest: +SKIP
-    >>> workers = ray.get(master.start.remote())    # [(worker_id, handle), ...] # doctest: +SKIP
+    >>> info = ray.get(master.start.remote())       # {"input_width": 64, "load_s": ...} # doctest: +SKIP
+    >>> workers = ray.get(master.workers.remote())  # [(worker_id, handle), ...]         # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import ray
 
-from udf_engine.errors import ModelError, WorkerError
-from udf_engine.settings import UDFConf
+from udf_engine.errors import ModelError, WorkerError, remote_cause
 from udf_engine.ray_runtime import NAMESPACE
+from udf_engine.settings import UDFConf
 from udf_engine.worker import UDFWorker
 
 # How often the master pings its workers on its own; dispatchers report deaths sooner.
 WATCH_INTERVAL_S = 2.0
+# How long a worker may take to answer stats() before it counts as dead. A worker runs
+# one call at a time, so a batch that runs longer than this makes a live worker look dead.
+PING_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -36,11 +41,7 @@ class _Slot:
     worker_id: str
     handle: Any
     replaced: int = 0  # how many times this slot's worker has been replaced
-
-
-def _cause(err: BaseException) -> BaseException:
-    """The user's exception inside a RayTaskError, or the error itself."""
-    return getattr(err, "cause", None) or err
+    last_error: str = ""  # why the last replacement of this slot's worker failed ("" if none did)
 
 
 class UDFMaster:
@@ -63,7 +64,7 @@ class UDFMaster:
         self._conf = conf
         self._slots: list[_Slot] = []
         self._info: dict = {}  # what the first worker said of the model (input width, ...)
-        self._lock = asyncio.Lock()  # one start/replace/scale at a time
+        self._lock = asyncio.Lock()  # one start or replace at a time
         self._watch: asyncio.Task | None = None
         self._slot_of: dict[str, int] = {}  # every worker id ever started -> its slot index
 
@@ -91,12 +92,12 @@ class UDFMaster:
         waits = [asyncio.ensure_future(asyncio.wait_for(s.handle.ready.remote(), self._conf.startup_timeout_s)) for s in slots]
         try:
             infos = await asyncio.gather(*waits)
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 - whatever failed, no half-started worker may stay
             for w in waits:
                 w.cancel()
             for s in slots:
                 ray.kill(s.handle)
-            cause = _cause(err)
+            cause = remote_cause(err)
             if isinstance(cause, asyncio.TimeoutError):
                 raise WorkerError(
                     f"function {self._function}: workers not ready after {self._conf.startup_timeout_s:.0f} s "
@@ -125,8 +126,7 @@ class UDFMaster:
     async def replace(self, worker_id: str) -> tuple[str, Any] | None:
         """Replace a dead worker; idempotent (a second report returns the same replacement).
 
-        Returns the replacement's (worker_id, handle), or None if the worker is unknown
-        (it was scaled away).
+        Returns the replacement's (worker_id, handle), or None if the worker is unknown.
         """
         async with self._lock:
             index = self._slot_of.get(worker_id)
@@ -135,7 +135,11 @@ class UDFMaster:
             slot = self._slots[index]
             if slot.worker_id != worker_id or await self._is_alive(slot):
                 return slot.worker_id, slot.handle
-            return await self._respawn(slot)
+            try:
+                return await self._respawn(slot)
+            except Exception as err:
+                slot.last_error = f"{type(remote_cause(err)).__name__}: {remote_cause(err)}"  # shown by !workers
+                raise
 
     async def _respawn(self, slot: _Slot) -> tuple[str, Any]:
         ray.kill(slot.handle)
@@ -148,9 +152,9 @@ class UDFMaster:
     @staticmethod
     async def _is_alive(slot: _Slot) -> bool:
         try:
-            await asyncio.wait_for(slot.handle.stats.remote(), 10)
+            await asyncio.wait_for(slot.handle.stats.remote(), PING_TIMEOUT_S)
             return True
-        except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+        except (TimeoutError, ray.exceptions.RayActorError):
             return False
 
     async def _watch_loop(self) -> None:
@@ -160,39 +164,22 @@ class UDFMaster:
                 if not await self._is_alive(slot):
                     try:
                         await self.replace(slot.worker_id)
-                    except Exception:  # noqa: BLE001 - keep watching; the next round tries again
-                        pass
-
-    async def scale(self, workers: int) -> list[tuple[str, Any]]:
-        """Grow or shrink to ``workers`` workers and return the live ones."""
-        if workers < 1:
-            raise WorkerError(f"function {self._function}: cannot scale to {workers} workers")
-        async with self._lock:
-            while len(self._slots) > workers:
-                ray.kill(self._slots.pop().handle)
-            fresh = [self._new_worker(i, 0) for i in range(len(self._slots), workers)]
-            if fresh:
-                await self._await_ready(fresh)
-                self._slots.extend(fresh)
-        return self.workers()
+                    except Exception:  # noqa: BLE001 - replace() recorded it for !workers; the next round tries again
+                        continue
 
     async def stats(self) -> list[dict]:
         """One row per worker slot: counters, node, GPU ids, replacements, alive."""
         rows = []
         for slot in self._slots:
             row = {"function": self._function, "slot": slot.index, "worker": slot.worker_id, "replaced": slot.replaced}
-            row.update(node=None, pid=None, gpu_ids=[], batches=0, rows=0, busy_s=0.0, errors=0)
+            row.update(node=None, pid=None, gpu_ids=[], batches=0, rows=0, busy_s=0.0, errors=0, last_error=slot.last_error)
             try:
-                row.update(await asyncio.wait_for(slot.handle.stats.remote(), 10))
+                row.update(await asyncio.wait_for(slot.handle.stats.remote(), PING_TIMEOUT_S))
                 row["alive"] = True
-            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+            except (TimeoutError, ray.exceptions.RayActorError):
                 row["alive"] = False
             rows.append(row)
         return rows
-
-    def info(self) -> dict:
-        """What the workers reported about the model when it loaded."""
-        return dict(self._info)
 
     async def shutdown(self) -> None:
         """Stop watching and kill every worker."""

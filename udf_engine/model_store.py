@@ -2,7 +2,8 @@
 
 A model table has one row per chunk (``path``, ``start``, ``offset``, ``value``):
 ``path`` is the file inside the model ("" for a single-file model), ``start`` the
-chunk's byte position in that file, ``offset`` its length and ``value`` the bytes.
+chunk's byte position in that file, ``offset`` its length (the name Byzer's
+``pyjava.storage.streaming_tar`` gives that column) and ``value`` the bytes.
 One metadata row (``path == META_PATH``) holds JSON with the format, sha256 and
 version. Rows travel to the workers through the Ray object store, so no worker
 needs a shared file system; the sha256 is checked after reassembly.
@@ -27,8 +28,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,11 +40,17 @@ from udf_engine.errors import ModelError
 # 4 MiB keeps each object-store entry small enough to stream and large enough
 # that a 100 MB model is only ~25 rows.
 CHUNK_BYTES = 4 << 20
+# A few chunks per row group: a reader holds one row group at a time, so this bounds its
+# memory to ~64 MiB whatever the model's size.
+CHUNKS_PER_ROW_GROUP = 16
 META_PATH = "__rayudf_meta__"
 STORE_VERSION = 1
-SCHEMA = pa.schema(
-    [("path", pa.string()), ("start", pa.int64()), ("offset", pa.int64()), ("value", pa.binary())]
-)
+# The version label a model gets when nobody gives one.
+DEFAULT_VERSION = "1"
+# Byzer's name for a chunk's length; kept so model tables stay readable by both.
+LENGTH = "offset"
+COLUMNS = ("path", "start", LENGTH, "value")
+SCHEMA = pa.schema([("path", pa.string()), ("start", pa.int64()), (LENGTH, pa.int64()), ("value", pa.binary())])
 
 _FORMAT_BY_SUFFIX = {
     ".keras": "keras",
@@ -73,7 +81,7 @@ def detect_format(src: str | os.PathLike) -> str:
     fmt = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
         known = ", ".join(sorted(_FORMAT_BY_SUFFIX))
-        raise ModelError(f"{path}: cannot tell the model format from the suffix (known: {known}); pass format=")
+        raise ModelError(f"{path}: cannot tell the model format from the suffix (known: {known}); give the model kind explicitly")
     return fmt
 
 
@@ -94,12 +102,15 @@ def _digest(files: Iterable[tuple[str, bytes]]) -> str:
     return h.hexdigest()
 
 
-def model_rows(src: str | os.PathLike, *, format: str | None = None, version: str = "1") -> list[dict]:
-    """Read a model file or directory into chunk rows plus the metadata row (in memory)."""
+def model_rows(src: str | os.PathLike, *, model_format: str | None = None, version: str = DEFAULT_VERSION) -> list[dict]:
+    """Read a model file or directory into chunk rows plus the metadata row (in memory).
+
+    ``model_format`` (keras, savedmodel, pickle) is detected from the path when not given.
+    """
     root = Path(src)
     if not root.exists():
         raise ModelError(f"model path not found: {root}")
-    fmt = format or detect_format(root)
+    fmt = model_format or detect_format(root)
     rows: list[dict] = []
     contents: list[tuple[str, bytes]] = []
     for rel, path in _model_files(root):
@@ -107,7 +118,7 @@ def model_rows(src: str | os.PathLike, *, format: str | None = None, version: st
         contents.append((rel, data))
         for start in range(0, max(len(data), 1), CHUNK_BYTES):
             chunk = data[start : start + CHUNK_BYTES]
-            rows.append({"path": rel, "start": start, "offset": len(chunk), "value": chunk})
+            rows.append({"path": rel, "start": start, LENGTH: len(chunk), "value": chunk})
     meta = {
         "format": fmt,
         "sha256": _digest(contents),
@@ -116,22 +127,22 @@ def model_rows(src: str | os.PathLike, *, format: str | None = None, version: st
         "name": root.name,
         "store_version": STORE_VERSION,
     }
-    rows.append({"path": META_PATH, "start": -1, "offset": 0, "value": json.dumps(meta).encode()})
+    rows.append({"path": META_PATH, "start": -1, LENGTH: 0, "value": json.dumps(meta).encode()})
     return rows
 
 
 def save_model(
-    src: str | os.PathLike, dest: str | os.PathLike, *, format: str | None = None, version: str = "1"
+    src: str | os.PathLike, dest: str | os.PathLike, *, model_format: str | None = None, version: str = DEFAULT_VERSION
 ) -> Path:
     """Save a model file or directory as a model table (a directory holding one Parquet file).
 
     Returns the table directory; ``load parquet.`<dest>` as m`` reads it back.
     """
-    rows = model_rows(src, format=format, version=version)
+    rows = model_rows(src, model_format=model_format, version=version)
     dest = Path(dest)
     tmp = Path(tempfile.mkdtemp(prefix=".rayudf-", dir=dest.parent if dest.parent.exists() else None))
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    pq.write_table(table, tmp / "part-00000.parquet", row_group_size=16)
+    pq.write_table(table, tmp / "part-00000.parquet", row_group_size=CHUNKS_PER_ROW_GROUP)
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -153,10 +164,10 @@ def read_model_rows(path: str | os.PathLike) -> list[dict]:
 
 def rows_from_table(table: pa.Table, *, source: str = "model table") -> list[dict]:
     """Turn an Arrow table with the model-store columns into rows, checking its shape."""
-    missing = {"path", "start", "offset", "value"} - set(table.column_names)
+    missing = set(COLUMNS) - set(table.column_names)
     if missing:
         raise ModelError(f"{source}: not a model table, missing columns {sorted(missing)}")
-    return table.select(["path", "start", "offset", "value"]).to_pylist()
+    return table.select(list(COLUMNS)).to_pylist()
 
 
 def model_meta(rows: Sequence[dict]) -> dict[str, Any]:

@@ -24,6 +24,38 @@ from typing import Any
 # Every rayudf actor lives in this namespace; names inside it carry a per-session
 # token, so two sessions on one cluster never replace each other's UDFs.
 NAMESPACE = "rayudf"
+# Whether we start Ray or join it: workers' output (TensorFlow's and absl's start-up
+# lines) stays in their log files under Ray's session directory instead of filling the
+# notebook or the terminal. Errors still reach the caller: Ray raises them from the call
+# that failed.
+_QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}
+_log = logging.getLogger(__name__)
+
+
+def _log_raylet_notices() -> None:
+    """Send Ray's "(raylet) A worker died ..." notices to logging (INFO) instead of stdout.
+
+    ``log_to_driver=False`` does not cover them (ray-project/ray#28216): the driver's
+    error listener prints them with ``ray._private.worker.print_to_stdstream``, which
+    has no switch. A death is already handled (the batch is retried, or the query fails
+    naming it), so in a notebook cell the notice is noise. Without that function (another
+    Ray version) nothing changes.
+    """
+    import ray._private.worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "rayudf_routes_raylet", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            printer(data, ignore_prefix)
+            return
+        for line in data.get("lines", []):
+            _log.info("raylet: %s", line)
+
+    print_to_stdstream.rayudf_routes_raylet = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 class RayRuntime:
@@ -40,13 +72,12 @@ class RayRuntime:
 
         if ray.is_initialized():
             return
+        _log_raylet_notices()
         address = self.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, **self._init_options)
+            ray.init(address=address, namespace=NAMESPACE, **{**_QUIET, **self._init_options})
             return
-        options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
-        options.update(self._init_options)
-        ray.init(namespace=NAMESPACE, **options)
+        ray.init(namespace=NAMESPACE, include_dashboard=False, **{**_QUIET, **self._init_options})
         self._started_here = True
 
     def shutdown(self) -> None:
@@ -79,7 +110,7 @@ class RayContext:
             self.actor_prefix = f"rayudf.{self.function}"
 
     @classmethod
-    def connect(cls, namespace: dict | Any, address: str | None = None) -> "RayContext":
+    def connect(cls, namespace: dict | Any, address: str | None = None) -> RayContext:
         """MLSQL's ``RayContext.connect(globals(), address)``: the context bound to this code.
 
         The code runs with a global ``context`` that is the bound RayContext; an

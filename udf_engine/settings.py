@@ -1,7 +1,8 @@
 """Settings of one registered UDF: a table of options and the validated dataclass built from it.
 
-The table :data:`OPTIONS` is the single place that names, defaults and
-explains every engine option; the CLI, the magics and the docs read it.
+The table :data:`OPTIONS` names, defaults and explains every engine option once:
+:class:`UDFConf` takes its defaults from it, and the tests check the option table of
+``docs/statements.md`` against it.
 
 Example:
     >>> conf = UDFConf.from_options({"maxConcurrency": "3", "num_cpus": "0.5"})
@@ -12,8 +13,9 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from udf_engine.errors import ConfigError
 
@@ -43,6 +45,14 @@ OPTIONS: tuple[Option, ...] = (
 _BY_NAME = {alias: opt for opt in OPTIONS for alias in (opt.name, *opt.aliases)}
 
 
+def _default(name: str) -> Any:
+    """A dataclass field whose default is the one :data:`OPTIONS` gives ``name``."""
+    value = _BY_NAME[name].default
+    if isinstance(value, dict):
+        return field(default_factory=lambda: dict(value))
+    return field(default=value)
+
+
 def _coerce(opt: Option, value: Any) -> Any:
     if opt.type is dict:
         if isinstance(value, Mapping):
@@ -66,18 +76,19 @@ def _coerce(opt: Option, value: Any) -> Any:
 class UDFConf:
     """Validated engine settings of one UDF; ``extra`` keeps every other option verbatim.
 
-    ``extra`` reaches ``init_func(model_refs, conf)`` through :meth:`as_conf`, so a
-    loader can read its own options (``method="predict_proba"``).
+    One field per entry of :data:`OPTIONS`, in the same order. ``extra`` reaches
+    ``init_func(model_refs, conf)`` through :meth:`as_conf`, so a loader can read its
+    own options (``method="predict_proba"``).
     """
 
-    workers: int = 2
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    resources: dict = field(default_factory=dict)
-    env: dict = field(default_factory=dict)
-    batch_size: int = 2048
-    max_retries: int = 1
-    startup_timeout_s: float = 300.0
+    workers: int = _default("workers")
+    num_cpus: float = _default("num_cpus")
+    num_gpus: float = _default("num_gpus")
+    resources: dict = _default("resources")
+    env: dict = _default("env")
+    batch_size: int = _default("batch_size")
+    max_retries: int = _default("max_retries")
+    startup_timeout_s: float = _default("startup_timeout_s")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,7 +102,7 @@ class UDFConf:
             raise ConfigError(f"option max_retries: must not be negative, got {self.max_retries}")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None = None) -> "UDFConf":
+    def from_options(cls, options: Mapping[str, Any] | None = None) -> UDFConf:
         """Build settings from user options (strings allowed), resolving aliases."""
         known: dict[str, Any] = {}
         extra: dict[str, Any] = {}

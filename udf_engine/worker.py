@@ -15,7 +15,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from threadpoolctl import threadpool_limits
 
 from udf_engine.builtin_funcs import RowWiseApply, input_width
 
@@ -41,12 +44,7 @@ def limit_math_threads(num_cpus: float) -> int:
     for name in _THREAD_ENV:
         os.environ[name] = str(threads)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(max(_TF_MIN_INTRAOP_THREADS, threads))
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(threads)  # pools numpy already started ignore the env vars
-    except ImportError:
-        pass
+    threadpool_limits(threads)  # pools numpy already started ignore the env vars
     return threads
 
 
@@ -75,7 +73,7 @@ class UDFWorker:
         started = time.perf_counter()
         try:
             self._model = init_func(model_refs, conf)
-        except BaseException as err:  # reported by ready(), so the master sees the real cause
+        except BaseException as err:  # noqa: BLE001 - reported by ready(), so the master sees the real cause
             self._init_error = err
         self._load_s = time.perf_counter() - started
         ctx = ray.get_runtime_context()

@@ -1,0 +1,220 @@
+"""The functions registered in one DuckDB connection, and the Ray workers behind them.
+
+A model becomes a function in three steps: its rows are read (a model file or directory,
+a model table on disk, or a table loaded in the session), ``UDFBuilder.build`` starts
+workers that load it, and the bridge makes it callable from SQL. A name registered again
+replaces the function of that name and stops its workers.
+
+Example:
+    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12")
+    >>> registry.actor_prefix("digit")
+    'rayudf.ab12.digit'
+    >>> registry.register_model("digit", "models/digits.keras", workers=2)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from arrow_bridge.function import ModelFunction, RowCounter, add_function, add_python_function, model_function
+from arrow_bridge.quoting import quote_identifier
+from sql_magics.catalog import relation_kind
+from sql_magics.errors import ExecutionError, clean_duckdb_error
+from sql_magics.progress import on_waiting_thread
+from udf_engine import ConfigError, ModelError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, UDFBuildInFunc, put_model
+from udf_engine.builtin_funcs import LOADERS, MODEL_KINDS
+from udf_engine.model_store import DEFAULT_VERSION, detect_format, model_meta, model_rows, read_model_rows, rows_from_table
+
+# `register model.`path``: the kind is the model's own format, read from the path or the table.
+DETECTED_KIND = "model"
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Options the bridge and the registry read; every other option goes to the engine.
+_BRIDGE_OPTIONS = ("returns", "version")
+
+
+@dataclass
+class RegisteredFunction:
+    """A model (or Python function) registered as a SQL function."""
+
+    name: str
+    kind: str  # keras, pickle, savedmodel, Ray, ScriptUDF, ...
+    path: str
+    returns: str  # the DuckDB result type
+    udf: RemoteUDF | None  # None for a ScriptUDF, which DuckDB runs in-process
+    model_function: ModelFunction | None = None  # what DuckDB calls; None for a ScriptUDF
+    version: str = DEFAULT_VERSION
+    options: dict = field(default_factory=dict)
+
+
+def _check_name(function: str) -> None:
+    if not _IDENTIFIER.match(function):
+        raise ConfigError(f"register: {function!r} is not a valid function name")
+
+
+class FunctionRegistry:
+    """Registers models and Python functions in one DuckDB connection; thread-safe."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, runtime: RayRuntime, *, session_id: str) -> None:
+        self.runtime = runtime  # the Ray the workers run on; started on the first registration
+        self._con = con
+        self._session_id = session_id  # keeps this session's actor names apart from others'
+        self._functions: dict[str, RegisteredFunction] = {}  # by SQL name
+        self._lock = threading.Lock()  # guards _functions: queries read it while a script registers
+        self._scored = RowCounter()  # rows scored by every model function of this registry
+
+    # -- what is registered -------------------------------------------------------------
+
+    @property
+    def functions(self) -> dict[str, RegisteredFunction]:
+        """A copy of the registered functions by SQL name."""
+        with self._lock:
+            return dict(self._functions)
+
+    @property
+    def rows_scored(self) -> int:
+        """Rows scored by model functions so far (progress bars read the difference)."""
+        return self._scored.value
+
+    def actor_prefix(self, function: str) -> str:
+        """The name prefix of the actors serving ``function``."""
+        return f"rayudf.{self._session_id}.{function}"
+
+    # -- registering --------------------------------------------------------------------
+
+    def rows_of(self, source: str | Path, *, kind: str | None = None, version: str = DEFAULT_VERSION) -> list[dict]:
+        """A model's chunk rows from a model file or directory, a model table on disk, or a loaded table.
+
+        ``kind`` (a key of MODEL_KINDS) says how to read a file whose suffix does not tell.
+        """
+        path = Path(source)
+        if not path.exists() and _IDENTIFIER.match(str(source)) and relation_kind(self._con, str(source)):
+            arrow = self._con.sql(f"SELECT * FROM {quote_identifier(str(source))}").to_arrow_table()
+            return rows_from_table(arrow, source=f"table {source}")
+        if not path.exists():
+            raise ModelError(f"model path not found: {source}")
+        try:
+            model_format = detect_format(path)
+        except ModelError:
+            if kind is None:
+                raise
+            model_format = MODEL_KINDS[kind]
+        if model_format == "table":
+            return read_model_rows(path)
+        return model_rows(path, model_format=model_format, version=version)
+
+    def register_model(self, function: str, source: str | Path, *, kind: str | None = None, **options: Any) -> RegisteredFunction:
+        """Load a model into Ray workers and make it callable from SQL as ``function(...)``.
+
+        ``kind`` is a key of MODEL_KINDS, or None/"model" to read it from the model.
+        """
+        kind = None if kind in (None, DETECTED_KIND) else kind.lower()
+        if kind is not None and kind not in MODEL_KINDS:
+            raise ConfigError(f"register {function}: unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)}, {DETECTED_KIND})")
+        rows = self.rows_of(source, kind=kind, version=str(options.get("version") or DEFAULT_VERSION))
+        model_format = model_meta(rows)["format"]
+        loader = LOADERS.get(model_format)
+        if loader is None:
+            raise ModelError(f"register {function}: no loader for a {model_format!r} model")
+        if kind is not None and LOADERS[MODEL_KINDS[kind]] is not loader:
+            raise ModelError(f"register {function}: {source} holds a {model_format} model, not {kind}")
+        apply = UDFBuildInFunc.predictor(str(options.get("method", "predict")))
+        return self.register_udf(function, loader, apply, rows=rows, kind=kind or model_format, path=str(source), options=options)
+
+    def register_udf(
+        self, function: str, init_func: Callable, apply_func: Callable, *, rows: list[dict], kind: str, path: str, options: dict
+    ) -> RegisteredFunction:
+        """Build workers with ``init_func``/``apply_func`` over a model's rows and register them."""
+        _check_name(function)
+        engine_options = {k: v for k, v in options.items() if k not in _BRIDGE_OPTIONS}
+        udf = UDFBuilder.build(self.ray_context(function, engine_options, rows), init_func, apply_func)
+        return self.add_udf(function, udf, kind=kind, path=path, options=options, rows=rows)
+
+    def ray_context(self, function: str, conf: dict, rows: list[dict], *, row_wise: bool = False) -> RayContext:
+        """The context to build ``function`` in: this registry's Ray and actor names, the model rows in the object store."""
+        on_waiting_thread(self.runtime.ensure)
+        return RayContext(
+            function,
+            conf=dict(conf),
+            model_refs=put_model(rows),
+            actor_prefix=self.actor_prefix(function),
+            runtime=self.runtime,
+            row_wise=row_wise,
+        )
+
+    def add_udf(
+        self, function: str, udf: RemoteUDF, *, kind: str, path: str, options: dict, rows: Sequence[dict] = ()
+    ) -> RegisteredFunction:
+        """Make a built UDF callable from SQL; on failure its workers are stopped."""
+        try:
+            _check_name(function)
+            fn = model_function(function, udf, counter=self._scored, returns=options.get("returns"))
+            self._install(function, lambda: add_function(self._con, fn))
+        except BaseException:
+            udf.shutdown()
+            raise
+        return self._add(RegisteredFunction(function, kind, path, fn.return_type, udf, fn, _version(options, rows), dict(options)))
+
+    def add_python(self, function: str, func: Callable, returns: str, *, vectorized: bool, options: dict) -> RegisteredFunction:
+        """Make a plain Python function callable from SQL (run in-process by DuckDB)."""
+        _check_name(function)
+        try:
+            self._install(function, lambda: add_python_function(self._con, function, func, returns, vectorized=vectorized))
+        except duckdb.Error as err:
+            raise ExecutionError(f"register {function}: {clean_duckdb_error(err)}") from None
+        return self._add(RegisteredFunction(function, "ScriptUDF", "", returns, None, None, _version(options, ()), dict(options)))
+
+    def _install(self, function: str, create: Callable[[], None]) -> None:
+        """Create a DuckDB function in place of the one this registry holds under that name, which goes."""
+        with self._lock:
+            old = self._functions.pop(function, None)
+        try:
+            if old is not None:
+                self._con.remove_function(function)
+            create()
+        finally:
+            if old is not None and old.udf is not None:
+                old.udf.shutdown()
+
+    def _add(self, registered: RegisteredFunction) -> RegisteredFunction:
+        with self._lock:
+            self._functions[registered.name] = registered
+        return registered
+
+    # -- removing -----------------------------------------------------------------------
+
+    def unregister(self, function: str) -> None:
+        """Remove a function from SQL and stop its workers."""
+        with self._lock:
+            registered = self._functions.pop(function, None)
+        if registered is None:
+            raise ExecutionError(f"unregister: no function named {function!r}")
+        try:
+            self._con.remove_function(function)
+        finally:
+            if registered.udf is not None:
+                registered.udf.shutdown()
+
+    def close(self) -> None:
+        """Stop every function's workers (DuckDB's functions go with its connection)."""
+        with self._lock:
+            registered, self._functions = list(self._functions.values()), {}
+        for function in registered:
+            if function.udf is not None:
+                function.udf.shutdown()
+
+
+def _version(options: dict, rows: Sequence[dict]) -> str:
+    """The version label a function shows: the one given, else its model table's, else the default."""
+    if options.get("version"):
+        return str(options["version"])
+    try:
+        return str(model_meta(rows).get("version", DEFAULT_VERSION))
+    except ModelError:  # no metadata row: a Python function, or chunks written by other tools
+        return DEFAULT_VERSION

@@ -1,0 +1,36 @@
+"""What the statements of a session's scripts set for the statements that follow them.
+
+Example:
+    >>> state = ScriptState(dialect="Spark")
+    >>> state.dialect
+    'spark'
+    >>> state.python_env["TOKEN"] = "x"      # what `!python env "TOKEN=x"` does
+    >>> state.with_python_env({"workers": "1"})
+    {'env': {'TOKEN': 'x'}, 'workers': '1'}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sql_magics.dialect import check_dialect
+
+
+@dataclass
+class ScriptState:
+    """Variables, the SQL dialect and the ``!python`` settings of one session."""
+
+    dialect: str = "duckdb"  # "duckdb" or "spark" (select text translated by sqlglot)
+    variables: dict[str, str] = field(default_factory=dict)  # `set` variables, used as ${key}
+    pinned: set[str] = field(default_factory=set)  # variables given from outside (rayudf run --set) that `set` leaves alone
+    python_conf: dict[str, str] = field(default_factory=dict)  # `!python conf`, reaches registerCode as context.conf
+    python_env: dict[str, str] = field(default_factory=dict)  # `!python env`, set in the workers' environment
+
+    def __post_init__(self) -> None:
+        self.dialect = check_dialect(self.dialect)
+
+    def with_python_env(self, options: dict) -> dict:
+        """Registration options with ``!python env`` as the workers' ``env``, unless they name one."""
+        if not self.python_env or "env" in options:
+            return dict(options)
+        return {"env": dict(self.python_env), **options}
