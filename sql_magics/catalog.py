@@ -22,21 +22,23 @@ from arrow_bridge.quoting import quote_identifier
 # DuckDB answers DDL, COPY and SET with one status column; those yield no rows for the user.
 _STATUS_COLUMNS = (["Count"], ["Success"])
 _ROW_STATEMENTS = ("SELECT", "EXPLAIN", "PRAGMA", "CALL")
+# Where unqualified names resolve: a table of that name in an attached database or another schema is not it.
+_HERE = "database_name = current_database() AND schema_name = current_schema()"
 
 
 def relation_kind(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
-    """'table', 'view' or None for what ``name`` is in the current catalog."""
+    """'table', 'view' or None for what ``name`` is in the current database and schema."""
     rows = con.execute(
-        "SELECT 'table' FROM duckdb_tables() WHERE table_name = ? "
-        "UNION ALL SELECT 'view' FROM duckdb_views() WHERE view_name = ? AND NOT internal",
+        f"SELECT 'table' FROM duckdb_tables() WHERE table_name = ? AND {_HERE} "
+        f"UNION ALL SELECT 'view' FROM duckdb_views() WHERE view_name = ? AND NOT internal AND {_HERE}",
         [name, name],
     ).fetchall()
     return rows[0][0] if rows else None
 
 
 def column_count(con: duckdb.DuckDBPyConnection, name: str) -> int:
-    """How many columns the table or view ``name`` has."""
-    (count,), = con.execute("SELECT count(*) FROM duckdb_columns() WHERE table_name = ?", [name]).fetchall()
+    """How many columns the table or view ``name`` of the current database and schema has."""
+    (count,), = con.execute(f"SELECT count(*) FROM duckdb_columns() WHERE table_name = ? AND {_HERE}", [name]).fetchall()
     return count
 
 

@@ -3,7 +3,8 @@
 Example:
     >>> import duckdb
     >>> from udf_engine import RayRuntime
-    >>> registry, state = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12"), ScriptState()
+    >>> state = ScriptState()
+    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12", worker_env=state.python_env)
     >>> run_command("python", ["conf", "rayAddress=auto"], registry=registry, state=state)
     >>> state.python_conf
     {'rayAddress': 'auto'}

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from arrow_bridge.quoting import quote_literal
 from sql_magics.session import Session
 from udf_engine.model_store import save_model
 
@@ -94,16 +95,16 @@ def run_demo(workdir: str | Path = "demo_data", output: str | Path = "out/scored
             COPY (
                 SELECT id, label, held_out, probs,
                        list_position(probs::FLOAT[], list_max(probs::FLOAT[])) - 1 AS predicted
-                FROM (SELECT id, label, held_out, digit_predict(pixels) AS probs FROM read_parquet('{data_path}'))
+                FROM (SELECT id, label, held_out, digit_predict(pixels) AS probs FROM read_parquet({quote_literal(str(data_path))}))
                 ORDER BY id
-            ) TO '{output}' (FORMAT parquet)
+            ) TO {quote_literal(str(output))} (FORMAT parquet)
             """
         )
         score_s = time.perf_counter() - started
         summary = session.sql(
             f"""SELECT count(*) AS rows, count(*) FILTER (held_out) AS held_out,
                        avg((predicted = label)::INT) FILTER (held_out) AS accuracy
-                FROM read_parquet('{output}')"""
+                FROM read_parquet({quote_literal(str(output))})"""
         ).iloc[0]
         workers = session.functions["digit_predict"].udf.stats()
     rows = int(summary["rows"])

@@ -8,7 +8,8 @@ naming the script and the statement's line; nothing runs before the whole script
 Example:
     >>> from udf_engine import RayRuntime
     >>> db = Database()
-    >>> executor = Executor(db, FunctionRegistry(db.con, RayRuntime(), session_id="ab12"), ScriptState())
+    >>> state = ScriptState()
+    >>> executor = Executor(db, FunctionRegistry(db.con, RayRuntime(), session_id="ab12", worker_env=state.python_env), state)
     >>> script = parse('set n = "3"; select range as i from range(${n}) as output;')
     >>> executor.run(script, base_dir=Path(".")).frame["i"].tolist()
     [0, 1, 2]

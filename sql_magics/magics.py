@@ -53,7 +53,7 @@ class SqlResult:
 
     df: pd.DataFrame
     elapsed_s: float
-    limit: int = 20
+    limit: int
 
     def DataFrame(self) -> pd.DataFrame:  # noqa: N802 - the name JupySQL users know
         """The full result."""

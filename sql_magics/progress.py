@@ -4,66 +4,34 @@ The calling thread only waits: it draws a tqdm bar (a widget in JupyterLab, text
 terminal) once the query has run for ``after_s`` seconds, showing DuckDB's percentage,
 the rows scored by model functions and rows/s; on KeyboardInterrupt it interrupts
 DuckDB and waits for the query to stop, so the session and its workers stay usable.
-While it waits it also runs what the query hands it with :func:`on_waiting_thread`.
+While it waits it also runs what the query hands it (:mod:`sql_magics.handoff`: Ray's start).
 
 Example:
     >>> import duckdb
     >>> con = duckdb.connect()
-    >>> run_with_progress(lambda: con.sql("select 42").fetchall(), con, rows_scored=lambda: 0)
+    >>> run_with_progress(lambda: con.sql("select 42").fetchall(), con, rows_scored=lambda: 0, after_s=1.0)
     [(42,)]
-    >>> run_with_progress(lambda: on_waiting_thread(threading.current_thread).name, con, rows_scored=lambda: 0)
+    >>> from sql_magics.handoff import on_waiting_thread
+    >>> run_with_progress(lambda: on_waiting_thread(threading.current_thread).name, con, rows_scored=lambda: 0, after_s=1.0)
     'MainThread'
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
+
+from sql_magics.handoff import Handoff
 
 # How often the bar is redrawn; also how quickly a finished query, or a call handed to
 # the waiting thread, is noticed.
 _TICK_S = 0.1
 
-# On a query thread started by run_with_progress: .calls, the queue its waiting thread serves.
-_query_thread = threading.local()
-
 
 class QueryInterrupted(Exception):  # noqa: N818 - named for what happened, as KeyboardInterrupt is
     """The user interrupted a running query; it was cancelled."""
-
-
-def on_waiting_thread(call: Callable[[], Any]) -> Any:
-    """Run ``call`` on the thread waiting in :func:`run_with_progress` for this query, else right here.
-
-    ``ray.init`` needs this: Ray's processes are told to die with the thread that started
-    them (Linux's parent-death signal follows the thread, not the process), so Ray must be
-    started by the long-lived thread that waits, not by a query's short-lived thread.
-    """
-    calls = getattr(_query_thread, "calls", None)
-    if calls is None:
-        return call()
-    future: Future = Future()
-    calls.put((call, future))
-    return future.result()
-
-
-def _serve(calls: queue.SimpleQueue) -> None:
-    """Run the calls a query thread handed over; their outcome goes back to it."""
-    while True:
-        try:
-            call, future = calls.get_nowait()
-        except queue.Empty:
-            return
-        try:
-            future.set_result(call())
-        except BaseException as err:
-            future.set_exception(err)
-            if isinstance(err, KeyboardInterrupt):
-                raise
 
 
 def _bar():
@@ -77,18 +45,18 @@ def run_with_progress(
     con: Any,
     *,
     rows_scored: Callable[[], int],
-    after_s: float = 1.0,
+    after_s: float,
     show: bool = True,
 ) -> Any:
     """Run ``work()`` on a thread; show progress after ``after_s``; Ctrl-C interrupts ``con``."""
     outcome: dict[str, Any] = {}
-    calls: queue.SimpleQueue = queue.SimpleQueue()
+    handoff = Handoff()
     # An Event, not Thread.join: a KeyboardInterrupt landing inside join() can leave
     # the thread marked as stopped while it still runs (CPython 3.11).
     done = threading.Event()
 
     def target() -> None:
-        _query_thread.calls = calls
+        handoff.attach()
         try:
             outcome["value"] = work()
         except BaseException as err:  # noqa: BLE001 - handed to the waiting thread, which re-raises it
@@ -98,7 +66,7 @@ def run_with_progress(
 
     def wait_serving() -> None:
         while not done.wait(_TICK_S):
-            _serve(calls)
+            handoff.serve()
 
     started, rows_at_start = time.monotonic(), rows_scored()
     threading.Thread(target=target, name="rayudf-query", daemon=True).start()
@@ -114,7 +82,7 @@ def run_with_progress(
 
     try:
         while not done.wait(_TICK_S):
-            _serve(calls)
+            handoff.serve()
             percent = con.query_progress()
             # no bar while nothing measurable runs (a registration loading its model)
             if bar is None and show and time.monotonic() - started >= after_s and (percent >= 0 or rows_scored() > rows_at_start):
@@ -128,6 +96,7 @@ def run_with_progress(
         wait_serving()  # a call handed over meanwhile still runs, or the query thread would wait forever
         raise QueryInterrupted("query interrupted; the session and its workers are ready for the next one") from None
     finally:
+        handoff.close()  # should this thread leave early (a second Ctrl-C), the query must not wait for it
         if bar is not None:
             bar.close()
     if "error" in outcome:

@@ -10,7 +10,7 @@
 Example:
     >>> import duckdb
     >>> from udf_engine import RayRuntime
-    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12")
+    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12", worker_env={})
     >>> fn = register(registry, ScriptState(), "ScriptUDF", "", "plus",
     ...               {"returns": "BIGINT", "code": "def apply(a, b): return a + b"})
     >>> fn.kind, fn.returns
@@ -42,7 +42,7 @@ def register(registry: FunctionRegistry, state: ScriptState, kind: str, source: 
     """Run one ``register <kind>.`<source>` as <function> where <options>``."""
     lowered = kind.lower()
     if lowered in MODEL_KINDS or lowered == DETECTED_KIND:
-        return registry.register_model(function, source, kind=lowered, **state.with_python_env(options))
+        return registry.register_model(function, source, kind=lowered, **options)
     if lowered == "ray":
         return register_ray(registry, state, function, source, options)
     if lowered == "scriptudf":
@@ -90,19 +90,20 @@ def register_ray(registry: FunctionRegistry, state: ScriptState, function: str, 
     if not code:
         raise ExecutionError(f"register Ray {function}: the registerCode option is required")
     rows = registry.rows_of(source) if source else []
-    conf = state.with_python_env({**state.python_conf, **{k: v for k, v in options.items() if k not in _CODE_OPTIONS}})
+    conf = {**state.python_conf, **{k: v for k, v in options.items() if k not in _CODE_OPTIONS}}
     context = registry.ray_context(function, conf, rows, row_wise=True)
     namespace = {"__name__": f"__rayudf_register_{function}__", "context": context}
-    with pyjava_names():
-        _run_code(code, namespace, f"registerCode of {function}")
-        if context.udf is None:
-            raise ExecutionError(f"register Ray {function}: registerCode did not call UDFBuilder.build(ray_context, ...)")
-        if options.get("predictCode"):
-            try:
+    try:
+        with pyjava_names():
+            _run_code(code, namespace, f"registerCode of {function}")
+            if context.udf is None:
+                raise ExecutionError(f"register Ray {function}: registerCode did not call UDFBuilder.build(ray_context, ...)")
+            if options.get("predictCode"):
                 _run_code(options["predictCode"], namespace, f"predictCode of {function}")
-            except ExecutionError:
-                context.udf.shutdown()  # built, but never registered: nobody else would stop its workers
-                raise
+    except BaseException:
+        if context.udf is not None:
+            context.udf.shutdown()  # built, but never registered: nobody else would stop its workers
+        raise
     returns = options.get("returns", RAY_DEFAULT_RETURNS)
     return registry.add_udf(function, context.udf, kind="Ray", path=source, options={**options, "returns": returns}, rows=rows)
 

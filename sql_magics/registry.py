@@ -6,7 +6,7 @@ workers that load it, and the bridge makes it callable from SQL. A name register
 replaces the function of that name and stops its workers.
 
 Example:
-    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12")
+    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12", worker_env={})
     >>> registry.actor_prefix("digit")
     'rayudf.ab12.digit'
     >>> registry.register_model("digit", "models/digits.keras", workers=2)   # doctest: +SKIP
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ from arrow_bridge.function import ModelFunction, RowCounter, add_function, add_p
 from arrow_bridge.quoting import quote_identifier
 from sql_magics.catalog import relation_kind
 from sql_magics.errors import ExecutionError, clean_duckdb_error
-from sql_magics.progress import on_waiting_thread
-from udf_engine import ConfigError, ModelError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, UDFBuildInFunc, put_model
+from sql_magics.handoff import on_waiting_thread
+from udf_engine import ConfigError, ModelError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, UDFBuildInFunc, WorkerError, put_model
 from udf_engine.builtin_funcs import LOADERS, MODEL_KINDS
 from udf_engine.model_store import DEFAULT_VERSION, detect_format, model_meta, model_rows, read_model_rows, rows_from_table
 
@@ -59,14 +59,22 @@ def _check_name(function: str) -> None:
 
 
 class FunctionRegistry:
-    """Registers models and Python functions in one DuckDB connection; thread-safe."""
+    """Registers models and Python functions in one DuckDB connection.
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, runtime: RayRuntime, *, session_id: str) -> None:
+    Its methods may be called from several threads: changes to DuckDB's functions are
+    serialized, and readers (progress bars, ``!models``) get consistent copies.
+    """
+
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, runtime: RayRuntime, *, session_id: str, worker_env: Mapping[str, str]
+    ) -> None:
         self.runtime = runtime  # the Ray the workers run on; started on the first registration
         self._con = con
         self._session_id = session_id  # keeps this session's actor names apart from others'
+        self._worker_env = worker_env  # environment of every worker unless a registration names one (`!python env`)
         self._functions: dict[str, RegisteredFunction] = {}  # by SQL name
         self._lock = threading.Lock()  # guards _functions: queries read it while a script registers
+        self._install_lock = threading.Lock()  # one change of DuckDB's functions at a time
         self._scored = RowCounter()  # rows scored by every model function of this registry
 
     # -- what is registered -------------------------------------------------------------
@@ -101,9 +109,9 @@ class FunctionRegistry:
             raise ModelError(f"model path not found: {source}")
         try:
             model_format = detect_format(path)
-        except ModelError:
+        except ModelError as err:
             if kind is None:
-                raise
+                raise ModelError(f"{err}; register it with its kind ({', '.join(MODEL_KINDS)})") from None
             model_format = MODEL_KINDS[kind]
         if model_format == "table":
             return read_model_rows(path)
@@ -137,11 +145,12 @@ class FunctionRegistry:
         return self.add_udf(function, udf, kind=kind, path=path, options=options, rows=rows)
 
     def ray_context(self, function: str, conf: dict, rows: list[dict], *, row_wise: bool = False) -> RayContext:
-        """The context to build ``function`` in: this registry's Ray and actor names, the model rows in the object store."""
+        """The context to build ``function`` in: this registry's Ray and actor names, the model rows in
+        the object store, and the workers' environment."""
         on_waiting_thread(self.runtime.ensure)
         return RayContext(
             function,
-            conf=dict(conf),
+            conf={"env": dict(self._worker_env), **conf} if self._worker_env else dict(conf),
             model_refs=put_model(rows),
             actor_prefix=self.actor_prefix(function),
             runtime=self.runtime,
@@ -155,37 +164,37 @@ class FunctionRegistry:
         try:
             _check_name(function)
             fn = model_function(function, udf, counter=self._scored, returns=options.get("returns"))
-            self._install(function, lambda: add_function(self._con, fn))
+            registered = RegisteredFunction(function, kind, path, fn.return_type, udf, fn, _version(options, rows), dict(options))
+            self._install(registered, lambda: add_function(self._con, fn))
         except BaseException:
             udf.shutdown()
             raise
-        return self._add(RegisteredFunction(function, kind, path, fn.return_type, udf, fn, _version(options, rows), dict(options)))
+        return registered
 
     def add_python(self, function: str, func: Callable, returns: str, *, vectorized: bool, options: dict) -> RegisteredFunction:
         """Make a plain Python function callable from SQL (run in-process by DuckDB)."""
         _check_name(function)
-        try:
-            self._install(function, lambda: add_python_function(self._con, function, func, returns, vectorized=vectorized))
-        except duckdb.Error as err:
-            raise ExecutionError(f"register {function}: {clean_duckdb_error(err)}") from None
-        return self._add(RegisteredFunction(function, "ScriptUDF", "", returns, None, None, _version(options, ()), dict(options)))
-
-    def _install(self, function: str, create: Callable[[], None]) -> None:
-        """Create a DuckDB function in place of the one this registry holds under that name, which goes."""
-        with self._lock:
-            old = self._functions.pop(function, None)
-        try:
-            if old is not None:
-                self._con.remove_function(function)
-            create()
-        finally:
-            if old is not None and old.udf is not None:
-                old.udf.shutdown()
-
-    def _add(self, registered: RegisteredFunction) -> RegisteredFunction:
-        with self._lock:
-            self._functions[registered.name] = registered
+        registered = RegisteredFunction(function, "ScriptUDF", "", returns, None, None, _version(options, ()), dict(options))
+        self._install(registered, lambda: add_python_function(self._con, function, func, returns, vectorized=vectorized))
         return registered
+
+    def _install(self, registered: RegisteredFunction, create: Callable[[], None]) -> None:
+        """Create a DuckDB function in place of the one this registry holds under that name, which goes."""
+        function = registered.name
+        with self._install_lock:
+            with self._lock:
+                old = self._functions.pop(function, None)
+            try:
+                if old is not None:
+                    self._con.remove_function(function)
+                create()
+            except duckdb.Error as err:  # e.g. a function of that name made on the connection directly
+                raise ExecutionError(f"register {function}: {clean_duckdb_error(err)}") from None
+            finally:
+                if old is not None and old.udf is not None:
+                    old.udf.shutdown()
+            with self._lock:
+                self._functions[function] = registered
 
     # -- removing -----------------------------------------------------------------------
 
@@ -205,9 +214,15 @@ class FunctionRegistry:
         """Stop every function's workers (DuckDB's functions go with its connection)."""
         with self._lock:
             registered, self._functions = list(self._functions.values()), {}
+        failures = []
         for function in registered:
-            if function.udf is not None:
-                function.udf.shutdown()
+            try:
+                if function.udf is not None:
+                    function.udf.shutdown()
+            except Exception as err:  # noqa: BLE001 - the other functions' workers must stop all the same
+                failures.append(f"{function.name}: {err}")
+        if failures:
+            raise WorkerError("could not stop the workers of " + "; ".join(failures))
 
 
 def _version(options: dict, rows: Sequence[dict]) -> str:

@@ -4,9 +4,6 @@ Example:
     >>> state = ScriptState(dialect="Spark")
     >>> state.dialect
     'spark'
-    >>> state.python_env["TOKEN"] = "x"      # what `!python env "TOKEN=x"` does
-    >>> state.with_python_env({"workers": "1"})
-    {'env': {'TOKEN': 'x'}, 'workers': '1'}
 """
 
 from __future__ import annotations
@@ -28,9 +25,3 @@ class ScriptState:
 
     def __post_init__(self) -> None:
         self.dialect = check_dialect(self.dialect)
-
-    def with_python_env(self, options: dict) -> dict:
-        """Registration options with ``!python env`` as the workers' ``env``, unless they name one."""
-        if not self.python_env or "env" in options:
-            return dict(options)
-        return {"env": dict(self.python_env), **options}

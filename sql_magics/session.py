@@ -46,7 +46,7 @@ class Session:
         self.db = Database(database)
         self.state = ScriptState(dialect)
         runtime = RayRuntime(ray_address, **(ray_init or {}))  # started on first registration
-        self.registry = FunctionRegistry(self.db.con, runtime, session_id=secrets.token_hex(3))
+        self.registry = FunctionRegistry(self.db.con, runtime, session_id=secrets.token_hex(3), worker_env=self.state.python_env)
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -108,7 +108,7 @@ class Session:
         Options: ``workers``, ``batch_size``, ``num_cpus``, ``num_gpus``, ``resources``,
         ``returns``, ``version``, ``method`` (``predict_proba``).
         """
-        return self.registry.register_model(function, path, kind=format, **self.state.with_python_env(options))
+        return self.registry.register_model(function, path, kind=format, **options)
 
     def unregister(self, function: str) -> None:
         """Remove a function from SQL and stop its workers."""
@@ -118,9 +118,13 @@ class Session:
 
     def close(self) -> None:
         """Stop every function's workers, close DuckDB, and stop Ray if this session started it."""
-        self.registry.close()
-        self.db.close()
-        self.registry.runtime.shutdown()
+        try:
+            self.registry.close()
+        finally:
+            try:
+                self.db.close()
+            finally:
+                self.registry.runtime.shutdown()
 
     def __enter__(self) -> Session:
         return self

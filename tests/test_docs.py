@@ -39,9 +39,9 @@ def shown(default: object) -> str:
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
-def test_every_engine_option_is_documented_with_its_default(option):
+def test_every_engine_option_is_documented_as_the_code_has_it(option):
     aliases = "".join(f" (alias `{alias}`)" for alias in option.aliases)
-    assert f"| `{option.name}`{aliases} | {shown(option.default)} |" in STATEMENTS_DOC
+    assert f"| `{option.name}`{aliases} | {shown(option.default)} | {option.help} |" in STATEMENTS_DOC
 
 
 def test_every_engine_option_is_a_setting():

@@ -28,10 +28,12 @@ from udf_engine.settings import UDFConf
 # is a few calls to the GCS, so 10 s only runs out for a master that is stuck or gone.
 SHUTDOWN_TIMEOUT_S = 10.0
 # How long a replaced master's name may stay taken after the kill: Ray frees it once
-# the GCS has seen the actor die, normally within a second.
+# the GCS has seen the actor die, normally within a second, so we look every 50 ms.
 NAME_RELEASE_TIMEOUT_S = 30.0
 NAME_POLL_S = 0.05
-# How long a registration waits for the resources a replaced UDF's workers release.
+# How long a registration waits for the resources a replaced UDF's workers release (a
+# killed actor's resources return within a second or two); it looks every 100 ms, a
+# small cost next to starting a worker.
 RESOURCES_GRACE_S = 5.0
 RESOURCES_POLL_S = 0.1
 

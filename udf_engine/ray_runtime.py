@@ -32,6 +32,11 @@ _QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}
 _log = logging.getLogger(__name__)
 
 
+# How Ray's notice of a worker that died begins. Other notices (a node out of memory, a
+# task that cannot be scheduled) still print: they explain trouble the caller may not see.
+_WORKER_DIED = "A worker died or was killed"
+
+
 def _log_raylet_notices() -> None:
     """Send Ray's "(raylet) A worker died ..." notices to logging (INFO) instead of stdout.
 
@@ -48,10 +53,11 @@ def _log_raylet_notices() -> None:
         return
 
     def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
-        if data.get("pid") != "raylet":
+        lines = data.get("lines", [])
+        if data.get("pid") != "raylet" or not all(str(line).startswith(_WORKER_DIED) for line in lines):
             printer(data, ignore_prefix)
             return
-        for line in data.get("lines", []):
+        for line in lines:
             _log.info("raylet: %s", line)
 
     print_to_stdstream.rayudf_routes_raylet = True

@@ -36,7 +36,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("num_cpus", 1.0, float, "CPUs reserved per worker (fractions allowed); also caps its math threads"),
     Option("num_gpus", 0.0, float, "GPUs reserved per worker (fractions allowed)"),
     Option("resources", {}, dict, 'custom Ray resources per worker, as JSON: {"accelerator": 1}'),
-    Option("env", {}, dict, 'environment variables of the worker processes, as JSON: {"OMP_PROC_BIND": "true"}'),
+    Option("env", {}, dict, 'environment variables of the worker processes, as JSON: {"OMP_PROC_BIND": "true"} (`!python env` fills it)'),
     Option("batch_size", 2048, int, "rows per batch sent to a worker (DuckDB calls a function with at most 2048)", ("batchSize",)),
     Option("max_retries", 1, int, "times a batch whose worker died is retried on another worker"),
     Option("startup_timeout_s", 300.0, float, "seconds to wait for workers to load the model"),
