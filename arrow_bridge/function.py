@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import duckdb
@@ -23,7 +24,7 @@ import pyarrow as pa
 
 from arrow_bridge.tensors import features, to_arrow
 from arrow_bridge.types import arrow_type, duckdb_type_of
-from udf_engine.dispatcher import MAX_IN_FLIGHT_PER_WORKER
+from udf_engine.dispatcher import MAX_IN_FLIGHT_PER_WORKER, Partial
 from udf_engine.errors import ConfigError
 
 
@@ -61,17 +62,62 @@ class ModelFunction:
         self.batch_size = batch_size  # rows per batch sent to a worker
         self.width = width  # values per input row, when the model says so
         self._counter = counter  # told of every row scored
+        self.nulled = RowCounter()  # rows left NULL because the model raised on them (on_error="null")
+        self.null_reason = ""  # what the model raised on the latest of those rows
 
     def __call__(self, *cols: Any) -> pa.Array:
         rows = len(cols[0]) if cols else 0
         if rows == 0:
             return pa.array([], type=self.arrow_type)
+        valid = valid_rows(cols)
+        if valid is None:
+            return self._score(cols, rows)
+        kept = int(valid.sum())
+        mask = pa.array(valid)
+        scored = self._score([c.filter(mask) for c in cols], kept) if kept else pa.array([], type=self.arrow_type)
+        return with_null_rows(scored, valid)
+
+    def _score(self, cols: Sequence[Any], rows: int) -> pa.Array:
         matrix = features(cols, function=self.name, width=self.width)
         step = self.batch_size
         batches = [matrix[i : i + step] for i in range(0, rows, step)]
-        result = to_arrow(self.udf.map(batches), self.arrow_type, rows)
+        outputs = self.udf.map(batches)
+        result = to_arrow(outputs, self.arrow_type, rows)
         self._counter.add(rows)
+        for output in outputs:
+            if isinstance(output, Partial) and output.nulled:
+                self.nulled.add(output.nulled)
+                self.null_reason = output.error
         return result
+
+
+def valid_rows(cols: Sequence[Any]) -> np.ndarray | None:
+    """Which rows have no NULL argument (a boolean mask), or None when all of them.
+
+    Example:
+        >>> valid_rows([pa.array([1.0, None, 3.0]), pa.array([1, 2, None])])
+        array([ True, False, False])
+        >>> valid_rows([pa.array([1.0, 2.0])]) is None
+        True
+    """
+    if not any(c.null_count for c in cols):
+        return None
+    valid = np.ones(len(cols[0]), dtype=bool)
+    for col in cols:
+        if col.null_count:
+            valid &= col.is_valid().to_numpy(zero_copy_only=False)
+    return valid
+
+
+def with_null_rows(values: pa.Array, valid: np.ndarray) -> pa.Array:
+    """``values`` (one per valid row) spread over all rows, NULL where ``valid`` is False.
+
+    Example:
+        >>> with_null_rows(pa.array([10, 30]), np.array([True, False, True])).to_pylist()
+        [10, None, 30]
+    """
+    positions = np.cumsum(valid) - 1
+    return values.take(pa.array(positions, mask=~valid))
 
 
 def infer_return_type(name: str, udf: Any, width: int | None) -> str:
@@ -108,7 +154,9 @@ def add_function(con: duckdb.DuckDBPyConnection, fn: ModelFunction) -> None:
     """Make ``fn`` callable from SQL by its name; raises DuckDB's threads to keep its workers busy."""
     # parameters=None makes DuckDB accept any number of arguments of any type:
     # f(pixels) and f(a, b, c) both reach __call__ with the columns as they are.
-    con.create_function(fn.name, fn, None, fn.return_type, type="arrow")
+    # null_handling="special": DuckDB passes rows with NULL arguments (ModelFunction leaves
+    # them NULL, as DuckDB would) and accepts the NULLs of rows on_error="null" gave up on.
+    con.create_function(fn.name, fn, None, fn.return_type, type="arrow", null_handling="special")
     _ensure_threads(con, fn.udf.conf.workers * MAX_IN_FLIGHT_PER_WORKER)
 
 

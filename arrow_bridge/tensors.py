@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.types as pat
 
+from udf_engine.dispatcher import Partial
 from udf_engine.errors import InputError, ModelError
 
 _LIST_TYPES = (pat.is_fixed_size_list, pat.is_list, pat.is_large_list)
@@ -124,13 +125,31 @@ def _convert(values: Any, target: pa.DataType) -> pa.Array:
     return pa.array(values, type=target)
 
 
-def to_arrow(results: Sequence[Any], target: pa.DataType, rows: int) -> pa.Array:
-    """Join per-batch model outputs and convert them to one Arrow array of ``rows`` entries."""
-    values = _concat(results)
+def _convert_checked(values: Any, target: pa.DataType) -> pa.Array:
     try:
-        array = _convert(values, target)
+        return _convert(values, target)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as err:
         raise ModelError(f"the model's output does not convert to {target}: {err}") from None
+
+
+def _with_nulls(results: Sequence[Any], target: pa.DataType) -> pa.Array:
+    """Per-batch outputs where some batches are :class:`Partial` (rows left NULL), as one array."""
+    runs: list[tuple[int, Any]] = []
+    for result in results:
+        runs.extend(result.parts if isinstance(result, Partial) else [(None, result)])
+    pieces = [pa.nulls(rows, target) if output is None else _convert_checked(output, target) for rows, output in runs]
+    return pa.concat_arrays(pieces)
+
+
+def to_arrow(results: Sequence[Any], target: pa.DataType, rows: int) -> pa.Array:
+    """Join per-batch model outputs and convert them to one Arrow array of ``rows`` entries.
+
+    A :class:`Partial` result (``on_error="null"``) gives NULL for the rows the model failed on.
+    """
+    if any(isinstance(r, Partial) for r in results):
+        array = _with_nulls(results, target)
+    else:
+        array = _convert_checked(_concat(results), target)
     if len(array) != rows:
         raise ModelError(f"the model returned {len(array)} results for {rows} rows")
     return array

@@ -68,6 +68,8 @@ def run(script: Path, sets: tuple[str, ...], ray_address: str | None, limit: int
         with Session(ray_address=ray_address) as session:
             session.pin_variables(variables)
             result = session.run(text, source_name=str(script), base_dir=script.parent)
+            for warning in result.warnings:
+                click.echo(f"warning: {warning}", err=True)
             frame = result.frame
             if frame is not None:
                 shown = frame if limit <= 0 else frame.head(limit)

@@ -8,8 +8,8 @@ Example:
     >>> run_command("python", ["conf", "rayAddress=auto"], registry=registry, state=state)
     >>> state.python_conf
     {'rayAddress': 'auto'}
-    >>> list(run_command("models", [], registry=registry, state=state).columns)
-    ['function', 'kind', 'path', 'version', 'workers', 'batch_size', 'returns']
+    >>> run_command("models", [], registry=registry, state=state).empty   # nothing registered yet
+    True
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from sql_magics.registry import FunctionRegistry
 from sql_magics.script_state import ScriptState
 
 WORKER_COLUMNS = [
-    "function", "worker", "node", "gpu_ids", "batches", "rows", "mean_ms_per_batch", "errors", "replaced", "alive", "last_error",
+    "function", "worker", "node", "gpu_ids", "batches", "rows", "mean_ms_per_batch", "errors", "replaced", "alive",
+    "batch_running_s", "last_error",
 ]
-MODEL_COLUMNS = ["function", "kind", "path", "version", "workers", "batch_size", "returns"]
+MODEL_COLUMNS = ["function", "kind", "path", "version", "workers", "batch_size", "returns", "nulled_rows"]
 # Ray node ids are 56 hex digits; the first 12 tell the nodes of a cluster apart.
 _NODE_ID_CHARS = 12
 
@@ -75,6 +76,7 @@ def models_frame(registry: FunctionRegistry) -> pd.DataFrame:
             "workers": r.udf.conf.workers if r.udf else 0,
             "batch_size": r.udf.conf.batch_size if r.udf else None,
             "returns": r.returns,
+            "nulled_rows": r.model_function.nulled.value if r.model_function else 0,
         }
         for name, r in registry.functions.items()
     ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -52,11 +52,13 @@ _SHELL_ERROR_CHARS = 200
 
 @dataclass
 class ScriptResult:
-    """What a script gives back: the rows of its last statement that yields rows, and a
-    line to show when it yields none (what its last statement made, and how to see it)."""
+    """What a script gives back: the rows of its last statement that yields rows, a line to
+    show when it yields none (what its last statement made, and how to see it), and
+    warnings to show in any case (rows a model function left NULL)."""
 
     frame: pd.DataFrame | None
     notice: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 class Executor:
@@ -71,12 +73,14 @@ class Executor:
         self.parameters = parameters or {}  # values for $name query parameters
         self._including: list[Path] = []  # include stack, to refuse cycles
         self._notice: str | None = None  # what the statement that ran last says when it yields no rows
+        self._warnings: list[str] = []  # for the whole script, included files too
 
     def run(self, statements: list[Statement], *, base_dir: Path, source_name: str = "") -> ScriptResult:
         """Run statements in order."""
         frame = None
         for statement in statements:
             self._notice = None
+            nulled_before = self._nulled()
             try:
                 result = _HANDLERS[statement.kind](self, statement, base_dir=base_dir)
             except (ParseError, ExecutionError) as err:
@@ -87,9 +91,11 @@ class Executor:
                 raise ExecutionError(str(err), line=statement.line, source=source_name) from None
             except duckdb.Error as err:
                 raise ExecutionError(clean_duckdb_error(err), line=statement.line, source=source_name) from None
+            finally:
+                self._warn_nulled(nulled_before, statement, source_name)
             if result is not None:
                 frame = result
-        return ScriptResult(frame, None if frame is not None else self._notice)
+        return ScriptResult(frame, None if frame is not None else self._notice, self._warnings)
 
     def assign(self, key: str, value: str) -> None:
         """``set key = value``: a ${key} variable, or a setting (sql.dialect, ray.address, DuckDB's own)."""
@@ -105,6 +111,18 @@ class Executor:
         state.variables[key] = value
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _nulled(self) -> dict[str, int]:
+        """Rows each model function has left NULL so far."""
+        return {name: f.model_function.nulled.value for name, f in self.registry.functions.items() if f.model_function}
+
+    def _warn_nulled(self, before: dict[str, int], statement: Statement, source_name: str) -> None:
+        where = (f"{source_name}: " if source_name else "") + f"line {statement.line}"
+        for name, fn in self.registry.functions.items():
+            rows = fn.model_function.nulled.value - before.get(name, 0) if fn.model_function else 0
+            if rows > 0:
+                plural = "" if rows == 1 else "s"
+                self._warnings.append(f'{where}: {rows:,} row{plural} NULL (on_error="null"): {fn.model_function.null_reason}')
 
     def _substitute(self, text: str) -> str:
         return substitute(text, self.state.variables)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import html
 import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,8 @@ class SqlMagic(Magics):
         started = time.perf_counter()
         result = self._run(text, namespace)
         elapsed = time.perf_counter() - started
+        for warning in result.warnings:
+            print(warning, file=sys.stderr)
         if result.frame is None and result.notice:
             print(result.notice)
         if target:

@@ -34,8 +34,8 @@ def test_every_command_is_documented(command):
 
 
 def shown(default: object) -> str:
-    """A default as the docs write it: 1 for 1.0, {} for an empty dict."""
-    return f"{default:g}" if isinstance(default, float) else str(default)
+    """A default as the docs write it: 1 for 1.0, {} for an empty dict, none for None."""
+    return f"{default:g}" if isinstance(default, float) else "none" if default is None else str(default)
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sql_magics import ExecutionError, ParseError, Session
+from sql_magics.commands import MODEL_COLUMNS
 
 from conftest import WORKER_CPUS, named_actors
 
@@ -292,7 +293,7 @@ def test_unregister_stops_workers_and_removes_the_function(s, sklearn_model):
 def test_commands(s):
     s.sql('!python conf "a=1"; !python env "B=2"')
     assert s.state.python_conf == {"a": "1"} and s.state.python_env == {"B": "2"}
-    assert list(s.sql("!models").columns) == ["function", "kind", "path", "version", "workers", "batch_size", "returns"]
+    assert list(s.sql("!models").columns) == MODEL_COLUMNS
     with pytest.raises(ExecutionError, match=r"!nope: unknown command"):
         s.sql("!nope")
     with pytest.raises(ExecutionError, match=r"usage: !python conf"):

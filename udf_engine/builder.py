@@ -110,6 +110,7 @@ class RemoteUDF:
     dispatcher: Dispatcher
     conf: UDFConf
     info: dict  # what the workers reported when the model loaded (input_width, load_s)
+    model_refs: list  # the model in the object store: held here so a restarted master can load it again
 
     def map(self, batches: Sequence[Any]) -> list[Any]:
         """Score batches on the workers; results in input order."""
@@ -161,7 +162,9 @@ class UDFBuilder:
         _wait_for_resources(ray_context.function, settings)
         master = (
             ray.remote(UDFMaster)
-            .options(name=name, namespace=NAMESPACE, num_cpus=0)
+            # Ray restarts a master that dies, and holds calls to it (a dispatcher asking
+            # for a replacement) until it is back: see udf_engine.master.
+            .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_task_retries=-1)
             .remote(ray_context.function, ray_context.actor_prefix, init_func, apply_func, ray_context.model_refs, settings)
         )
         try:
@@ -173,8 +176,15 @@ class UDFBuilder:
             if isinstance(cause, RayUDFError):
                 raise type(cause)(str(cause)) from None
             raise WorkerError(f"function {ray_context.function}: could not start its workers: {cause}") from None
-        dispatcher = Dispatcher(master, workers, function=ray_context.function, max_retries=settings.max_retries)
-        udf = RemoteUDF(ray_context.function, master, dispatcher, settings, info)
+        dispatcher = Dispatcher(
+            master,
+            workers,
+            function=ray_context.function,
+            max_retries=settings.max_retries,
+            batch_timeout_s=settings.batch_timeout_s,
+            on_error=settings.on_error,
+        )
+        udf = RemoteUDF(ray_context.function, master, dispatcher, settings, info, list(ray_context.model_refs))
         ray_context.udf = udf
         return udf
 

@@ -4,8 +4,18 @@ It starts the UDFWorkers, waits until each has loaded the model, replaces dead
 ones (when told by a dispatcher, and on its own watch), reports statistics and
 shuts them down. Batches never pass through it.
 
+The master may die (its node lost, its process killed). Ray then restarts it
+(``max_restarts``); its workers, which are its children, die with it, and the
+restarted master starts them again on first use. A dispatcher that loses workers
+meanwhile asks the master for replacements, and Ray holds those calls until the
+master is back, so a running query only waits.
+
+A worker counts as dead only when Ray says so (an actor error on a call): a worker
+that is busy with a long batch still answers ``stats``, which runs in its own
+concurrency group, and one that does not answer in time is not replaced.
+
 Example:
-    >>> master = ray.remote(UDFMaster).options(name="rayudf.s1.digits").remote(
+    >>> master = ray.remote(UDFMaster).options(name="rayudf.s1.digits", max_restarts=-1).remote(
     ...     "digits", "rayudf.s1.digits", init, apply, model_refs, UDFConf())  # doctest: +SKIP
     >>> info = ray.get(master.start.remote())       # {"input_width": 64, "load_s": ...} # doctest: +SKIP
     >>> workers = ray.get(master.workers.remote())  # [(worker_id, handle), ...]         # doctest: +SKIP
@@ -14,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,25 +34,35 @@ import ray
 from udf_engine.errors import ModelError, WorkerError, remote_cause
 from udf_engine.ray_runtime import NAMESPACE
 from udf_engine.settings import UDFConf
-from udf_engine.worker import UDFWorker
+from udf_engine.worker import CONCURRENCY_GROUPS, UDFWorker
 
-# How often the master pings its workers on its own; dispatchers report deaths sooner.
+# How often the master looks at its workers on its own; dispatchers report deaths sooner.
 WATCH_INTERVAL_S = 2.0
-# How long a worker may take to answer stats() before it counts as dead. A worker runs
-# one call at a time, so a batch that runs longer than this makes a live worker look dead.
-PING_TIMEOUT_S = 10.0
+# How long a worker's stats() may take. It runs beside any batch, so it answers at once
+# unless the process is frozen; a worker that does not answer in time is reported as
+# not answering, never replaced: only Ray's own error says a worker is dead.
+STATS_TIMEOUT_S = 10.0
 
 
 @dataclass
 class _Slot:
-    """One worker position; a replacement keeps the slot and bumps the generation."""
+    """One worker position; a replacement keeps the slot and gets a new worker id."""
 
     index: int
-    generation: int
     worker_id: str
     handle: Any
     replaced: int = 0  # how many times this slot's worker has been replaced
     last_error: str = ""  # why the last replacement of this slot's worker failed ("" if none did)
+
+
+def slot_index(worker_id: str) -> int:
+    """The slot a worker id names: ``<prefix>.w<slot>.<token>``.
+
+    Example:
+        >>> slot_index("rayudf.ab12.digits.v1.w3.9f2c")
+        3
+    """
+    return int(worker_id.rsplit(".", 2)[1][1:])
 
 
 class UDFMaster:
@@ -57,23 +78,23 @@ class UDFMaster:
         conf: UDFConf,
     ) -> None:
         self._function = function  # the SQL name, for messages
-        self._prefix = actor_prefix  # worker actors are named f"{prefix}.w{slot}.{generation}"
+        self._prefix = actor_prefix  # worker actors are named f"{prefix}.w{slot}.{token}"
         self._init_func = init_func
         self._apply_func = apply_func
         self._model_refs = list(model_refs)  # kept so replacements can load the model again
         self._conf = conf
-        self._slots: list[_Slot] = []
+        self._slots: list[_Slot] = []  # empty until start(), or after a restart until first use
         self._info: dict = {}  # what the first worker said of the model (input width, ...)
         self._lock = asyncio.Lock()  # one start or replace at a time
         self._watch: asyncio.Task | None = None
-        self._slot_of: dict[str, int] = {}  # every worker id ever started -> its slot index
+        # Ray restarted this actor after it died: its workers died with it and start again on first use.
+        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
 
-    def _new_worker(self, index: int, generation: int) -> _Slot:
+    def _new_worker(self, index: int) -> _Slot:
         conf = self._conf
-        worker_id = f"{self._prefix}.w{index}.{generation}"
-        self._slot_of[worker_id] = index
+        worker_id = f"{self._prefix}.w{index}.{secrets.token_hex(3)}"
         handle = (
-            ray.remote(UDFWorker)
+            ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(UDFWorker)
             .options(
                 name=worker_id,
                 namespace=NAMESPACE,
@@ -81,11 +102,13 @@ class UDFMaster:
                 num_gpus=conf.num_gpus,
                 resources=conf.resources or None,
                 max_concurrency=1,
+                # workers of one UDF on different nodes when there are several: a node lost takes fewer
+                scheduling_strategy="SPREAD",
                 runtime_env={"env_vars": {k: str(v) for k, v in conf.env.items()}} if conf.env else None,
             )
             .remote(worker_id, self._init_func, self._apply_func, self._model_refs, conf.as_conf())
         )
-        return _Slot(index, generation, worker_id, handle)
+        return _Slot(index, worker_id, handle)
 
     async def _await_ready(self, slots: list[_Slot]) -> None:
         """Wait for every worker to load the model; on any failure kill them all and raise."""
@@ -98,7 +121,7 @@ class UDFMaster:
             for s in slots:
                 ray.kill(s.handle)
             cause = remote_cause(err)
-            if isinstance(cause, asyncio.TimeoutError):
+            if isinstance(cause, TimeoutError):
                 raise WorkerError(
                     f"function {self._function}: workers not ready after {self._conf.startup_timeout_s:.0f} s "
                     f"(asked for num_cpus={self._conf.num_cpus}, num_gpus={self._conf.num_gpus} each; "
@@ -113,26 +136,34 @@ class UDFMaster:
     async def start(self) -> dict:
         """Start ``conf.workers`` workers; return the model info once all have loaded it."""
         async with self._lock:
-            slots = [self._new_worker(i, 0) for i in range(self._conf.workers)]
-            await self._await_ready(slots)
-            self._slots = slots
-        self._watch = asyncio.ensure_future(self._watch_loop())
+            await self._start_workers()
         return self._info
 
-    def workers(self) -> list[tuple[str, Any]]:
+    async def _start_workers(self) -> None:
+        """Start the workers if there are none (called holding the lock)."""
+        if self._slots:
+            return
+        slots = [self._new_worker(i) for i in range(self._conf.workers)]
+        await self._await_ready(slots)
+        self._slots = slots
+        if self._watch is None:
+            self._watch = asyncio.ensure_future(self._watch_loop())
+
+    async def workers(self) -> list[tuple[str, Any]]:
         """The live workers as (worker_id, handle) pairs."""
+        async with self._lock:
+            if self._restarted:
+                await self._start_workers()
         return [(s.worker_id, s.handle) for s in self._slots]
 
-    async def replace(self, worker_id: str) -> tuple[str, Any] | None:
+    async def replace(self, worker_id: str) -> tuple[str, Any]:
         """Replace a dead worker; idempotent (a second report returns the same replacement).
 
-        Returns the replacement's (worker_id, handle), or None if the worker is unknown.
+        A worker id from before a restart names its slot, whose new worker is returned.
         """
         async with self._lock:
-            index = self._slot_of.get(worker_id)
-            if index is None or index >= len(self._slots):
-                return None
-            slot = self._slots[index]
+            await self._start_workers()
+            slot = self._slots[slot_index(worker_id)]
             if slot.worker_id != worker_id or await self._is_alive(slot):
                 return slot.worker_id, slot.handle
             try:
@@ -143,7 +174,7 @@ class UDFMaster:
 
     async def _respawn(self, slot: _Slot) -> tuple[str, Any]:
         ray.kill(slot.handle)
-        fresh = self._new_worker(slot.index, slot.generation + 1)
+        fresh = self._new_worker(slot.index)
         await self._await_ready([fresh])
         fresh.replaced = slot.replaced + 1
         self._slots[slot.index] = fresh
@@ -151,11 +182,14 @@ class UDFMaster:
 
     @staticmethod
     async def _is_alive(slot: _Slot) -> bool:
+        """False only when Ray says the worker is dead; one too slow to answer counts as alive."""
         try:
-            await asyncio.wait_for(slot.handle.stats.remote(), PING_TIMEOUT_S)
+            await asyncio.wait_for(slot.handle.stats.remote(), STATS_TIMEOUT_S)
+        except (TimeoutError, ray.exceptions.ActorUnavailableError):  # slow or unreachable for now: not dead
             return True
-        except (TimeoutError, ray.exceptions.RayActorError):
+        except ray.exceptions.RayActorError:
             return False
+        return True
 
     async def _watch_loop(self) -> None:
         while True:
@@ -168,15 +202,20 @@ class UDFMaster:
                         continue
 
     async def stats(self) -> list[dict]:
-        """One row per worker slot: counters, node, GPU ids, replacements, alive."""
+        """One row per worker slot: counters, node, GPU ids, replacements, alive, busy."""
+        async with self._lock:
+            if self._restarted:
+                await self._start_workers()
         rows = []
         for slot in self._slots:
             row = {"function": self._function, "slot": slot.index, "worker": slot.worker_id, "replaced": slot.replaced}
-            row.update(node=None, pid=None, gpu_ids=[], batches=0, rows=0, busy_s=0.0, errors=0, last_error=slot.last_error)
+            row.update(node=None, pid=None, gpu_ids=[], batches=0, rows=0, busy_s=0.0, errors=0, batch_running_s=None)
+            row.update(last_error=slot.last_error, alive=True)
             try:
-                row.update(await asyncio.wait_for(slot.handle.stats.remote(), PING_TIMEOUT_S))
-                row["alive"] = True
-            except (TimeoutError, ray.exceptions.RayActorError):
+                row.update(await asyncio.wait_for(slot.handle.stats.remote(), STATS_TIMEOUT_S))
+            except (TimeoutError, ray.exceptions.ActorUnavailableError):
+                row["last_error"] = row["last_error"] or f"did not answer within {STATS_TIMEOUT_S:g} s"
+            except ray.exceptions.RayActorError:
                 row["alive"] = False
             rows.append(row)
         return rows

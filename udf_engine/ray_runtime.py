@@ -32,13 +32,16 @@ _QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}
 _log = logging.getLogger(__name__)
 
 
-# How Ray's notice of a worker that died begins. Other notices (a node out of memory, a
-# task that cannot be scheduled) still print: they explain trouble the caller may not see.
-_WORKER_DIED = "A worker died or was killed"
+# Ray's notices about faults the engine handles itself: a worker process that died (it is
+# replaced, its batches retried) and a call to our actors that Ray retries (the master
+# restarting). Other notices (a node out of memory, a task that cannot be scheduled) still
+# print: they explain trouble the caller may not otherwise see.
+_HANDLED_NOTICES = ("A worker died or was killed", "Task UDFMaster.", "Task UDFWorker.")
 
 
 def _log_raylet_notices() -> None:
-    """Send Ray's "(raylet) A worker died ..." notices to logging (INFO) instead of stdout.
+    """Send Ray's "(raylet) A worker died ..." notices (see _HANDLED_NOTICES) to logging (INFO)
+    instead of stdout.
 
     ``log_to_driver=False`` does not cover them (ray-project/ray#28216): the driver's
     error listener prints them with ``ray._private.worker.print_to_stdstream``, which
@@ -54,7 +57,7 @@ def _log_raylet_notices() -> None:
 
     def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
         lines = data.get("lines", [])
-        if data.get("pid") != "raylet" or not all(str(line).startswith(_WORKER_DIED) for line in lines):
+        if data.get("pid") != "raylet" or not all(str(line).startswith(_HANDLED_NOTICES) for line in lines):
             printer(data, ignore_prefix)
             return
         for line in lines:

@@ -33,14 +33,24 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("workers", 2, int, "number of UDFWorker actors holding the model", ("maxConcurrency",)),
-    Option("num_cpus", 1.0, float, "CPUs reserved per worker (fractions allowed); also caps its math threads"),
+    Option(
+        "num_cpus",
+        0.25,
+        float,
+        "CPUs reserved per worker (fractions allowed); its math threads are the node's cores shared among the workers, at least this",
+    ),
     Option("num_gpus", 0.0, float, "GPUs reserved per worker (fractions allowed)"),
     Option("resources", {}, dict, 'custom Ray resources per worker, as JSON: {"accelerator": 1}'),
     Option("env", {}, dict, 'environment variables of the worker processes, as JSON: {"OMP_PROC_BIND": "true"} (`!python env` fills it)'),
     Option("batch_size", 2048, int, "rows per batch sent to a worker (DuckDB calls a function with at most 2048)", ("batchSize",)),
-    Option("max_retries", 1, int, "times a batch whose worker died is retried on another worker"),
+    Option(
+        "max_retries", 3, int, "times a batch whose worker died is retried; a batch that kills its worker more often is a poison batch"
+    ),
     Option("startup_timeout_s", 300.0, float, "seconds to wait for workers to load the model"),
+    Option("batch_timeout_s", None, float, "seconds a batch may run before the query fails naming it (none: no limit)"),
+    Option("on_error", "raise", str, 'when the model raises on some rows: "raise" fails the query, "null" gives NULL for those rows'),
 )
+ON_ERROR = ("raise", "null")
 
 _BY_NAME = {alias: opt for opt in OPTIONS for alias in (opt.name, *opt.aliases)}
 
@@ -54,6 +64,8 @@ def _default(name: str) -> Any:
 
 
 def _coerce(opt: Option, value: Any) -> Any:
+    if opt.default is None and (value is None or str(value).strip().lower() in ("", "none")):
+        return None
     if opt.type is dict:
         if isinstance(value, Mapping):
             return dict(value)
@@ -64,6 +76,8 @@ def _coerce(opt: Option, value: Any) -> Any:
         if not isinstance(parsed, dict):
             raise ConfigError(f"option {opt.name}: expected a JSON object, got {value!r}")
         return parsed
+    if opt.type is str:
+        return str(value).strip().lower()
     try:
         if opt.type is int and isinstance(value, str):
             return int(float(value)) if float(value).is_integer() else int(value)
@@ -89,6 +103,8 @@ class UDFConf:
     batch_size: int = _default("batch_size")
     max_retries: int = _default("max_retries")
     startup_timeout_s: float = _default("startup_timeout_s")
+    batch_timeout_s: float | None = _default("batch_timeout_s")
+    on_error: str = _default("on_error")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,6 +116,10 @@ class UDFConf:
             raise ConfigError(f"option batch_size: must be at least 1, got {self.batch_size}")
         if self.max_retries < 0:
             raise ConfigError(f"option max_retries: must not be negative, got {self.max_retries}")
+        if self.batch_timeout_s is not None and self.batch_timeout_s <= 0:
+            raise ConfigError(f"option batch_timeout_s: must be positive, got {self.batch_timeout_s:g}")
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"option on_error: {self.on_error!r} is not one of {', '.join(ON_ERROR)}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> UDFConf:

@@ -1,9 +1,11 @@
 """UDFWorker: the Ray actor that loads a model once and scores batches with it.
 
+Its control calls (``ready``, ``stats``) run in a concurrency group of their own, so they
+are answered while a batch runs: a busy worker is never mistaken for a dead one.
+
 Example:
-    >>> import ray
-    >>> Worker = ray.remote(UDFWorker)                          # doctest: +SKIP
-    >>> w = Worker.remote("w0", init, apply, model_refs, conf)  # doctest: +SKIP
+    >>> Worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(UDFWorker)  # doctest: +SKIP
+    >>> w = Worker.remote("w0", init, apply, model_refs, conf)               # doctest: +SKIP
     >>> ray.get(w.ready.remote())["input_width"]                # doctest: +SKIP
     64
     >>> ray.get(w.apply.remote(np.zeros((4, 64)))).shape        # doctest: +SKIP
@@ -18,9 +20,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ray
 from threadpoolctl import threadpool_limits
 
 from udf_engine.builtin_funcs import RowWiseApply, input_width
+
+# Control calls get one thread of their own beside the one that runs batches.
+CONTROL = "control"
+CONCURRENCY_GROUPS = {CONTROL: 1}
 
 _THREAD_ENV = (
     "OMP_NUM_THREADS",
@@ -34,18 +41,28 @@ _THREAD_ENV = (
 _TF_MIN_INTRAOP_THREADS = 2
 
 
-def limit_math_threads(num_cpus: float) -> int:
-    """Cap BLAS/OpenMP/TF thread pools at the worker's CPU share (at least 1).
+def math_threads(num_cpus: float, workers: int, cores: int) -> int:
+    """The threads a worker's math libraries get: the node's cores shared among the UDF's
+    workers, and never fewer than the CPUs it reserved.
 
-    Two workers on a 2-core machine that each start one thread per core would
-    oversubscribe the cores and run slower than one worker.
+    The reservation (``num_cpus``) may be a small fraction, so that idle workers of
+    several models fit on a laptop; a worker that scores still uses its share of the cores.
+    Two workers on a 2-core machine each get one thread: more would oversubscribe the
+    cores and run slower than one worker.
+
+    Example:
+        >>> math_threads(0.25, workers=2, cores=2), math_threads(0.25, workers=1, cores=2), math_threads(4, workers=2, cores=2)
+        (1, 2, 4)
     """
-    threads = max(1, math.ceil(num_cpus)) if num_cpus else 1
+    return max(1, math.ceil(num_cpus), cores // max(workers, 1))
+
+
+def limit_math_threads(threads: int) -> None:
+    """Cap BLAS/OpenMP/TF thread pools at ``threads`` (TensorFlow keeps a pool of two)."""
     for name in _THREAD_ENV:
         os.environ[name] = str(threads)
     os.environ["TF_NUM_INTRAOP_THREADS"] = str(max(_TF_MIN_INTRAOP_THREADS, threads))
     threadpool_limits(threads)  # pools numpy already started ignore the env vars
-    return threads
 
 
 class UDFWorker:
@@ -59,15 +76,16 @@ class UDFWorker:
         model_refs: Sequence[Any],
         conf: dict,
     ) -> None:
-        import ray
-
         self._id = worker_id  # stable name of this worker in stats and errors
         self._apply_func = apply_func
-        self._threads = limit_math_threads(float(conf.get("num_cpus") or 0))
+        cores = len(os.sched_getaffinity(0))
+        self._threads = math_threads(float(conf.get("num_cpus") or 0), int(conf.get("workers") or 1), cores)
+        limit_math_threads(self._threads)
         self._batches = 0  # batches scored by apply()
         self._rows = 0  # rows in those batches
         self._busy_s = 0.0  # wall time spent inside apply_func
         self._errors = 0  # apply() calls that raised
+        self._batch_started: float | None = None  # when the batch now running began (None: idle)
         self._init_error: BaseException | None = None  # re-raised by ready()
         self._model: Any = None
         started = time.perf_counter()
@@ -80,6 +98,7 @@ class UDFWorker:
         self._node = ctx.get_node_id()
         self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
 
+    @ray.method(concurrency_group=CONTROL)
     def ready(self) -> dict:
         """Raise the model's load error, or describe the loaded model."""
         if self._init_error is not None:
@@ -90,13 +109,14 @@ class UDFWorker:
 
     def apply(self, batch: Any) -> Any:
         """Score one batch and count it."""
-        started = time.perf_counter()
+        started = self._batch_started = time.perf_counter()
         try:
             result = self._apply_func(self._model, batch)
         except BaseException:
             self._errors += 1
             raise
         finally:
+            self._batch_started = None
             self._busy_s += time.perf_counter() - started
         self._batches += 1
         self._rows += len(batch)
@@ -106,8 +126,10 @@ class UDFWorker:
         """Score a sample batch without counting it (used to infer the return type)."""
         return self._apply_func(self._model, batch)
 
+    @ray.method(concurrency_group=CONTROL)
     def stats(self) -> dict:
-        """This worker's counters, node and GPU ids."""
+        """This worker's counters, node and GPU ids, and how long the batch it runs has run."""
+        started = self._batch_started
         return {
             "worker": self._id,
             "node": self._node,
@@ -117,6 +139,7 @@ class UDFWorker:
             "batches": self._batches,
             "rows": self._rows,
             "busy_s": self._busy_s,
+            "batch_running_s": None if started is None else time.perf_counter() - started,
             "errors": self._errors,
             "load_s": self._load_s,
         }

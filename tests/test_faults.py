@@ -1,0 +1,170 @@
+"""The engine under faults and load: busy workers, the master's death, bad rows, hung batches, chaos.
+
+Models are plain cloudpickled Python (no TensorFlow), so workers start in about a second.
+Processes are killed by their own pid, found through their actor handle.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cloudpickle
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from sql_magics import ExecutionError
+
+WEIGHTS = np.array([1.0, 10.0])
+
+
+def pickled(model_dir, name, model):
+    """Save ``model`` with cloudpickle, its class by value (workers cannot import this test module)."""
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    path = model_dir / f"{name}.pkl"
+    path.write_bytes(cloudpickle.dumps(model))
+    return path
+
+
+def pid_of(actor) -> int:
+    """The process id of an actor, asked of the actor itself."""
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def worker_pids(udf) -> list[int]:
+    return [s["pid"] for s in udf.stats() if s["alive"] and s["pid"]]
+
+
+@pytest.fixture(scope="module")
+def rows_parquet(tmp_path_factory):
+    """200,000 rows (id, a, b) in row groups of 4,096, and the expected a + 10 b."""
+    rows = 200_000
+    rng = np.random.default_rng(7)
+    x = rng.random((rows, 2))
+    path = tmp_path_factory.mktemp("faults") / "rows.parquet"
+    pq.write_table(pa.table({"id": np.arange(rows), "a": x[:, 0], "b": x[:, 1]}), path, row_group_size=4096)
+    return path, x @ WEIGHTS
+
+
+class Weighted:
+    """a + 10 b, after ``pause_s`` per batch; raises on the poison value a == -1."""
+
+    n_features_in_ = 2
+
+    def __init__(self, pause_s: float = 0.0) -> None:
+        self.pause_s = pause_s
+
+    def predict(self, batch):
+        x = np.asarray(batch, dtype=np.float64)
+        if (x[:, 0] == -1.0).any():
+            raise ValueError("poison row (a = -1)")
+        if (x[:, 0] < -1.0).any():
+            time.sleep(3600)  # a hung batch
+        time.sleep(self.pause_s)
+        return x @ WEIGHTS
+
+
+def test_a_batch_longer_than_every_health_timeout_is_not_a_death(session, register, model_dir):
+    from udf_engine.master import STATS_TIMEOUT_S, WATCH_INTERVAL_S
+
+    pause_s = STATS_TIMEOUT_S + WATCH_INTERVAL_S
+    registered = register("sleepy", pickled(model_dir, "sleepy", Weighted(pause_s)), workers=1)
+    with ThreadPoolExecutor(1) as pool:
+        query = pool.submit(session.sql, "select sleepy(2.0, 3.0) as y from range(1)")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            (row,) = session.sql("!workers").query("function == 'sleepy'").to_dict("records")
+            if row["batch_running_s"] and row["batch_running_s"] > STATS_TIMEOUT_S:
+                break
+            time.sleep(0.5)
+        assert row["alive"] and row["batch_running_s"] > STATS_TIMEOUT_S, row  # !workers answers while it runs
+        assert query.result(timeout=60)["y"].tolist() == [32.0]
+    (stats,) = registered.udf.stats()
+    assert stats["replaced"] == 0 and stats["batches"] == 1 and stats["batch_running_s"] is None
+
+
+def test_the_masters_death_mid_query_loses_no_row(session, register, model_dir, rows_parquet):
+    path, expected = rows_parquet
+    registered = register("orphan", pickled(model_dir, "orphan", Weighted(0.02)), workers=2)
+    master_pid = pid_of(registered.udf.master)
+    with ThreadPoolExecutor(1) as pool:
+        query = pool.submit(session.sql, f"select id, orphan(a, b) as y from '{path}' order by id")
+        while sum(s["batches"] for s in registered.udf.stats()) < 10:
+            time.sleep(0.05)
+        assert not query.done()
+        os.kill(master_pid, signal.SIGKILL)
+        result = query.result(timeout=240)
+    assert result["id"].tolist() == list(range(len(expected)))
+    np.testing.assert_allclose(result["y"].to_numpy(), expected, rtol=0, atol=1e-9)
+    assert pid_of(registered.udf.master) != master_pid  # Ray restarted it
+    again = session.sql(f"select sum(orphan(a, b)) as s from '{path}'")  # and the function keeps working
+    assert again["s"][0] == pytest.approx(expected.sum())
+
+
+def test_on_error_raise_names_the_row_and_null_keeps_every_other_row(session, register, model_dir, rows_parquet):
+    path, expected = rows_parquet
+    model = pickled(model_dir, "poisoned", Weighted())
+    poison = 12_345
+    query = f"select id, {{f}}(case when id = {poison} then -1 else a end, b) as y from '{path}' where id < 20000 order by id"
+
+    register("strict", model)
+    with pytest.raises(ExecutionError) as err:
+        session.sql(query.format(f="strict"))
+    message = str(err.value)
+    assert "function strict: the model raised ValueError: poison row (a = -1)" in message
+    assert f"[-1.0, {float(pa.parquet.read_table(path).column('b')[poison].as_py())!r}]" in message  # the row's values
+    assert "row " in message and "of this call" in message
+
+    register("lenient", model, on_error="null")
+    result = session.run(query.format(f="lenient"))
+    y = result.frame["y"]
+    assert result.frame["id"].tolist() == list(range(20000))
+    assert y.isna().sum() == 1 and np.isnan(y[poison])
+    kept = np.arange(20000) != poison
+    np.testing.assert_allclose(y.to_numpy()[kept], expected[:20000][kept], rtol=0, atol=1e-9)
+    assert len(result.warnings) == 1 and "1 row NULL" in result.warnings[0] and "poison row" in result.warnings[0]
+    assert session.sql("!models").set_index("function").loc["lenient", "nulled_rows"] == 1
+
+
+def test_a_hung_batch_fails_the_query_naming_the_timeout_and_the_function_recovers(session, register, model_dir):
+    register("hangs", pickled(model_dir, "hangs", Weighted()), workers=1, batch_timeout_s=2)
+    started = time.monotonic()
+    with pytest.raises(ExecutionError, match=r"function hangs: a batch ran longer than batch_timeout_s=2 s"):
+        session.sql("select hangs(-5.0, 1.0) as y from range(1)")
+    assert time.monotonic() - started < 30
+    assert session.sql("select hangs(1.0, 1.0) as y from range(3)")["y"].tolist() == [11.0] * 3
+
+
+def test_chaos_random_kills_of_workers_and_the_master(session, register, model_dir, rows_parquet):
+    """SIGKILLs at random moments, of either worker or the master, during a 200,000-row query."""
+    path, expected = rows_parquet
+    registered = register("chaos", pickled(model_dir, "chaos", Weighted(0.03)), workers=2)
+    rng = random.Random(11)
+    kills = []
+    with ThreadPoolExecutor(1) as pool:
+        query = pool.submit(session.sql, f"select id, chaos(a, b) as y from '{path}'")
+        while not query.done() and len(kills) < 8:
+            time.sleep(rng.uniform(0.3, 0.9))
+            if query.done():
+                break
+            target = rng.choice(["worker", "worker", "master"])
+            try:
+                victim = pid_of(registered.udf.master) if target == "master" else rng.choice(worker_pids(registered.udf))
+                os.kill(victim, signal.SIGKILL)
+                kills.append(target)
+            except (ProcessLookupError, IndexError, ray.exceptions.RayError):
+                continue  # it was already gone, or being restarted
+        result = query.result(timeout=600)
+    ids = result["id"].to_numpy()
+    order = np.argsort(ids)
+    assert np.array_equal(ids[order], np.arange(len(expected)))  # every row once: none lost, none twice
+    np.testing.assert_allclose(result["y"].to_numpy()[order], expected, rtol=0, atol=1e-9)
+    print(f"chaos: {len(kills)} kills survived ({kills.count('master')} of the master), {len(ids):,} rows checked")
+    assert kills.count("worker") >= 1 and kills.count("master") >= 1
