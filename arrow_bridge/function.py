@@ -7,15 +7,15 @@ the workers through the dispatcher; :func:`add_function` raises the connection's
 every worker busy.
 
 Example:
-    >>> fn = model_function("digit", udf, counter=RowCounter())  # doctest: +SKIP
-    >>> add_function(con, fn)                                     # doctest: +SKIP
-    >>> con.sql("select digit(pixels) from digits").fetchall()    # doctest: +SKIP
+    >>> fn = ModelFunction("digit", return_type_of("digit", udf), RowCounter(), udf, retire=lambda v: v.udf.shutdown())  # doctest: +SKIP
+    >>> add_function(con, fn)                                                      # doctest: +SKIP
+    >>> con.sql("select digit(pixels) from digits").fetchall()                     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import duckdb
@@ -51,37 +51,123 @@ class RowCounter:
             return self._value
 
 
-class ModelFunction:
-    """The callable DuckDB runs: Arrow columns in, one Arrow array out."""
+class Version:
+    """One registered version of a model function: its UDF, and the calls running on it."""
 
-    def __init__(self, name: str, udf: Any, return_type: str, batch_size: int, width: int | None, counter: RowCounter) -> None:
+    def __init__(self, udf: Any) -> None:
+        self.udf = udf  # a RemoteUDF (anything with map(batches) -> list, conf, info)
+        self.batch_size = udf.conf.batch_size  # rows per batch sent to a worker
+        self.width = udf.info.get("input_width")  # values per input row, when the model says so
+        self._calls = 0  # calls of this version running now
+        self._idle = threading.Condition()
+
+    def enter(self) -> None:
+        with self._idle:
+            self._calls += 1
+
+    def leave(self) -> None:
+        with self._idle:
+            self._calls -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self) -> None:
+        """Return once no call of this version runs."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._calls == 0)
+
+
+class ModelFunction:
+    """The callable DuckDB runs: Arrow columns in, one Arrow array out.
+
+    It stays registered in DuckDB while its model changes: :meth:`switch` makes a new
+    version current. A statement of the session pins the version current when it starts
+    (:meth:`pin`), so every call it makes goes to that one version; a version is retired
+    (its workers stopped by the ``retire`` callback) once it is neither current nor pinned
+    and its last call has returned.
+    """
+
+    def __init__(self, name: str, return_type: str, counter: RowCounter, udf: Any, retire: Callable[[Version], None]) -> None:
         self.name = name  # the SQL name
-        self.udf = udf  # a RemoteUDF (anything with map(batches) -> list)
         self.return_type = return_type  # DuckDB type, e.g. "FLOAT[10]"
         self.arrow_type = arrow_type(return_type)
-        self.batch_size = batch_size  # rows per batch sent to a worker
-        self.width = width  # values per input row, when the model says so
         self._counter = counter  # told of every row scored
+        self._retire = retire  # called (on a thread of its own) with a version nobody uses any more
+        self._lock = threading.Lock()  # guards _current, _pinned and _pins
+        self._current = Version(udf)  # what calls outside a statement, and statements starting now, use
+        self._pinned: Version | None = None  # what the statement running now started with
+        self._pins = 0  # statements running now (an included script's run inside the include statement)
         self.nulled = RowCounter()  # rows left NULL because the model raised on them (on_error="null")
         self.null_reason = ""  # what the model raised on the latest of those rows
+
+    @property
+    def udf(self) -> Any:
+        """The current version's UDF."""
+        return self._current.udf
+
+    def switch(self, udf: Any) -> None:
+        """Make ``udf`` the current version; the previous one retires once the running statement is done with it."""
+        with self._lock:
+            old, self._current = self._current, Version(udf)
+            still_used = old is self._pinned
+        if not still_used:
+            self._retire_later(old)
+
+    def pin(self) -> None:
+        """A statement starts: its calls go to the version current now (or that its enclosing statement pinned)."""
+        with self._lock:
+            if self._pins == 0:
+                self._pinned = self._current
+            self._pins += 1
+
+    def unpin(self) -> None:
+        """A statement is done: once none runs, a pinned version that is no longer current retires."""
+        with self._lock:
+            self._pins -= 1
+            if self._pins:
+                return
+            old, self._pinned = self._pinned, None
+            stale = old is not None and old is not self._current
+        if stale:
+            self._retire_later(old)
+
+    def close(self) -> None:
+        """Retire every version (the function is being removed)."""
+        with self._lock:
+            versions = {id(v): v for v in (self._current, self._pinned) if v is not None}
+        for version in versions.values():
+            version.wait_idle()
+            self._retire(version)
+
+    def _retire_later(self, version: Version) -> None:
+        def retire() -> None:
+            version.wait_idle()
+            self._retire(version)
+
+        threading.Thread(target=retire, name=f"rayudf-retire-{self.name}", daemon=True).start()
 
     def __call__(self, *cols: Any) -> pa.Array:
         rows = len(cols[0]) if cols else 0
         if rows == 0:
             return pa.array([], type=self.arrow_type)
-        valid = valid_rows(cols)
-        if valid is None:
-            return self._score(cols, rows)
-        kept = int(valid.sum())
-        mask = pa.array(valid)
-        scored = self._score([c.filter(mask) for c in cols], kept) if kept else pa.array([], type=self.arrow_type)
-        return with_null_rows(scored, valid)
+        with self._lock:
+            version = self._pinned or self._current
+            version.enter()
+        try:
+            valid = valid_rows(cols)
+            if valid is None:
+                return self._score(version, cols, rows)
+            kept = int(valid.sum())
+            mask = pa.array(valid)
+            scored = self._score(version, [c.filter(mask) for c in cols], kept) if kept else pa.array([], type=self.arrow_type)
+            return with_null_rows(scored, valid)
+        finally:
+            version.leave()
 
-    def _score(self, cols: Sequence[Any], rows: int) -> pa.Array:
-        matrix = features(cols, function=self.name, width=self.width)
-        step = self.batch_size
+    def _score(self, version: Version, cols: Sequence[Any], rows: int) -> pa.Array:
+        matrix = features(cols, function=self.name, width=version.width)
+        step = version.batch_size
         batches = [matrix[i : i + step] for i in range(0, rows, step)]
-        outputs = self.udf.map(batches)
+        outputs = version.udf.map(batches)
         result = to_arrow(outputs, self.arrow_type, rows)
         self._counter.add(rows)
         for output in outputs:
@@ -132,32 +218,38 @@ def infer_return_type(name: str, udf: Any, width: int | None) -> str:
     return duckdb_type_of(udf.probe(np.zeros((1, width), dtype=np.float64)))
 
 
-def _ensure_threads(con: duckdb.DuckDBPyConnection, wanted: int) -> None:
-    """Raise DuckDB's ``threads`` to ``wanted`` if it is lower (a later ``SET threads`` wins).
+def keep_workers_busy(con: duckdb.DuckDBPyConnection, udf: Any) -> None:
+    """Raise DuckDB's ``threads`` to what keeps ``udf``'s workers busy, if it is lower (a later ``SET threads`` wins).
 
     DuckDB calls a function from one thread per pipeline: with fewer threads than batches
     the workers can hold, some workers would idle while a query runs.
     """
+    wanted = udf.conf.workers * MAX_IN_FLIGHT_PER_WORKER
     (current,), = con.execute("SELECT current_setting('threads')").fetchall()
     if int(current) < wanted:
         con.execute(f"SET threads = {int(wanted)}")
 
 
-def model_function(name: str, udf: Any, *, counter: RowCounter, returns: str | None = None) -> ModelFunction:
-    """The function DuckDB will call as ``name(...)``; probes the model for its type unless ``returns`` is given."""
-    width = udf.info.get("input_width")
-    return_type = returns or infer_return_type(name, udf, width)
-    return ModelFunction(name, udf, return_type, udf.conf.batch_size, width, counter)
+def return_type_of(name: str, udf: Any, returns: str | None = None) -> str:
+    """The DuckDB type ``name(...)`` returns: ``returns`` if given (checked), else what a probe of the model gives."""
+    if returns:
+        arrow_type(returns)  # a ConfigError now, not at the first query, for a type DuckDB does not know
+        return returns
+    return infer_return_type(name, udf, udf.info.get("input_width"))
 
 
 def add_function(con: duckdb.DuckDBPyConnection, fn: ModelFunction) -> None:
-    """Make ``fn`` callable from SQL by its name; raises DuckDB's threads to keep its workers busy."""
+    """Make ``fn`` callable from SQL by its name; raises DuckDB's threads to keep its workers busy.
+
+    DuckDB must never remove a function a query is running (it crashes), so a new version
+    of a model goes into the same ModelFunction with :meth:`ModelFunction.switch`.
+    """
     # parameters=None makes DuckDB accept any number of arguments of any type:
     # f(pixels) and f(a, b, c) both reach __call__ with the columns as they are.
     # null_handling="special": DuckDB passes rows with NULL arguments (ModelFunction leaves
     # them NULL, as DuckDB would) and accepts the NULLs of rows on_error="null" gave up on.
     con.create_function(fn.name, fn, None, fn.return_type, type="arrow", null_handling="special")
-    _ensure_threads(con, fn.udf.conf.workers * MAX_IN_FLIGHT_PER_WORKER)
+    keep_workers_busy(con, fn.udf)
 
 
 def add_python_function(

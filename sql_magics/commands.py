@@ -1,10 +1,10 @@
 """The ``!`` commands: ``!python conf``, ``!python env``, ``!workers``, ``!models``.
 
 Example:
-    >>> import duckdb
+    >>> from sql_magics.database import Database
     >>> from udf_engine import RayRuntime
     >>> state = ScriptState()
-    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12", worker_env=state.python_env)
+    >>> registry = FunctionRegistry(Database(), RayRuntime(), session_id="ab12", worker_env=state.python_env)
     >>> run_command("python", ["conf", "rayAddress=auto"], registry=registry, state=state)
     >>> state.python_conf
     {'rayAddress': 'auto'}
@@ -26,7 +26,7 @@ WORKER_COLUMNS = [
     "function", "worker", "node", "gpu_ids", "batches", "rows", "mean_ms_per_batch", "errors", "replaced", "alive",
     "batch_running_s", "last_error",
 ]
-MODEL_COLUMNS = ["function", "kind", "path", "version", "workers", "batch_size", "returns", "nulled_rows"]
+MODEL_COLUMNS = ["function", "kind", "path", "version", "since", "workers", "batch_size", "returns", "nulled_rows"]
 # Ray node ids are 56 hex digits; the first 12 tell the nodes of a cluster apart.
 _NODE_ID_CHARS = 12
 
@@ -73,6 +73,7 @@ def models_frame(registry: FunctionRegistry) -> pd.DataFrame:
             "kind": r.kind,
             "path": r.path,
             "version": r.version,
+            "since": r.since,
             "workers": r.udf.conf.workers if r.udf else 0,
             "batch_size": r.udf.conf.batch_size if r.udf else None,
             "returns": r.returns,

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -30,15 +31,28 @@ IDLE_POLL_S = 0.02
 
 
 class Database:
-    """One DuckDB connection and how the statement language runs SQL on it."""
+    """One DuckDB connection and how the statement language runs SQL on it.
+
+    The connection runs one statement at a time: DuckDB refuses a second call while one
+    runs, so threads sharing a session take turns through :meth:`exclusive`.
+    """
 
     def __init__(self, path: str = ":memory:") -> None:
         self.con = duckdb.connect(path)
+        self._turn = threading.RLock()  # held by whoever runs a statement or changes the catalog's functions
         # DuckDB tracks a query's progress only when asked; our progress bar reads it, DuckDB prints nothing.
         self.con.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false").fetchall()
 
+    def exclusive(self) -> threading.RLock:
+        """``with db.exclusive():`` the connection is this thread's until the block ends (re-entrant)."""
+        return self._turn
+
     def query(self, sql: str, parameters: Any = None) -> pd.DataFrame | None:
         """Run one DuckDB statement; a DataFrame if it yields rows, else None."""
+        with self._turn:
+            return self._query(sql, parameters)
+
+    def _query(self, sql: str, parameters: Any) -> pd.DataFrame | None:
         try:
             cursor = self.con.execute(sql, parameters) if parameters else self.con.execute(sql)
             if not yields_rows(cursor.description, sql):

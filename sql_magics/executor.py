@@ -9,7 +9,7 @@ Example:
     >>> from udf_engine import RayRuntime
     >>> db = Database()
     >>> state = ScriptState()
-    >>> executor = Executor(db, FunctionRegistry(db.con, RayRuntime(), session_id="ab12", worker_env=state.python_env), state)
+    >>> executor = Executor(db, FunctionRegistry(db, RayRuntime(), session_id="ab12", worker_env=state.python_env), state)
     >>> script = parse('set n = "3"; select range as i from range(${n}) as output;')
     >>> executor.run(script, base_dir=Path(".")).frame["i"].tolist()
     [0, 1, 2]
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import io
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,10 @@ from sql_magics.variables import parameter_names, substitute, substitute_options
 from udf_engine.errors import RayUDFError
 
 SET_TYPES = ("text", "sql", "shell")
+# Statements that run SQL on the session's connection: they take turns with other threads'
+# statements, and each runs on the model versions current when it starts. The others
+# (commands, register, include's own statements) take the connection only if they need it.
+_RUNS_SQL = ("load", "select", "save", "set", "sql")
 # Byzer statements that run Spark ML algorithms; there is no Spark here.
 UNSUPPORTED_BYZER = ("train", "run", "predict")
 # The table a named select shows its rows under (MLSQL's convention).
@@ -82,7 +87,8 @@ class Executor:
             self._notice = None
             nulled_before = self._nulled()
             try:
-                result = _HANDLERS[statement.kind](self, statement, base_dir=base_dir)
+                with self._turn(statement):
+                    result = _HANDLERS[statement.kind](self, statement, base_dir=base_dir)
             except (ParseError, ExecutionError) as err:
                 if isinstance(err, ParseError) or err.line:
                     raise  # already placed (an included file's statement)
@@ -111,6 +117,15 @@ class Executor:
         state.variables[key] = value
 
     # -- helpers ---------------------------------------------------------------------
+
+    @contextmanager
+    def _turn(self, statement: Statement) -> Iterator[None]:
+        """For a statement that runs SQL: the connection to itself, and the model versions pinned."""
+        if statement.kind not in _RUNS_SQL:
+            yield
+            return
+        with self.db.exclusive(), self.registry.statement():
+            yield
 
     def _nulled(self) -> dict[str, int]:
         """Rows each model function has left NULL so far."""

@@ -164,12 +164,11 @@ class SqlMagic(Magics):
 
     def _register_frames(self, text: str, namespace: dict) -> None:
         """Make notebook DataFrames and Arrow tables named in the text queryable by that name."""
-        con = self.session.con
-        for name in set(_NAME.findall(text)):
-            value = namespace.get(name)
-            if value is None or not _is_table_like(value):
-                continue
-            if name not in self._registered and relation_kind(con, name):
-                continue  # a DuckDB table or view of that name wins over the notebook object
-            con.register(name, scannable(value) if isinstance(value, pd.DataFrame) else value)
-            self._registered.add(name)
+        db = self.session.db
+        tables = {name: value for name in set(_NAME.findall(text)) if _is_table_like(value := namespace.get(name))}
+        with db.exclusive():  # a query another thread runs on the session must not be in the way
+            for name, value in tables.items():
+                if name not in self._registered and relation_kind(db.con, name):
+                    continue  # a DuckDB table or view of that name wins over the notebook object
+                db.con.register(name, scannable(value) if isinstance(value, pd.DataFrame) else value)
+                self._registered.add(name)

@@ -8,9 +8,9 @@
 - ``ScriptUDF``: a plain Python function run in-process by DuckDB.
 
 Example:
-    >>> import duckdb
+    >>> from sql_magics.database import Database
     >>> from udf_engine import RayRuntime
-    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12", worker_env={})
+    >>> registry = FunctionRegistry(Database(), RayRuntime(), session_id="ab12", worker_env={})
     >>> fn = register(registry, ScriptState(), "ScriptUDF", "", "plus",
     ...               {"returns": "BIGINT", "code": "def apply(a, b): return a + b"})
     >>> fn.kind, fn.returns

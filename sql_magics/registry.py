@@ -2,11 +2,18 @@
 
 A model becomes a function in three steps: its rows are read (a model file or directory,
 a model table on disk, or a table loaded in the session), ``UDFBuilder.build`` starts
-workers that load it, and the bridge makes it callable from SQL. A name registered again
-replaces the function of that name and stops its workers.
+workers that load it, and the bridge makes it callable from SQL.
+
+A name registered again is a rolling swap: the new version's workers start while the old
+ones keep serving, then the new version becomes current. Every statement of the session
+pins, when it starts, the versions current then (:meth:`FunctionRegistry.statement`), so a
+query runs on one version from its first row to its last, and the old workers stop once
+no statement uses them. DuckDB's own functions are only created or removed between the
+session's statements (``Database.exclusive``): DuckDB crashes when a function a running
+query calls is removed.
 
 Example:
-    >>> registry = FunctionRegistry(duckdb.connect(), RayRuntime(), session_id="ab12", worker_env={})
+    >>> registry = FunctionRegistry(Database(), RayRuntime(), session_id="ab12", worker_env={})
     >>> registry.actor_prefix("digit")
     'rayudf.ab12.digit'
     >>> registry.register_model("digit", "models/digits.keras", workers=2)   # doctest: +SKIP
@@ -16,16 +23,20 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from arrow_bridge.function import ModelFunction, RowCounter, add_function, add_python_function, model_function
+from arrow_bridge.function import ModelFunction, RowCounter, Version, add_function, add_python_function, keep_workers_busy, return_type_of
 from arrow_bridge.quoting import quote_identifier
 from sql_magics.catalog import relation_kind
+from sql_magics.database import Database
 from sql_magics.errors import ExecutionError, clean_duckdb_error
 from sql_magics.handoff import on_waiting_thread
 from udf_engine import ConfigError, ModelError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, UDFBuildInFunc, WorkerError, put_model
@@ -41,7 +52,7 @@ _BRIDGE_OPTIONS = ("returns", "version")
 
 @dataclass
 class RegisteredFunction:
-    """A model (or Python function) registered as a SQL function."""
+    """A model (or Python function) registered as a SQL function: its current version."""
 
     name: str
     kind: str  # keras, pickle, savedmodel, Ray, ScriptUDF, ...
@@ -49,8 +60,9 @@ class RegisteredFunction:
     returns: str  # the DuckDB result type
     udf: RemoteUDF | None  # None for a ScriptUDF, which DuckDB runs in-process
     model_function: ModelFunction | None = None  # what DuckDB calls; None for a ScriptUDF
-    version: str = DEFAULT_VERSION
+    version: str = DEFAULT_VERSION  # the label given, else the count of registrations of this name
     options: dict = field(default_factory=dict)
+    since: datetime = field(default_factory=lambda: datetime.now().replace(microsecond=0))  # when it became current
 
 
 def _check_name(function: str) -> None:
@@ -58,24 +70,29 @@ def _check_name(function: str) -> None:
         raise ConfigError(f"register: {function!r} is not a valid function name")
 
 
+def _stop(version: Version) -> None:
+    """Stop the workers of a version nobody uses any more."""
+    version.udf.shutdown()
+
+
 class FunctionRegistry:
     """Registers models and Python functions in one DuckDB connection.
 
-    Its methods may be called from several threads: changes to DuckDB's functions are
-    serialized, and readers (progress bars, ``!models``) get consistent copies.
+    Its methods may be called from several threads: changes to DuckDB's functions wait
+    for the session's running statement, and readers (progress bars, ``!models``) get
+    consistent copies.
     """
 
-    def __init__(
-        self, con: duckdb.DuckDBPyConnection, runtime: RayRuntime, *, session_id: str, worker_env: Mapping[str, str]
-    ) -> None:
+    def __init__(self, db: Database, runtime: RayRuntime, *, session_id: str, worker_env: Mapping[str, str]) -> None:
         self.runtime = runtime  # the Ray the workers run on; started on the first registration
-        self._con = con
+        self._db = db
         self._session_id = session_id  # keeps this session's actor names apart from others'
         self._worker_env = worker_env  # environment of every worker unless a registration names one (`!python env`)
         self._functions: dict[str, RegisteredFunction] = {}  # by SQL name
-        self._lock = threading.Lock()  # guards _functions: queries read it while a script registers
-        self._install_lock = threading.Lock()  # one change of DuckDB's functions at a time
+        self._registrations: Counter[str] = Counter()  # registrations of each name so far: versions and actor names
+        self._lock = threading.Lock()  # guards _functions, _registrations and _unbusy
         self._scored = RowCounter()  # rows scored by every model function of this registry
+        self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising
 
     # -- what is registered -------------------------------------------------------------
 
@@ -91,8 +108,28 @@ class FunctionRegistry:
         return self._scored.value
 
     def actor_prefix(self, function: str) -> str:
-        """The name prefix of the actors serving ``function``."""
+        """The name prefix of the actors serving ``function`` (each version adds ``.r<n>``)."""
         return f"rayudf.{self._session_id}.{function}"
+
+    @contextmanager
+    def statement(self) -> Iterator[None]:
+        """Pin, for one statement, the version of every model function current as it starts.
+
+        Called holding ``Database.exclusive``, which is also when DuckDB's threads can be raised
+        for versions swapped in meanwhile.
+        """
+        with self._lock:
+            swapped_in, self._unbusy = self._unbusy, []
+        for udf in swapped_in:
+            keep_workers_busy(self._db.con, udf)
+        functions = [f.model_function for f in self.functions.values() if f.model_function is not None]
+        for fn in functions:
+            fn.pin()
+        try:
+            yield
+        finally:
+            for fn in functions:
+                fn.unpin()
 
     # -- registering --------------------------------------------------------------------
 
@@ -102,9 +139,12 @@ class FunctionRegistry:
         ``kind`` (a key of MODEL_KINDS) says how to read a file whose suffix does not tell.
         """
         path = Path(source)
-        if not path.exists() and _IDENTIFIER.match(str(source)) and relation_kind(self._con, str(source)):
-            arrow = self._con.sql(f"SELECT * FROM {quote_identifier(str(source))}").to_arrow_table()
-            return rows_from_table(arrow, source=f"table {source}")
+        if not path.exists() and _IDENTIFIER.match(str(source)):
+            with self._db.exclusive():
+                con = self._db.con
+                table = relation_kind(con, str(source)) and con.sql(f"SELECT * FROM {quote_identifier(str(source))}").to_arrow_table()
+            if table:
+                return rows_from_table(table, source=f"table {source}")
         if not path.exists():
             raise ModelError(f"model path not found: {source}")
         try:
@@ -152,7 +192,7 @@ class FunctionRegistry:
             function,
             conf={"env": dict(self._worker_env), **conf} if self._worker_env else dict(conf),
             model_refs=put_model(rows),
-            actor_prefix=self.actor_prefix(function),
+            actor_prefix=f"{self.actor_prefix(function)}.r{self._registrations[function] + 1}",
             runtime=self.runtime,
             row_wise=row_wise,
         )
@@ -160,55 +200,77 @@ class FunctionRegistry:
     def add_udf(
         self, function: str, udf: RemoteUDF, *, kind: str, path: str, options: dict, rows: Sequence[dict] = ()
     ) -> RegisteredFunction:
-        """Make a built UDF callable from SQL; on failure its workers are stopped."""
+        """Make a built UDF callable from SQL, as a new version if the name exists; on failure its workers stop."""
         try:
             _check_name(function)
-            fn = model_function(function, udf, counter=self._scored, returns=options.get("returns"))
-            registered = RegisteredFunction(function, kind, path, fn.return_type, udf, fn, _version(options, rows), dict(options))
-            self._install(registered, lambda: add_function(self._con, fn))
+            returns = return_type_of(function, udf, options.get("returns"))
+            registered = RegisteredFunction(function, kind, path, returns, udf, None, self._version(function, options), dict(options))
+            self._install_model(registered)
         except BaseException:
             udf.shutdown()
             raise
         return registered
 
+    def _install_model(self, registered: RegisteredFunction) -> None:
+        old = self.functions.get(registered.name)
+        if old is not None and old.model_function is not None and old.returns == registered.returns:
+            # A rolling swap: DuckDB keeps the function; the running statement finishes on the old version.
+            registered.model_function = old.model_function
+            old.model_function.switch(registered.udf)
+            with self._lock:
+                self._unbusy.append(registered.udf)
+            self._add(registered)
+            return
+        fn = ModelFunction(registered.name, registered.returns, self._scored, registered.udf, retire=_stop)
+        registered.model_function = fn
+        self._install(registered, lambda: add_function(self._db.con, fn))
+
     def add_python(self, function: str, func: Callable, returns: str, *, vectorized: bool, options: dict) -> RegisteredFunction:
         """Make a plain Python function callable from SQL (run in-process by DuckDB)."""
         _check_name(function)
-        registered = RegisteredFunction(function, "ScriptUDF", "", returns, None, None, _version(options, ()), dict(options))
-        self._install(registered, lambda: add_python_function(self._con, function, func, returns, vectorized=vectorized))
+        registered = RegisteredFunction(function, "ScriptUDF", "", returns, None, None, self._version(function, options), dict(options))
+        self._install(registered, lambda: add_python_function(self._db.con, function, func, returns, vectorized=vectorized))
         return registered
 
     def _install(self, registered: RegisteredFunction, create: Callable[[], None]) -> None:
         """Create a DuckDB function in place of the one this registry holds under that name, which goes."""
         function = registered.name
-        with self._install_lock:
-            with self._lock:
-                old = self._functions.pop(function, None)
+        with self._db.exclusive():  # no statement of the session runs while DuckDB's functions change
+            old = self.functions.get(function)
             try:
                 if old is not None:
-                    self._con.remove_function(function)
+                    self._db.con.remove_function(function)
                 create()
             except duckdb.Error as err:  # e.g. a function of that name made on the connection directly
                 raise ExecutionError(f"register {function}: {clean_duckdb_error(err)}") from None
             finally:
-                if old is not None and old.udf is not None:
-                    old.udf.shutdown()
-            with self._lock:
-                self._functions[function] = registered
+                if old is not None:
+                    self._retire(old)
+            self._add(registered)
+
+    def _add(self, registered: RegisteredFunction) -> None:
+        with self._lock:
+            self._functions[registered.name] = registered
+
+    def _version(self, function: str, options: dict) -> str:
+        """The label the registration gives, else how many times the name has been registered."""
+        with self._lock:
+            self._registrations[function] += 1
+            return str(options.get("version") or self._registrations[function])
 
     # -- removing -----------------------------------------------------------------------
 
     def unregister(self, function: str) -> None:
-        """Remove a function from SQL and stop its workers."""
-        with self._lock:
-            registered = self._functions.pop(function, None)
-        if registered is None:
-            raise ExecutionError(f"unregister: no function named {function!r}")
-        try:
-            self._con.remove_function(function)
-        finally:
-            if registered.udf is not None:
-                registered.udf.shutdown()
+        """Remove a function from SQL and stop its workers, once the session's running statement is done."""
+        with self._db.exclusive():
+            with self._lock:
+                registered = self._functions.pop(function, None)
+            if registered is None:
+                raise ExecutionError(f"unregister: no function named {function!r}")
+            try:
+                self._db.con.remove_function(function)
+            finally:
+                self._retire(registered)
 
     def close(self) -> None:
         """Stop every function's workers (DuckDB's functions go with its connection)."""
@@ -217,19 +279,14 @@ class FunctionRegistry:
         failures = []
         for function in registered:
             try:
-                if function.udf is not None:
-                    function.udf.shutdown()
+                self._retire(function)
             except Exception as err:  # noqa: BLE001 - the other functions' workers must stop all the same
                 failures.append(f"{function.name}: {err}")
         if failures:
             raise WorkerError("could not stop the workers of " + "; ".join(failures))
 
-
-def _version(options: dict, rows: Sequence[dict]) -> str:
-    """The version label a function shows: the one given, else its model table's, else the default."""
-    if options.get("version"):
-        return str(options["version"])
-    try:
-        return str(model_meta(rows).get("version", DEFAULT_VERSION))
-    except ModelError:  # no metadata row: a Python function, or chunks written by other tools
-        return DEFAULT_VERSION
+    @staticmethod
+    def _retire(registered: RegisteredFunction) -> None:
+        """Stop the workers of every version of a function DuckDB no longer has."""
+        if registered.model_function is not None:
+            registered.model_function.close()

@@ -46,7 +46,7 @@ class Session:
         self.db = Database(database)
         self.state = ScriptState(dialect)
         runtime = RayRuntime(ray_address, **(ray_init or {}))  # started on first registration
-        self.registry = FunctionRegistry(self.db.con, runtime, session_id=secrets.token_hex(3), worker_env=self.state.python_env)
+        self.registry = FunctionRegistry(self.db, runtime, session_id=secrets.token_hex(3), worker_env=self.state.python_env)
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:

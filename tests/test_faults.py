@@ -143,28 +143,67 @@ def test_a_hung_batch_fails_the_query_naming_the_timeout_and_the_function_recove
 
 
 def test_chaos_random_kills_of_workers_and_the_master(session, register, model_dir, rows_parquet):
-    """SIGKILLs at random moments, of either worker or the master, during a 200,000-row query."""
+    """SIGKILLs at random moments, of a worker or of the master, during a 200,000-row query."""
     path, expected = rows_parquet
     registered = register("chaos", pickled(model_dir, "chaos", Weighted(0.03)), workers=2)
     rng = random.Random(11)
+    plan = ["worker", "master", "worker", "worker", "master", "worker", "master", "worker"]
     kills = []
+
+    def victim(target: str) -> int | None:
+        if target == "master":
+            return pid_of(registered.udf.master)
+        pids = worker_pids(registered.udf)  # none while a restarted master starts its workers
+        return rng.choice(pids) if pids else None
+
     with ThreadPoolExecutor(1) as pool:
         query = pool.submit(session.sql, f"select id, chaos(a, b) as y from '{path}'")
-        while not query.done() and len(kills) < 8:
+        for target in plan:
             time.sleep(rng.uniform(0.3, 0.9))
+            pid = victim(target)
+            while pid is None and not query.done():
+                time.sleep(0.1)
+                pid = victim(target)
             if query.done():
                 break
-            target = rng.choice(["worker", "worker", "master"])
             try:
-                victim = pid_of(registered.udf.master) if target == "master" else rng.choice(worker_pids(registered.udf))
-                os.kill(victim, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 kills.append(target)
-            except (ProcessLookupError, IndexError, ray.exceptions.RayError):
-                continue  # it was already gone, or being restarted
+            except ProcessLookupError:
+                continue  # it died on its own meanwhile
         result = query.result(timeout=600)
     ids = result["id"].to_numpy()
     order = np.argsort(ids)
     assert np.array_equal(ids[order], np.arange(len(expected)))  # every row once: none lost, none twice
     np.testing.assert_allclose(result["y"].to_numpy()[order], expected, rtol=0, atol=1e-9)
     print(f"chaos: {len(kills)} kills survived ({kills.count('master')} of the master), {len(ids):,} rows checked")
-    assert kills.count("worker") >= 1 and kills.count("master") >= 1
+    assert kills.count("worker") >= 2 and kills.count("master") >= 1, kills
+
+
+class Shifted(Weighted):
+    """Version 2: a + 10 b + 1000."""
+
+    def predict(self, batch):
+        return super().predict(batch) + 1000.0
+
+
+def test_registering_again_during_a_query_is_a_rolling_swap(session, register, model_dir, rows_parquet):
+    from conftest import named_actors
+
+    path, expected = rows_parquet
+    register("roll", pickled(model_dir, "roll_v1", Weighted(0.1)), workers=2)
+    first_version = session.registry.functions["roll"].udf
+    with ThreadPoolExecutor(1) as pool:
+        query = pool.submit(session.sql, f"select id, roll(a, b) as y from '{path}' order by id")
+        while sum(s["batches"] for s in first_version.stats()) < 3:
+            time.sleep(0.05)
+        register("roll", pickled(model_dir, "roll_v2", Shifted()), workers=1)
+        assert not query.done(), "register waited for the query; it should only start the new workers and switch"
+        after = session.sql("select roll(1.0, 1.0) as y from range(1)")  # starts once the running query is done
+        result = query.result(timeout=300)
+    np.testing.assert_allclose(result["y"].to_numpy(), expected, rtol=0, atol=1e-9)  # every row from version 1
+    assert after["y"].tolist() == [1011.0]  # version 2 after register returned
+    models = session.sql("!models").set_index("function")
+    assert models.loc["roll", "version"] == "2" and models.loc["roll", "workers"] == 1
+    old_prefix = session.registry.actor_prefix("roll") + ".r1."
+    assert named_actors(old_prefix, timeout_s=20) == []  # version 1's workers stopped once drained

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from udf_engine.builtin_funcs import RowWiseApply
 from udf_engine.dispatcher import Dispatcher, user_error
 from udf_engine.errors import RayUDFError, WorkerError, remote_cause
 from udf_engine.master import UDFMaster
-from udf_engine.ray_runtime import NAMESPACE, RayContext
+from udf_engine.ray_runtime import NAMESPACE, RayContext, cluster_can_grow
 from udf_engine.settings import UDFConf
 
 # How long a master gets to kill its workers itself before it is killed: killing actors
@@ -36,6 +37,9 @@ NAME_POLL_S = 0.05
 # small cost next to starting a worker.
 RESOURCES_GRACE_S = 5.0
 RESOURCES_POLL_S = 0.1
+# While an autoscaler adds nodes for new workers (a minute or more), how often to say so.
+GROWING_REPORT_S = 10.0
+_log = logging.getLogger(__name__)
 
 
 def put_model(rows: Sequence[dict]) -> list[ray.ObjectRef]:
@@ -78,27 +82,48 @@ def _needs(settings: UDFConf) -> dict[str, float]:
     return {k: v * settings.workers for k, v in per_worker.items() if v}
 
 
-def _wait_for_resources(function: str, settings: UDFConf) -> None:
-    """Fail at once, naming what is asked and what is free, when the workers cannot be placed.
-
-    A registration that would wait for resources nobody is going to free looks like
-    a hang to the user. The grace period lets a replaced UDF's workers release theirs.
-    """
+def _shortage(settings: UDFConf) -> str:
+    """What the workers ask and what is free, e.g. "asked CPU=0.5, free CPU=0" ("" when it fits)."""
     needs = _needs(settings)
+    free = ray.available_resources()
+    if all(free.get(k, 0.0) + 1e-9 >= v for k, v in needs.items()):
+        return ""
+    asked = ", ".join(f"{k}={v:g}" for k, v in needs.items())
+    have = ", ".join(f"{k}={free.get(k, 0.0):g}" for k in needs)
+    return f"asked {asked}, free {have}"
+
+
+def _wait_for_resources(function: str, settings: UDFConf) -> bool:
+    """Return once the workers fit the free resources (True: they do not, but the cluster can grow).
+
+    On a cluster that cannot grow, fail at once, naming what is asked and what is free:
+    a registration waiting for resources nobody is going to free looks like a hang. The
+    grace period lets a replaced UDF's workers release theirs. On a cluster with an
+    autoscaler, the workers are started anyway: their demand is what makes it add nodes.
+    """
     deadline = time.monotonic() + RESOURCES_GRACE_S
-    while True:
-        free = ray.available_resources()
-        short = {k: v for k, v in needs.items() if free.get(k, 0.0) + 1e-9 < v}
-        if not short:
-            return
+    while shortage := _shortage(settings):
+        if cluster_can_grow():
+            return True
         if time.monotonic() > deadline:
-            asked = ", ".join(f"{k}={v:g}" for k, v in needs.items())
-            have = ", ".join(f"{k}={free.get(k, 0.0):g}" for k in needs)
             raise WorkerError(
-                f"function {function}: not enough free Ray resources for {settings.workers} worker(s): "
-                f"asked {asked}, free {have}; unregister other functions or lower workers/num_cpus/num_gpus"
+                f"function {function}: not enough free Ray resources for {settings.workers} worker(s): {shortage}; "
+                "unregister other functions or lower workers/num_cpus/num_gpus"
             )
         time.sleep(RESOURCES_POLL_S)
+    return False
+
+
+def _await_start(function: str, start: ray.ObjectRef, settings: UDFConf, growing: bool) -> dict:
+    """The master's start() result; while the cluster grows for the workers, say what they wait for."""
+    while growing and (shortage := _shortage(settings)):
+        _log.warning(
+            "register %s: waiting for the cluster to grow (%s), up to startup_timeout_s=%g s",
+            function, shortage, settings.startup_timeout_s,
+        )
+        ready, _ = ray.wait([start], timeout=GROWING_REPORT_S)
+        growing = not ready
+    return ray.get(start)
 
 
 @dataclass
@@ -110,7 +135,6 @@ class RemoteUDF:
     dispatcher: Dispatcher
     conf: UDFConf
     info: dict  # what the workers reported when the model loaded (input_width, load_s)
-    model_refs: list  # the model in the object store: held here so a restarted master can load it again
 
     def map(self, batches: Sequence[Any]) -> list[Any]:
         """Score batches on the workers; results in input order."""
@@ -159,16 +183,16 @@ class UDFBuilder:
             apply_func = RowWiseApply(apply_func)
         name = _master_name(ray_context)
         _stop_existing(name)
-        _wait_for_resources(ray_context.function, settings)
+        growing = _wait_for_resources(ray_context.function, settings)
         master = (
             ray.remote(UDFMaster)
             # Ray restarts a master that dies, and holds calls to it (a dispatcher asking
             # for a replacement) until it is back: see udf_engine.master.
             .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_task_retries=-1)
-            .remote(ray_context.function, ray_context.actor_prefix, init_func, apply_func, ray_context.model_refs, settings)
+            .remote(ray_context.function, ray_context.actor_prefix, init_func, apply_func, settings)
         )
         try:
-            info = ray.get(master.start.remote())
+            info = _await_start(ray_context.function, master.start.remote(ray_context.model_refs), settings, growing)
             workers = ray.get(master.workers.remote())
         except ray.exceptions.RayTaskError as err:
             ray.kill(master)
@@ -179,12 +203,13 @@ class UDFBuilder:
         dispatcher = Dispatcher(
             master,
             workers,
+            model_refs=ray_context.model_refs,
             function=ray_context.function,
             max_retries=settings.max_retries,
             batch_timeout_s=settings.batch_timeout_s,
             on_error=settings.on_error,
         )
-        udf = RemoteUDF(ray_context.function, master, dispatcher, settings, info, list(ray_context.model_refs))
+        udf = RemoteUDF(ray_context.function, master, dispatcher, settings, info)
         ray_context.udf = udf
         return udf
 

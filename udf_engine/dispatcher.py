@@ -12,7 +12,7 @@ batch); ``on_error="null"`` splits the batch until the failing rows stand alone
 and returns a :class:`Partial` result with None for them.
 
 Example:
-    >>> d = Dispatcher(master, ray.get(master.workers.remote()), function="digits")  # doctest: +SKIP
+    >>> d = Dispatcher(master, ray.get(master.workers.remote()), model_refs=refs, function="digits")  # doctest: +SKIP
     >>> [r.shape for r in d.map([np.zeros((4, 64)), np.zeros((2, 64))])]              # doctest: +SKIP
     [(4, 10), (2, 10)]
 """
@@ -40,6 +40,10 @@ MAX_IN_FLIGHT_PER_WORKER = 2
 _WAIT_TICK_S = 0.5
 # How much of a failing row the error message shows.
 _ROW_PREVIEW_CHARS = 80
+# How long a worker Ray cannot reach (its node gone silent) gets no batches. It is not
+# dead until Ray says so, which for a lost node takes the GCS's missed heartbeats (~15 s);
+# meanwhile the other workers take its batches, and it is tried again after this pause.
+_UNREACHABLE_PAUSE_S = 5.0
 
 
 def user_error(err: ray.exceptions.RayTaskError, function: str) -> RayUDFError:
@@ -83,6 +87,7 @@ class Dispatcher:
         master: Any,
         workers: Sequence[tuple[str, Any]],
         *,
+        model_refs: Sequence[Any] = (),
         function: str = "",
         max_retries: int = 1,
         max_in_flight: int = MAX_IN_FLIGHT_PER_WORKER,
@@ -90,6 +95,7 @@ class Dispatcher:
         on_error: str = "raise",
     ) -> None:
         self._master = master  # asked for a replacement when a worker dies
+        self._model_refs = list(model_refs)  # the model, handed to the master with each replacement (it may have restarted)
         self._function = function  # the SQL name, for messages
         self._max_retries = max_retries  # times one batch may be resent after its worker died
         self._max_in_flight = max_in_flight  # bound on batches in flight per worker
@@ -99,6 +105,7 @@ class Dispatcher:
         self._in_flight: dict[str, int] = {w: 0 for w in self._handles}  # batches sent, not yet back
         self._sent: dict[str, int] = {w: 0 for w in self._handles}  # all batches ever sent (tie-break)
         self._progress: dict[str, float] = {}  # when each worker last finished a batch (for batch_timeout_s)
+        self._paused: dict[str, float] = {}  # workers Ray could not reach, and until when they get no batches
         self._replacing: set[str] = set()  # dead workers whose replacement is starting
         self._replace_error: BaseException | None = None  # why the last replacement failed
         self._cond = threading.Condition()
@@ -191,11 +198,12 @@ class Dispatcher:
                     index, worker_id, _ = pending.pop(ref)
                     try:
                         results[index] = ray.get(ref)
-                    except ray.exceptions.RayActorError as err:
-                        if not isinstance(err, ray.exceptions.ActorUnavailableError):
-                            self._worker_died(worker_id)
-                        else:
-                            self._release(worker_id)
+                    except ray.exceptions.ActorUnavailableError:
+                        self._pause(worker_id)  # not dead (Ray has not said so), only unreachable for now
+                        todo.appendleft(index)
+                        continue
+                    except ray.exceptions.RayActorError:
+                        self._worker_died(worker_id)
                         retries[index] += 1
                         if retries[index] > self._max_retries:
                             raise WorkerError(
@@ -244,9 +252,9 @@ class Dispatcher:
     # -- the pool ----------------------------------------------------------------------
 
     def _acquire(self) -> tuple[str, Any] | None:
-        """Take a slot on the least-loaded worker, or None when all are full."""
+        """Take a slot on the least-loaded worker, or None when all are full (or paused)."""
         with self._cond:
-            free = [w for w, n in self._in_flight.items() if n < self._max_in_flight]
+            free = [w for w in self._usable() if self._in_flight[w] < self._max_in_flight]
             if not free:
                 return None
             worker_id = min(free, key=lambda w: (self._in_flight[w], self._sent[w]))
@@ -262,10 +270,20 @@ class Dispatcher:
                 self._in_flight[worker_id] -= 1
                 self._cond.notify_all()
 
+    def _usable(self) -> list[str]:
+        """The workers that may get batches now (called holding the lock)."""
+        now = time.monotonic()
+        return [w for w in self._in_flight if self._paused.get(w, 0.0) <= now]
+
+    def _pause(self, worker_id: str) -> None:
+        with self._cond:
+            self._paused[worker_id] = time.monotonic() + _UNREACHABLE_PAUSE_S
+        self._release(worker_id)
+
     def _wait_for_free(self) -> None:
         """Block until a worker has a free slot; fail when none is left or coming."""
         with self._cond:
-            while not any(n < self._max_in_flight for n in self._in_flight.values()):
+            while not any(self._in_flight[w] < self._max_in_flight for w in self._usable()):
                 if not self._handles and not self._replacing:
                     raise WorkerError(
                         f"function {self._function}: every worker died and none could be replaced"
@@ -286,7 +304,7 @@ class Dispatcher:
         """Get the dead worker's replacement, then the master's whole list: after the master
         itself restarted, every worker it had is gone and the list holds their successors."""
         try:
-            ray.get(self._master.replace.remote(dead_id))
+            ray.get(self._master.replace.remote(dead_id, self._model_refs))
             current = dict(ray.get(self._master.workers.remote()))
             error = None
         except BaseException as err:  # noqa: BLE001 - reported to the waiting threads (SystemExit: Ray shut down)

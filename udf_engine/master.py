@@ -5,10 +5,12 @@ ones (when told by a dispatcher, and on its own watch), reports statistics and
 shuts them down. Batches never pass through it.
 
 The master may die (its node lost, its process killed). Ray then restarts it
-(``max_restarts``); its workers, which are its children, die with it, and the
-restarted master starts them again on first use. A dispatcher that loses workers
-meanwhile asks the master for replacements, and Ray holds those calls until the
-master is back, so a running query only waits.
+(``max_restarts``); its workers, which are its children, die with it. A dispatcher
+that loses workers asks the master for replacements, and Ray holds those calls until
+the master is back, so a running query only waits; the restarted master then starts
+all its workers again. The model reaches the master with each call that may start
+workers (``start``, ``replace``), never through its constructor: Ray could not
+restart a master whose constructor arguments had left the object store.
 
 A worker counts as dead only when Ray says so (an actor error on a call): a worker
 that is busy with a long batch still answers ``stats``, which runs in its own
@@ -16,8 +18,8 @@ concurrency group, and one that does not answer in time is not replaced.
 
 Example:
     >>> master = ray.remote(UDFMaster).options(name="rayudf.s1.digits", max_restarts=-1).remote(
-    ...     "digits", "rayudf.s1.digits", init, apply, model_refs, UDFConf())  # doctest: +SKIP
-    >>> info = ray.get(master.start.remote())       # {"input_width": 64, "load_s": ...} # doctest: +SKIP
+    ...     "digits", "rayudf.s1.digits", init, apply, UDFConf())               # doctest: +SKIP
+    >>> info = ray.get(master.start.remote(model_refs))  # {"input_width": 64, "load_s": ...} # doctest: +SKIP
     >>> workers = ray.get(master.workers.remote())  # [(worker_id, handle), ...]         # doctest: +SKIP
 """
 
@@ -42,6 +44,7 @@ WATCH_INTERVAL_S = 2.0
 # unless the process is frozen; a worker that does not answer in time is reported as
 # not answering, never replaced: only Ray's own error says a worker is dead.
 STATS_TIMEOUT_S = 10.0
+_RESTARTED = "the master restarted; its workers start again with the next query"
 
 
 @dataclass
@@ -74,21 +77,18 @@ class UDFMaster:
         actor_prefix: str,
         init_func: Callable,
         apply_func: Callable,
-        model_refs: Sequence[Any],
         conf: UDFConf,
     ) -> None:
         self._function = function  # the SQL name, for messages
         self._prefix = actor_prefix  # worker actors are named f"{prefix}.w{slot}.{token}"
         self._init_func = init_func
         self._apply_func = apply_func
-        self._model_refs = list(model_refs)  # kept so replacements can load the model again
+        self._model_refs: list = []  # the model, as the last start() or replace() handed it over
         self._conf = conf
-        self._slots: list[_Slot] = []  # empty until start(), or after a restart until first use
+        self._slots: list[_Slot] = []  # empty until start(), or after a restart until a replace()
         self._info: dict = {}  # what the first worker said of the model (input width, ...)
         self._lock = asyncio.Lock()  # one start or replace at a time
         self._watch: asyncio.Task | None = None
-        # Ray restarted this actor after it died: its workers died with it and start again on first use.
-        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
 
     def _new_worker(self, index: int) -> _Slot:
         conf = self._conf
@@ -133,9 +133,10 @@ class UDFMaster:
         if not self._info:
             self._info = dict(infos[0])
 
-    async def start(self) -> dict:
-        """Start ``conf.workers`` workers; return the model info once all have loaded it."""
+    async def start(self, model_refs: Sequence[Any]) -> dict:
+        """Start ``conf.workers`` workers on the model; return its info once all have loaded it."""
         async with self._lock:
+            self._model_refs = list(model_refs)
             await self._start_workers()
         return self._info
 
@@ -149,19 +150,18 @@ class UDFMaster:
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_loop())
 
-    async def workers(self) -> list[tuple[str, Any]]:
-        """The live workers as (worker_id, handle) pairs."""
-        async with self._lock:
-            if self._restarted:
-                await self._start_workers()
+    def workers(self) -> list[tuple[str, Any]]:
+        """The live workers as (worker_id, handle) pairs (none after a restart until a replace())."""
         return [(s.worker_id, s.handle) for s in self._slots]
 
-    async def replace(self, worker_id: str) -> tuple[str, Any]:
+    async def replace(self, worker_id: str, model_refs: Sequence[Any]) -> tuple[str, Any]:
         """Replace a dead worker; idempotent (a second report returns the same replacement).
 
-        A worker id from before a restart names its slot, whose new worker is returned.
+        After a restart, every worker starts again here; a worker id from before it names
+        its slot, whose new worker is returned.
         """
         async with self._lock:
+            self._model_refs = list(model_refs)
             await self._start_workers()
             slot = self._slots[slot_index(worker_id)]
             if slot.worker_id != worker_id or await self._is_alive(slot):
@@ -197,20 +197,17 @@ class UDFMaster:
             for slot in list(self._slots):
                 if not await self._is_alive(slot):
                     try:
-                        await self.replace(slot.worker_id)
+                        await self.replace(slot.worker_id, self._model_refs)
                     except Exception:  # noqa: BLE001 - replace() recorded it for !workers; the next round tries again
                         continue
 
     async def stats(self) -> list[dict]:
         """One row per worker slot: counters, node, GPU ids, replacements, alive, busy."""
-        async with self._lock:
-            if self._restarted:
-                await self._start_workers()
+        if not self._slots:  # restarted: the workers start with the next replace()
+            return [self._row(i, None, alive=False, last_error=_RESTARTED) for i in range(self._conf.workers)]
         rows = []
         for slot in self._slots:
-            row = {"function": self._function, "slot": slot.index, "worker": slot.worker_id, "replaced": slot.replaced}
-            row.update(node=None, pid=None, gpu_ids=[], batches=0, rows=0, busy_s=0.0, errors=0, batch_running_s=None)
-            row.update(last_error=slot.last_error, alive=True)
+            row = self._row(slot.index, slot.worker_id, replaced=slot.replaced, last_error=slot.last_error)
             try:
                 row.update(await asyncio.wait_for(slot.handle.stats.remote(), STATS_TIMEOUT_S))
             except (TimeoutError, ray.exceptions.ActorUnavailableError):
@@ -219,6 +216,13 @@ class UDFMaster:
                 row["alive"] = False
             rows.append(row)
         return rows
+
+    def _row(self, index: int, worker_id: str | None, **known: Any) -> dict:
+        """A stats row with every field, before the worker's own counters fill it in."""
+        row = {"function": self._function, "slot": index, "worker": worker_id, "replaced": 0, "alive": True, "last_error": ""}
+        row.update(node=None, pid=None, gpu_ids=[], threads=None, batches=0, rows=0, busy_s=0.0, errors=0, batch_running_s=None)
+        row.update(known)
+        return row
 
     async def shutdown(self) -> None:
         """Stop watching and kill every worker."""

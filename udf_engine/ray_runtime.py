@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -65,6 +66,28 @@ def _log_raylet_notices() -> None:
 
     print_to_stdstream.rayudf_routes_raylet = True
     ray_worker.print_to_stdstream = print_to_stdstream
+
+
+def cluster_can_grow() -> bool:
+    """Whether an autoscaler may add nodes to the Ray this process is connected to.
+
+    Ray's autoscaler (v1) publishes its status in the GCS: a cluster without autoscaling
+    config only mirrors the nodes it has, each as a node type ``node_<id>``; one with a
+    config names its own node types, or has launches pending. Autoscaler v2 is only on
+    when configured.
+    """
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if _internal_kv_get(ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY, namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE) == b"1":
+        return True
+    raw = _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not raw:
+        return False
+    report = json.loads(raw).get("autoscaler_report") or {}
+    if report.get("pending_launches") or report.get("pending_nodes"):
+        return True
+    return any(kind != f"node_{node}" for node, kind in (report.get("node_type_mapping") or {}).items())
 
 
 class RayRuntime:

@@ -1,0 +1,229 @@
+"""Rayudf on Ray clusters of its own: a 2-CPU laptop holding four models, and two nodes, one lost.
+
+Each test runs a driver script in a subprocess, because a process joins one Ray only and
+the rest of the suite shares the session's. The processes a test starts are stopped by
+the script itself (``Cluster.shutdown`` kills the nodes it started, and nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cloudpickle
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+
+class Scaled:
+    """a * factor + b."""
+
+    n_features_in_ = 2
+
+    def __init__(self, factor: float, pause_s: float = 0.0) -> None:
+        self.factor = factor
+        self.pause_s = pause_s
+
+    def predict(self, batch):
+        import time
+
+        time.sleep(self.pause_s)
+        x = np.asarray(batch, dtype=np.float64)
+        return x[:, 0] * self.factor + x[:, 1]
+
+
+def save(path, model):
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    path.write_bytes(cloudpickle.dumps(model))
+    return str(path)
+
+
+def run_driver(script: str, tmp_path, timeout_s: float = 300) -> dict:
+    """Run ``script`` in a fresh interpreter (no RAY_ADDRESS: it makes its own Ray); it leaves JSON in result.json
+    (not on stdout, where Ray's own nodes may write)."""
+    path = tmp_path / "driver.py"
+    path.write_text(script)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=timeout_s, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_table(tmp_path_factory):
+    rows = 50_000
+    x = np.random.default_rng(5).random((rows, 2))
+    path = tmp_path_factory.mktemp("clusters") / "t.parquet"
+    pq.write_table(pa.table({"id": np.arange(rows), "a": x[:, 0], "b": x[:, 1]}), path, row_group_size=2048)
+    return path, x
+
+
+LAPTOP = """
+import json, os, ray
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="rayudf")  # a 2-core laptop
+from sql_magics import Session
+with Session() as s:
+    for i, path in enumerate({paths!r}):
+        s.register_model(f"m{{i}}", path)  # default options
+    frame = s.sql("select id, m0(a, b) as y0, m1(a, b) as y1, m2(a, b) as y2, m3(a, b) as y3 from '{table}' order by id")
+    threads = [w["threads"] for w in s.functions["m0"].udf.stats()]
+    result = {{"y": frame[["y0", "y1", "y2", "y3"]].to_numpy().tolist(), "threads": threads, "cores": len(os.sched_getaffinity(0))}}
+    open("result.json", "w").write(json.dumps(result))
+ray.shutdown()
+"""
+
+
+def test_four_models_with_default_options_fit_a_two_cpu_ray_and_each_uses_every_core(small_table, tmp_path):
+    table, x = small_table
+    paths = [save(tmp_path / f"m{i}.pkl", Scaled(float(i + 1))) for i in range(4)]
+    out = run_driver(LAPTOP.format(paths=paths, table=table), tmp_path)
+    expected = np.column_stack([x[:, 0] * (i + 1) + x[:, 1] for i in range(4)])
+    np.testing.assert_allclose(np.array(out["y"]), expected, rtol=0, atol=1e-9)
+    assert sum(out["threads"]) == out["cores"], out  # the model's workers together have a thread per core
+
+
+TWO_NODES = """
+import json, os, signal, threading, time
+import ray
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+second = cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, namespace="rayudf", log_to_driver=False)
+from sql_magics import Session
+try:
+    with Session() as s:
+        udf = s.register_model("f", {path!r}, workers=2).udf
+        nodes = sorted({{w["node"] for w in udf.stats()}})
+        def lose_node():
+            while sum(w["batches"] for w in udf.stats()) < 6:
+                time.sleep(0.05)
+            cluster.remove_node(second, allow_graceful=False)
+        killer = threading.Thread(target=lose_node)
+        killer.start()
+        frame = s.sql("select id, f(a, b) as y from '{table}'")
+        killer.join()
+        after = s.sql("select count(f(a, b)) as n from '{table}'")["n"][0]
+        result = {{"ids": frame["id"].tolist(), "y": frame["y"].tolist(), "nodes": len(nodes), "after": int(after)}}
+        open("result.json", "w").write(json.dumps(result))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_two_nodes_one_lost_mid_query_gives_exact_rows(small_table, tmp_path):
+    table, x = small_table
+    out = run_driver(TWO_NODES.format(path=save(tmp_path / "f.pkl", Scaled(3.0, pause_s=0.05)), table=table), tmp_path)
+    assert out["nodes"] == 2  # the workers were spread over both nodes
+    ids = np.array(out["ids"])
+    order = np.argsort(ids)
+    assert np.array_equal(ids[order], np.arange(len(x)))  # every row once
+    np.testing.assert_allclose(np.array(out["y"])[order], x[:, 0] * 3.0 + x[:, 1], rtol=0, atol=1e-9)
+    assert out["after"] == len(x)  # and the function works on one node afterwards
+
+
+GROWING = """
+import json, logging
+import ray
+ray.init(address={address!r}, namespace="rayudf", log_to_driver=False)
+from sql_magics import Session
+with Session() as s:
+    s.register_model("g", {path!r}, workers=1, num_cpus=1)  # the head has no CPU: the autoscaler must add a node
+    frame = s.sql("select sum(g(range::DOUBLE, 1.0)) as total from range(1000)")
+    open("result.json", "w").write(json.dumps({{"total": frame["total"][0], "cpus": ray.cluster_resources().get("CPU", 0)}}))
+"""
+
+FAKE_AUTOSCALER = {
+    "cluster_name": "rayudf-growing",
+    "max_workers": 1,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True},
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        "cpu_node": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1},
+    },
+    "head_node_type": "ray.head.default",
+    "auth": {},
+    "upscaling_speed": 1.0,
+    "idle_timeout_minutes": 5,
+    "docker": {},
+    "file_mounts": {},
+    "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False,
+    "initialization_commands": [],
+    "setup_commands": [],
+    "head_setup_commands": [],
+    "worker_setup_commands": [],
+    "head_start_ray_commands": [],
+    "worker_start_ray_commands": [],
+    "rsync_exclude": [],
+    "rsync_filter": [],
+}
+
+
+@pytest.fixture
+def autoscaling_cluster(tmp_path):
+    """A head node with no CPU and Ray's autoscaler over its fake multi-node provider, which adds
+    up to one 1-CPU node (real raylets on this machine) when work waits for a CPU.
+
+    Its own port and temp dir; stopped by killing the processes this fixture started (the head's
+    process group) and the nodes the autoscaler started (found by that temp dir), nothing else.
+    """
+    import os
+    import shutil
+    import signal
+    import socket
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import psutil
+    from ray._private.services import get_node_ip_address
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    address = f"{get_node_ip_address()}:{port}"
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayudf-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    config = {**FAKE_AUTOSCALER, "provider": {**FAKE_AUTOSCALER["provider"], "gcs_address": address}}
+    (tmp_path / "autoscaler.json").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"  # the head and the driver use the same token (~/.ray/auth_token)
+    head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=0", f"--autoscaling-config={tmp_path / 'autoscaler.json'}",
+         f"--temp-dir={temp_dir}", "--include-dashboard=false", "--block"],
+        env=head_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(temp_dir.glob("session_*/sockets/raylet")):
+            assert time.monotonic() < deadline and head.poll() is None, "the autoscaling head did not start"
+            time.sleep(0.5)
+        yield address, env
+    finally:
+        started = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in part for part in p.info["cmdline"] or [])]
+        os.killpg(head.pid, signal.SIGKILL)
+        for process in started:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_registration_waits_for_the_autoscaler_to_add_a_node(autoscaling_cluster, tmp_path):
+    address, env = autoscaling_cluster
+    script = tmp_path / "growing.py"
+    script.write_text(GROWING.format(address=address, path=save(tmp_path / "g.pkl", Scaled(2.0))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "result.json").read_text())
+    assert out["total"] == pytest.approx(sum(2.0 * i + 1.0 for i in range(1000)))
+    assert out["cpus"] == 1  # the node the autoscaler added
+    assert "register g: waiting for the cluster to grow (asked CPU=1, free CPU=0)" in done.stderr
