@@ -25,7 +25,7 @@ import pyarrow as pa
 from arrow_bridge.tensors import features, to_arrow
 from arrow_bridge.types import arrow_type, duckdb_type_of
 from udf_engine.dispatcher import MAX_IN_FLIGHT_PER_WORKER, Partial
-from udf_engine.errors import ConfigError
+from udf_engine.errors import ConfigError, RowError
 
 
 class RowCounter:
@@ -51,6 +51,11 @@ class RowCounter:
             return self._value
 
 
+# How long a function being removed waits for calls still running on it: only queries run
+# on cursors of the connection can be, as the session's own statements have finished.
+DRAIN_TIMEOUT_S = 60.0
+
+
 class Version:
     """One registered version of a model function: its UDF, and the calls running on it."""
 
@@ -70,10 +75,10 @@ class Version:
             self._calls -= 1
             self._idle.notify_all()
 
-    def wait_idle(self) -> None:
-        """Return once no call of this version runs."""
+    def wait_idle(self, timeout_s: float | None = None) -> None:
+        """Return once no call of this version runs (or after ``timeout_s``)."""
         with self._idle:
-            self._idle.wait_for(lambda: self._calls == 0)
+            self._idle.wait_for(lambda: self._calls == 0, timeout_s)
 
 
 class ModelFunction:
@@ -92,10 +97,9 @@ class ModelFunction:
         self.arrow_type = arrow_type(return_type)
         self._counter = counter  # told of every row scored
         self._retire = retire  # called (on a thread of its own) with a version nobody uses any more
-        self._lock = threading.Lock()  # guards _current, _pinned and _pins
+        self._lock = threading.Lock()  # guards _current and _pinned
         self._current = Version(udf)  # what calls outside a statement, and statements starting now, use
-        self._pinned: Version | None = None  # what the statement running now started with
-        self._pins = 0  # statements running now (an included script's run inside the include statement)
+        self._pinned: Version | None = None  # what the session's statement running now started with
         self.nulled = RowCounter()  # rows left NULL because the model raised on them (on_error="null")
         self.null_reason = ""  # what the model raised on the latest of those rows
 
@@ -113,29 +117,24 @@ class ModelFunction:
             self._retire_later(old)
 
     def pin(self) -> None:
-        """A statement starts: its calls go to the version current now (or that its enclosing statement pinned)."""
+        """A statement starts (the session runs one at a time): its calls go to the version current now."""
         with self._lock:
-            if self._pins == 0:
-                self._pinned = self._current
-            self._pins += 1
+            self._pinned = self._current
 
     def unpin(self) -> None:
-        """A statement is done: once none runs, a pinned version that is no longer current retires."""
+        """The statement is done: the version it pinned, if no longer current, retires."""
         with self._lock:
-            self._pins -= 1
-            if self._pins:
-                return
             old, self._pinned = self._pinned, None
             stale = old is not None and old is not self._current
         if stale:
             self._retire_later(old)
 
     def close(self) -> None:
-        """Retire every version (the function is being removed)."""
+        """Retire every version (the function is being removed), once its calls return or DRAIN_TIMEOUT_S passed."""
         with self._lock:
             versions = {id(v): v for v in (self._current, self._pinned) if v is not None}
         for version in versions.values():
-            version.wait_idle()
+            version.wait_idle(DRAIN_TIMEOUT_S)
             self._retire(version)
 
     def _retire_later(self, version: Version) -> None:
@@ -158,7 +157,10 @@ class ModelFunction:
                 return self._score(version, cols, rows)
             kept = int(valid.sum())
             mask = pa.array(valid)
-            scored = self._score(version, [c.filter(mask) for c in cols], kept) if kept else pa.array([], type=self.arrow_type)
+            try:
+                scored = self._score(version, [c.filter(mask) for c in cols], kept) if kept else pa.array([], type=self.arrow_type)
+            except RowError as err:  # placed among the rows scored: place it among the call's rows
+                raise err.at(int(np.flatnonzero(valid)[err.row]), rows) from None
             return with_null_rows(scored, valid)
         finally:
             version.leave()

@@ -221,12 +221,12 @@ def _report(args, command, t: Timings, results, memory, table) -> None:
         f"{results['d_rows_per_s']:,.0f} | {(rows / b2) / results['d_rows_per_s']:.0f}x slower than (b) | |",
         f"| (f) limit 100: raw DuckDB + in-process UDF | {1000 * m('f_raw_duckdb_limit100'):.1f} ms | | | |",
         f"| (f) limit 100: Session.sql | {1000 * m('f_session_limit100'):.1f} ms | | "
-        f"+{1000 * (m('f_session_limit100') - m('f_raw_duckdb_limit100')):.1f} ms | <= +20 ms |",
+        f"{1000 * (m('f_session_limit100') - m('f_raw_duckdb_limit100')):+.1f} ms | <= +20 ms |",
         f"| (f) limit 100: %sql | {1000 * m('f_magic_limit100'):.1f} ms | | "
-        f"+{1000 * (m('f_magic_limit100') - m('f_raw_duckdb_limit100')):.1f} ms | <= +20 ms |",
+        f"{1000 * (m('f_magic_limit100') - m('f_raw_duckdb_limit100')):+.1f} ms | <= +20 ms |",
         f"| (f) trivial select: raw DuckDB / Session.sql / %sql | {1000 * m('f_raw_duckdb_trivial'):.1f} / "
         f"{1000 * m('f_session_trivial'):.1f} / {1000 * m('f_magic_trivial'):.1f} ms | | "
-        f"+{1000 * (m('f_magic_trivial') - m('f_raw_duckdb_trivial')):.1f} ms (%sql) | a few ms |",
+        f"{1000 * (m('f_magic_trivial') - m('f_raw_duckdb_trivial')):+.1f} ms (%sql) | a few ms |",
     ]
     for run in memory:
         peaks = ", ".join(f"{k} {v:,.0f} MiB ({run['peak_private_mb'][k]:,.0f} private)" for k, v in run["peak_mb"].items())

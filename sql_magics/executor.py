@@ -98,7 +98,8 @@ class Executor:
             except duckdb.Error as err:
                 raise ExecutionError(clean_duckdb_error(err), line=statement.line, source=source_name) from None
             finally:
-                self._warn_nulled(nulled_before, statement, source_name)
+                if statement.kind != "include":  # the included statements warned for themselves
+                    self._warn_nulled(nulled_before, statement, source_name)
             if result is not None:
                 frame = result
         return ScriptResult(frame, None if frame is not None else self._notice, self._warnings)

@@ -28,9 +28,9 @@ from typing import Any
 from sql_magics.errors import ExecutionError
 from sql_magics.registry import DETECTED_KIND, FunctionRegistry, RegisteredFunction
 from sql_magics.script_state import ScriptState
-from udf_engine import RayContext, UDFBuilder, UDFBuildInFunc, UDFMaster, UDFWorker
+from udf_engine import RayContext, RemoteUDF, UDFBuilder, UDFBuildInFunc, UDFMaster, UDFWorker
 from udf_engine.builtin_funcs import MODEL_KINDS
-from udf_engine.errors import remote_cause
+from udf_engine.errors import RayUDFError, remote_cause
 
 REGISTER_KINDS = (*MODEL_KINDS, DETECTED_KIND, "Ray", "ScriptUDF")
 # MLSQL returns a list of lists of doubles from a Ray UDF unless told otherwise.
@@ -77,8 +77,8 @@ def pyjava_names() -> Iterator[None]:
 def _run_code(code: str, namespace: dict, what: str) -> None:
     try:
         exec(compile(code, f"<{what}>", "exec"), namespace)
-    except ExecutionError:
-        raise
+    except RayUDFError:
+        raise  # ours (UDFBuilder.build's, say): it names the function and what went wrong
     except Exception as err:  # noqa: BLE001 - the user's code may raise anything
         cause = remote_cause(err)
         raise ExecutionError(f"{what} failed: {type(cause).__name__}: {cause}") from None
@@ -91,21 +91,29 @@ def register_ray(registry: FunctionRegistry, state: ScriptState, function: str, 
         raise ExecutionError(f"register Ray {function}: the registerCode option is required")
     rows = registry.rows_of(source) if source else []
     conf = {**state.python_conf, **{k: v for k, v in options.items() if k not in _CODE_OPTIONS}}
-    context = registry.ray_context(function, conf, rows, row_wise=True)
-    namespace = {"__name__": f"__rayudf_register_{function}__", "context": context}
-    try:
-        with pyjava_names():
-            _run_code(code, namespace, f"registerCode of {function}")
-            if context.udf is None:
-                raise ExecutionError(f"register Ray {function}: registerCode did not call UDFBuilder.build(ray_context, ...)")
-            if options.get("predictCode"):
-                _run_code(options["predictCode"], namespace, f"predictCode of {function}")
-    except BaseException:
-        if context.udf is not None:
-            context.udf.shutdown()  # built, but never registered: nobody else would stop its workers
-        raise
+
+    def build() -> RemoteUDF:
+        context = registry.ray_context(function, conf, rows, row_wise=True)
+        namespace = {"__name__": f"__rayudf_register_{function}__", "context": context}
+        try:
+            with pyjava_names():
+                _run_code(code, namespace, f"registerCode of {function}")
+                if context.udf is None:
+                    raise ExecutionError(f"register Ray {function}: registerCode did not call UDFBuilder.build(ray_context, ...)")
+                if options.get("predictCode"):
+                    _run_code(options["predictCode"], namespace, f"predictCode of {function}")
+        except BaseException:
+            if context.udf is not None:
+                context.udf.shutdown()  # built, but never registered: nobody else would stop its workers
+            raise
+        return context.udf
+
     returns = options.get("returns", RAY_DEFAULT_RETURNS)
-    return registry.add_udf(function, context.udf, kind="Ray", path=source, options={**options, "returns": returns}, rows=rows)
+    return registry.build_and_add(
+        function,
+        build,
+        lambda udf: registry.add_udf(function, udf, kind="Ray", path=source, options={**options, "returns": returns}, rows=rows),
+    )
 
 
 def _script_function(function: str, code: str, method: str | None) -> Callable:

@@ -41,6 +41,7 @@ from sql_magics.errors import ExecutionError, clean_duckdb_error
 from sql_magics.handoff import on_waiting_thread
 from udf_engine import ConfigError, ModelError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, UDFBuildInFunc, WorkerError, put_model
 from udf_engine.builtin_funcs import LOADERS, MODEL_KINDS
+from udf_engine.errors import ResourceError
 from udf_engine.model_store import DEFAULT_VERSION, detect_format, model_meta, model_rows, read_model_rows, rows_from_table
 
 # `register model.`path``: the kind is the model's own format, read from the path or the table.
@@ -89,8 +90,10 @@ class FunctionRegistry:
         self._session_id = session_id  # keeps this session's actor names apart from others'
         self._worker_env = worker_env  # environment of every worker unless a registration names one (`!python env`)
         self._functions: dict[str, RegisteredFunction] = {}  # by SQL name
-        self._registrations: Counter[str] = Counter()  # registrations of each name so far: versions and actor names
-        self._lock = threading.Lock()  # guards _functions, _registrations and _unbusy
+        self._registrations: Counter[str] = Counter()  # registrations of each name so far: the default version labels
+        self._attempts: Counter[str] = Counter()  # builds of each name so far: unique actor names
+        self._lock = threading.Lock()  # guards _functions, _registrations, _attempts and _unbusy
+        self._changes = threading.RLock()  # one registration or removal at a time; taken before Database.exclusive
         self._scored = RowCounter()  # rows scored by every model function of this registry
         self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising
 
@@ -140,9 +143,8 @@ class FunctionRegistry:
         """
         path = Path(source)
         if not path.exists() and _IDENTIFIER.match(str(source)):
-            with self._db.exclusive():
-                con = self._db.con
-                table = relation_kind(con, str(source)) and con.sql(f"SELECT * FROM {quote_identifier(str(source))}").to_arrow_table()
+            with self._db.con.cursor() as cursor:  # its own connection: a query running on the session's is no obstacle
+                table = relation_kind(cursor, str(source)) and cursor.sql(f"SELECT * FROM {quote_identifier(str(source))}").to_arrow_table()
             if table:
                 return rows_from_table(table, source=f"table {source}")
         if not path.exists():
@@ -181,8 +183,27 @@ class FunctionRegistry:
         """Build workers with ``init_func``/``apply_func`` over a model's rows and register them."""
         _check_name(function)
         engine_options = {k: v for k, v in options.items() if k not in _BRIDGE_OPTIONS}
-        udf = UDFBuilder.build(self.ray_context(function, engine_options, rows), init_func, apply_func)
-        return self.add_udf(function, udf, kind=kind, path=path, options=options, rows=rows)
+        return self.build_and_add(
+            function,
+            lambda: UDFBuilder.build(self.ray_context(function, engine_options, rows), init_func, apply_func),
+            lambda udf: self.add_udf(function, udf, kind=kind, path=path, options=options, rows=rows),
+        )
+
+    def build_and_add(
+        self, function: str, build: Callable[[], RemoteUDF], add: Callable[[RemoteUDF], RegisteredFunction]
+    ) -> RegisteredFunction:
+        """``add(build())``, as a rolling swap when ``function`` exists, or as a replacement when the
+        cluster cannot hold both versions: then the session's running statement finishes, the old
+        version stops and the new one starts, while the session's statements wait."""
+        try:
+            udf = build()
+        except ResourceError:
+            if function not in self.functions:
+                raise
+            with self._changes, self._db.exclusive():
+                self.unregister(function)
+                return add(build())
+        return add(udf)
 
     def ray_context(self, function: str, conf: dict, rows: list[dict], *, row_wise: bool = False) -> RayContext:
         """The context to build ``function`` in: this registry's Ray and actor names, the model rows in
@@ -192,7 +213,7 @@ class FunctionRegistry:
             function,
             conf={"env": dict(self._worker_env), **conf} if self._worker_env else dict(conf),
             model_refs=put_model(rows),
-            actor_prefix=f"{self.actor_prefix(function)}.r{self._registrations[function] + 1}",
+            actor_prefix=f"{self.actor_prefix(function)}.r{self._next_registration(function)}",
             runtime=self.runtime,
             row_wise=row_wise,
         )
@@ -212,18 +233,19 @@ class FunctionRegistry:
         return registered
 
     def _install_model(self, registered: RegisteredFunction) -> None:
-        old = self.functions.get(registered.name)
-        if old is not None and old.model_function is not None and old.returns == registered.returns:
-            # A rolling swap: DuckDB keeps the function; the running statement finishes on the old version.
-            registered.model_function = old.model_function
-            old.model_function.switch(registered.udf)
-            with self._lock:
-                self._unbusy.append(registered.udf)
-            self._add(registered)
-            return
-        fn = ModelFunction(registered.name, registered.returns, self._scored, registered.udf, retire=_stop)
-        registered.model_function = fn
-        self._install(registered, lambda: add_function(self._db.con, fn))
+        with self._changes:
+            old = self.functions.get(registered.name)
+            if old is not None and old.model_function is not None and old.returns == registered.returns:
+                # A rolling swap: DuckDB keeps the function; the running statement finishes on the old version.
+                registered.model_function = old.model_function
+                old.model_function.switch(registered.udf)
+                with self._lock:
+                    self._unbusy.append(registered.udf)
+                self._add(registered)
+                return
+            fn = ModelFunction(registered.name, registered.returns, self._scored, registered.udf, retire=_stop)
+            registered.model_function = fn
+            self._install(registered, lambda: add_function(self._db.con, fn))
 
     def add_python(self, function: str, func: Callable, returns: str, *, vectorized: bool, options: dict) -> RegisteredFunction:
         """Make a plain Python function callable from SQL (run in-process by DuckDB)."""
@@ -235,7 +257,7 @@ class FunctionRegistry:
     def _install(self, registered: RegisteredFunction, create: Callable[[], None]) -> None:
         """Create a DuckDB function in place of the one this registry holds under that name, which goes."""
         function = registered.name
-        with self._db.exclusive():  # no statement of the session runs while DuckDB's functions change
+        with self._changes, self._db.exclusive():  # no statement of the session runs while DuckDB's functions change
             old = self.functions.get(function)
             try:
                 if old is not None:
@@ -252,6 +274,12 @@ class FunctionRegistry:
         with self._lock:
             self._functions[registered.name] = registered
 
+    def _next_registration(self, function: str) -> int:
+        """Count one more attempt to register ``function``: its workers' actor names carry the count."""
+        with self._lock:
+            self._attempts[function] += 1
+            return self._attempts[function]
+
     def _version(self, function: str, options: dict) -> str:
         """The label the registration gives, else how many times the name has been registered."""
         with self._lock:
@@ -262,7 +290,7 @@ class FunctionRegistry:
 
     def unregister(self, function: str) -> None:
         """Remove a function from SQL and stop its workers, once the session's running statement is done."""
-        with self._db.exclusive():
+        with self._changes, self._db.exclusive():
             with self._lock:
                 registered = self._functions.pop(function, None)
             if registered is None:

@@ -69,8 +69,11 @@ with Session() as s:
     for i, path in enumerate({paths!r}):
         s.register_model(f"m{{i}}", path)  # default options
     frame = s.sql("select id, m0(a, b) as y0, m1(a, b) as y1, m2(a, b) as y2, m3(a, b) as y3 from '{table}' order by id")
-    threads = [w["threads"] for w in s.functions["m0"].udf.stats()]
-    result = {{"y": frame[["y0", "y1", "y2", "y3"]].to_numpy().tolist(), "threads": threads, "cores": len(os.sched_getaffinity(0))}}
+    threads = {{name: sum(w["threads"] for w in f.udf.stats()) for name, f in s.functions.items()}}
+    s.register_model("m0", {new_version!r})  # no room for both versions: the old one makes way
+    again = s.sql("select id, m0(a, b) as y0 from '{table}' order by id")
+    result = {{"y": frame[["y0", "y1", "y2", "y3"]].to_numpy().tolist(), "threads": threads, "cores": len(os.sched_getaffinity(0)),
+               "y0_v2": again["y0"].tolist(), "version": s.functions["m0"].version}}
     open("result.json", "w").write(json.dumps(result))
 ray.shutdown()
 """
@@ -79,10 +82,15 @@ ray.shutdown()
 def test_four_models_with_default_options_fit_a_two_cpu_ray_and_each_uses_every_core(small_table, tmp_path):
     table, x = small_table
     paths = [save(tmp_path / f"m{i}.pkl", Scaled(float(i + 1))) for i in range(4)]
-    out = run_driver(LAPTOP.format(paths=paths, table=table), tmp_path)
+    new_version = save(tmp_path / "m0_v2.pkl", Scaled(10.0))
+    out = run_driver(LAPTOP.format(paths=paths, table=table, new_version=new_version), tmp_path)
     expected = np.column_stack([x[:, 0] * (i + 1) + x[:, 1] for i in range(4)])
     np.testing.assert_allclose(np.array(out["y"]), expected, rtol=0, atol=1e-9)
-    assert sum(out["threads"]) == out["cores"], out  # the model's workers together have a thread per core
+    # the math threads of each model's workers add up to the cores: scoring alone, a model uses them all
+    assert set(out["threads"].values()) == {out["cores"]}, out
+    # registering again with the machine full replaces the function rather than failing
+    np.testing.assert_allclose(out["y0_v2"], x[:, 0] * 10.0 + x[:, 1], rtol=0, atol=1e-9)
+    assert out["version"] == "2"
 
 
 TWO_NODES = """
@@ -98,16 +106,20 @@ try:
     with Session() as s:
         udf = s.register_model("f", {path!r}, workers=2).udf
         nodes = sorted({{w["node"] for w in udf.stats()}})
+        lost = {{}}
         def lose_node():
             while sum(w["batches"] for w in udf.stats()) < 6:
                 time.sleep(0.05)
             cluster.remove_node(second, allow_graceful=False)
+            lost["at"] = time.monotonic()
         killer = threading.Thread(target=lose_node)
         killer.start()
         frame = s.sql("select id, f(a, b) as y from '{table}'")
+        finished = time.monotonic()
         killer.join()
         after = s.sql("select count(f(a, b)) as n from '{table}'")["n"][0]
-        result = {{"ids": frame["id"].tolist(), "y": frame["y"].tolist(), "nodes": len(nodes), "after": int(after)}}
+        result = {{"ids": frame["id"].tolist(), "y": frame["y"].tolist(), "nodes": len(nodes), "after": int(after),
+                   "lost_mid_query": lost["at"] < finished}}
         open("result.json", "w").write(json.dumps(result))
 finally:
     ray.shutdown()
@@ -117,8 +129,9 @@ finally:
 
 def test_two_nodes_one_lost_mid_query_gives_exact_rows(small_table, tmp_path):
     table, x = small_table
-    out = run_driver(TWO_NODES.format(path=save(tmp_path / "f.pkl", Scaled(3.0, pause_s=0.05)), table=table), tmp_path)
+    out = run_driver(TWO_NODES.format(path=save(tmp_path / "f.pkl", Scaled(3.0, pause_s=0.2)), table=table), tmp_path)
     assert out["nodes"] == 2  # the workers were spread over both nodes
+    assert out["lost_mid_query"]  # else the test proves nothing
     ids = np.array(out["ids"])
     order = np.argsort(ids)
     assert np.array_equal(ids[order], np.arange(len(x)))  # every row once

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sql_magics.commands import COMMANDS
+from sql_magics.commands import COMMANDS, MODEL_COLUMNS, WORKER_COLUMNS
 from sql_magics.registration import REGISTER_KINDS
 from sql_magics.statements import STATEMENT_TYPES
 from udf_engine.settings import OPTIONS
@@ -31,6 +31,11 @@ def test_every_register_kind_is_documented(kind):
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_is_documented(command):
     assert f"!{command}" in STATEMENTS_DOC
+
+
+@pytest.mark.parametrize(("command", "columns"), [("workers", WORKER_COLUMNS), ("models", MODEL_COLUMNS)])
+def test_command_tables_are_documented_column_by_column(command, columns):
+    assert re.search(rf"^!{command};\s+-- {re.escape(', '.join(columns))}$", STATEMENTS_DOC, flags=re.MULTILINE)
 
 
 def shown(default: object) -> str:

@@ -12,7 +12,7 @@ Example:
 from udf_engine.builder import RemoteUDF, UDFBuilder, put_model
 from udf_engine.builtin_funcs import UDFBuildInFunc
 from udf_engine.dispatcher import Dispatcher
-from udf_engine.errors import ConfigError, InputError, ModelError, RayUDFError, WorkerError
+from udf_engine.errors import ConfigError, InputError, ModelError, RayUDFError, ResourceError, RowError, WorkerError
 from udf_engine.master import UDFMaster
 from udf_engine.model_store import detect_format, materialize, model_meta, model_rows, read_model_rows, save_model
 from udf_engine.ray_runtime import NAMESPACE, RayContext, RayRuntime
@@ -20,7 +20,7 @@ from udf_engine.settings import OPTIONS, UDFConf
 from udf_engine.worker import UDFWorker
 
 __all__ = [
-    "ConfigError", "Dispatcher", "InputError", "ModelError", "NAMESPACE", "OPTIONS", "RayContext",
+    "ConfigError", "Dispatcher", "InputError", "ModelError", "ResourceError", "RowError", "NAMESPACE", "OPTIONS", "RayContext",
     "RayRuntime", "RayUDFError", "RemoteUDF", "UDFBuildInFunc", "UDFBuilder", "UDFConf", "UDFMaster",
     "UDFWorker", "WorkerError", "detect_format", "materialize", "model_meta", "model_rows", "put_model",
     "read_model_rows", "save_model",

@@ -20,7 +20,7 @@ import ray
 
 from udf_engine.builtin_funcs import RowWiseApply
 from udf_engine.dispatcher import Dispatcher, user_error
-from udf_engine.errors import RayUDFError, WorkerError, remote_cause
+from udf_engine.errors import RayUDFError, ResourceError, WorkerError, remote_cause
 from udf_engine.master import UDFMaster
 from udf_engine.ray_runtime import NAMESPACE, RayContext, cluster_can_grow
 from udf_engine.settings import UDFConf
@@ -37,8 +37,6 @@ NAME_POLL_S = 0.05
 # small cost next to starting a worker.
 RESOURCES_GRACE_S = 5.0
 RESOURCES_POLL_S = 0.1
-# While an autoscaler adds nodes for new workers (a minute or more), how often to say so.
-GROWING_REPORT_S = 10.0
 _log = logging.getLogger(__name__)
 
 
@@ -106,7 +104,7 @@ def _wait_for_resources(function: str, settings: UDFConf) -> bool:
         if cluster_can_grow():
             return True
         if time.monotonic() > deadline:
-            raise WorkerError(
+            raise ResourceError(
                 f"function {function}: not enough free Ray resources for {settings.workers} worker(s): {shortage}; "
                 "unregister other functions or lower workers/num_cpus/num_gpus"
             )
@@ -115,14 +113,12 @@ def _wait_for_resources(function: str, settings: UDFConf) -> bool:
 
 
 def _await_start(function: str, start: ray.ObjectRef, settings: UDFConf, growing: bool) -> dict:
-    """The master's start() result; while the cluster grows for the workers, say what they wait for."""
-    while growing and (shortage := _shortage(settings)):
+    """The master's start() result; if the cluster must grow for the workers, say so first."""
+    if growing and (shortage := _shortage(settings)):
         _log.warning(
             "register %s: waiting for the cluster to grow (%s), up to startup_timeout_s=%g s",
             function, shortage, settings.startup_timeout_s,
         )
-        ready, _ = ray.wait([start], timeout=GROWING_REPORT_S)
-        growing = not ready
     return ray.get(start)
 
 
@@ -200,6 +196,9 @@ class UDFBuilder:
             if isinstance(cause, RayUDFError):
                 raise type(cause)(str(cause)) from None
             raise WorkerError(f"function {ray_context.function}: could not start its workers: {cause}") from None
+        except BaseException:  # interrupted (Ctrl-C while waiting): no master may outlive the registration
+            ray.kill(master)
+            raise
         dispatcher = Dispatcher(
             master,
             workers,

@@ -28,7 +28,7 @@ from typing import Any
 
 import ray
 
-from udf_engine.errors import ModelError, RayUDFError, WorkerError, remote_cause
+from udf_engine.errors import ModelError, RayUDFError, RowError, WorkerError, remote_cause
 
 # One batch running and one queued behind it: the worker starts the next batch the
 # moment it finishes one, without waiting a round trip for it, while a slow worker
@@ -44,6 +44,12 @@ _ROW_PREVIEW_CHARS = 80
 # dead until Ray says so, which for a lost node takes the GCS's missed heartbeats (~15 s);
 # meanwhile the other workers take its batches, and it is tried again after this pause.
 _UNREACHABLE_PAUSE_S = 5.0
+# How often one batch may find its worker unreachable before the query fails: ten pauses
+# is nearly a minute of a node that neither answers nor is declared dead.
+_MAX_UNREACHABLE = 10
+# After a worker died, how long to wait for the others' stats() (a control call, answered at
+# once by a live worker) to learn which died with it.
+_SWEEP_TIMEOUT_S = 2.0
 
 
 def user_error(err: ray.exceptions.RayTaskError, function: str) -> RayUDFError:
@@ -107,6 +113,7 @@ class Dispatcher:
         self._progress: dict[str, float] = {}  # when each worker last finished a batch (for batch_timeout_s)
         self._paused: dict[str, float] = {}  # workers Ray could not reach, and until when they get no batches
         self._replacing: set[str] = set()  # dead workers whose replacement is starting
+        self._dead: set[str] = set()  # every worker known dead: never back in the pool
         self._replace_error: BaseException | None = None  # why the last replacement failed
         self._cond = threading.Condition()
 
@@ -137,7 +144,7 @@ class Dispatcher:
     # -- what the model fails on ------------------------------------------------------
 
     def _raise_located(self, batch: Any, failed: _Failed, offset: int, total: int) -> None:
-        """Raise the model's error, naming the first row of ``batch`` it fails on alone."""
+        """Raise the model's error as a RowError naming the first row of ``batch`` it fails on alone."""
         start, part, error = 0, batch, failed.error
         while len(part) > 1:
             half = len(part) // 2
@@ -148,8 +155,7 @@ class Dispatcher:
                 start, part, error = start + half, part[half:], second.error
             else:
                 raise ModelError(f"{failed.error} (on a batch of {len(batch)} rows, though on no part of it alone)")
-        row = offset + start + 1
-        raise ModelError(f"{error} (row {row} of the {total} rows of this call: {_preview(part[0])})")
+        raise RowError(str(error), row=offset + start, rows=total, values=_preview(part[0]))
 
     def _isolate(self, batch: Any) -> Partial:
         """Score a batch the model failed on in halves, down to the single rows it fails on."""
@@ -176,6 +182,7 @@ class Dispatcher:
         """Each batch's output, or _Failed where the model raised; worker deaths are retried."""
         results: list[Any] = [None] * len(batches)
         retries = [0] * len(batches)
+        unreachable = [0] * len(batches)
         todo = deque(range(len(batches)))
         pending: dict[ray.ObjectRef, tuple[int, str, float]] = {}  # ref -> (batch index, worker, sent at)
         try:
@@ -200,6 +207,11 @@ class Dispatcher:
                         results[index] = ray.get(ref)
                     except ray.exceptions.ActorUnavailableError:
                         self._pause(worker_id)  # not dead (Ray has not said so), only unreachable for now
+                        unreachable[index] += 1
+                        if unreachable[index] > _MAX_UNREACHABLE:
+                            raise WorkerError(
+                                f"function {self._function}: a batch found its worker unreachable {unreachable[index]} times"
+                            ) from None
                         todo.appendleft(index)
                         continue
                     except ray.exceptions.RayActorError:
@@ -243,7 +255,8 @@ class Dispatcher:
             if self._deadline(worker_id, sent) <= now:
                 handle = self._handles.get(worker_id)
                 if handle is not None:
-                    ray.kill(handle)  # the next call sees it dead and the master replaces it
+                    ray.kill(handle)
+                    self._worker_died(worker_id)  # out of the pool now, and replaced
                 raise WorkerError(
                     f"function {self._function}: a batch ran longer than batch_timeout_s={self._batch_timeout_s:g} s "
                     f"on worker {worker_id}; the worker was stopped and will be replaced"
@@ -291,14 +304,33 @@ class Dispatcher:
                     )
                 self._cond.wait(_WAIT_TICK_S)
 
-    def _worker_died(self, worker_id: str) -> None:
-        """Drop a dead worker from the pool and ask the master for a replacement (once)."""
+    def _worker_died(self, worker_id: str, *, sweep: bool = True) -> None:
+        """Drop a dead worker from the pool and ask the master for a replacement (once).
+
+        Workers die together when their master does: the others are asked at once, so
+        that a batch is not sent to each dead one in turn, using up its retries.
+        """
         with self._cond:
             if worker_id not in self._handles:
                 return
             del self._handles[worker_id], self._in_flight[worker_id], self._sent[worker_id]
+            self._dead.add(worker_id)
             self._replacing.add(worker_id)
         threading.Thread(target=self._replace, args=(worker_id,), daemon=True).start()
+        if sweep:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        """Drop every worker Ray says is dead, asking each with a control call."""
+        asked = {handle.stats.remote(): worker_id for worker_id, handle in self.workers()}
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=_SWEEP_TIMEOUT_S)
+        for ref in answered:
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:
+                continue
+            except ray.exceptions.RayActorError:
+                self._worker_died(asked[ref], sweep=False)
 
     def _replace(self, dead_id: str) -> None:
         """Get the dead worker's replacement, then the master's whole list: after the master
@@ -311,13 +343,12 @@ class Dispatcher:
             current, error = None, remote_cause(err)
         with self._cond:
             self._replacing.discard(dead_id)
-            if error is not None:
-                self._replace_error = error
+            self._replace_error = error  # the latest attempt's outcome: None once one succeeds
             if current is not None:
                 for gone in set(self._handles) - set(current):
                     del self._handles[gone], self._in_flight[gone], self._sent[gone]
                 for worker_id, handle in current.items():
-                    if worker_id not in self._handles:
+                    if worker_id not in self._handles and worker_id not in self._dead:
                         self._handles[worker_id] = handle
                         self._in_flight[worker_id] = 0
                         self._sent[worker_id] = 0

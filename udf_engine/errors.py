@@ -11,6 +11,8 @@ Example:
     model 'digits': file not found: models/x.keras
 """
 
+from __future__ import annotations
+
 
 class RayUDFError(Exception):
     """Root of every error rayudf raises on purpose."""
@@ -24,8 +26,29 @@ class ModelError(RayUDFError):
     """A model is missing, corrupt (sha256) or fails to load or run."""
 
 
+class RowError(ModelError):
+    """The model raised on one row: ``row`` is its index among the ``rows`` scored together.
+
+    Example:
+        >>> print(RowError("function f: the model raised ValueError: bad", row=2, rows=10, values="[-1.0]"))
+        function f: the model raised ValueError: bad (row 3 of the 10 rows of this call: [-1.0])
+    """
+
+    def __init__(self, message: str, *, row: int, rows: int, values: str) -> None:
+        self.message, self.row, self.rows, self.values = message, row, rows, values
+        super().__init__(f"{message} (row {row + 1} of the {rows} rows of this call: {values})")
+
+    def at(self, row: int, rows: int) -> RowError:
+        """The same error, placed at ``row`` of ``rows`` (the call's rows before some were set aside)."""
+        return RowError(self.message, row=row, rows=rows, values=self.values)
+
+
 class WorkerError(RayUDFError):
     """A UDF worker died, or could not be started, beyond what a retry can fix."""
+
+
+class ResourceError(WorkerError):
+    """The cluster has not the free resources a UDF's workers ask for, and will not get them."""
 
 
 class InputError(RayUDFError):

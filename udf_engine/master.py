@@ -17,8 +17,8 @@ that is busy with a long batch still answers ``stats``, which runs in its own
 concurrency group, and one that does not answer in time is not replaced.
 
 Example:
-    >>> master = ray.remote(UDFMaster).options(name="rayudf.s1.digits", max_restarts=-1).remote(
-    ...     "digits", "rayudf.s1.digits", init, apply, UDFConf())               # doctest: +SKIP
+    >>> master = ray.remote(UDFMaster).options(name="rayudf.ab12.digits.r1.master", max_restarts=-1).remote(
+    ...     "digits", "rayudf.ab12.digits.r1", init, apply, UDFConf())          # doctest: +SKIP
     >>> info = ray.get(master.start.remote(model_refs))  # {"input_width": 64, "load_s": ...} # doctest: +SKIP
     >>> workers = ray.get(master.workers.remote())  # [(worker_id, handle), ...]         # doctest: +SKIP
 """
@@ -62,7 +62,7 @@ def slot_index(worker_id: str) -> int:
     """The slot a worker id names: ``<prefix>.w<slot>.<token>``.
 
     Example:
-        >>> slot_index("rayudf.ab12.digits.v1.w3.9f2c")
+        >>> slot_index("rayudf.ab12.digits.r1.w3.9f2c01")
         3
     """
     return int(worker_id.rsplit(".", 2)[1][1:])
