@@ -258,7 +258,8 @@ class FunctionRegistry:
         """Create a DuckDB function in place of the one this registry holds under that name, which goes."""
         function = registered.name
         with self._changes, self._db.exclusive():  # no statement of the session runs while DuckDB's functions change
-            old = self.functions.get(function)
+            with self._lock:
+                old = self._functions.pop(function, None)  # gone from DuckDB below, whatever happens next
             try:
                 if old is not None:
                     self._db.con.remove_function(function)
