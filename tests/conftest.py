@@ -95,6 +95,20 @@ def write_digits_parquet(path: Path, pixels: np.ndarray, labels: np.ndarray, *, 
     return path
 
 
+def random_table(path: Path, *, rows: int, columns: str, seed: int, row_group_size: int) -> np.ndarray:
+    """Write ``id`` and one column of uniform random doubles per letter of ``columns``; return those values."""
+    x = np.random.default_rng(seed).random((rows, len(columns)))
+    pq.write_table(pa.table({"id": np.arange(rows), **{c: x[:, i] for i, c in enumerate(columns)}}), path, row_group_size=row_group_size)
+    return x
+
+
+def save_pickled(path: Path, model) -> Path:
+    """cloudpickle ``model`` to ``path``, its class by value: workers cannot import the test modules."""
+    cloudpickle.register_pickle_by_value(sys.modules[type(model).__module__])
+    path.write_bytes(cloudpickle.dumps(model))
+    return path
+
+
 @pytest.fixture(scope="session")
 def digits_parquet(digits, tmp_path_factory) -> Path:
     return write_digits_parquet(tmp_path_factory.mktemp("data") / "digits.parquet", *digits)

@@ -8,14 +8,14 @@ the script itself (``Cluster.shutdown`` kills the nodes it started, and nothing 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
-import cloudpickle
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+
+from conftest import random_table, save_pickled
 
 
 class Scaled:
@@ -35,10 +35,8 @@ class Scaled:
         return x[:, 0] * self.factor + x[:, 1]
 
 
-def save(path, model):
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    path.write_bytes(cloudpickle.dumps(model))
-    return str(path)
+def save(path, model) -> str:
+    return str(save_pickled(path, model))
 
 
 def run_driver(script: str, tmp_path, timeout_s: float = 300) -> dict:
@@ -46,7 +44,7 @@ def run_driver(script: str, tmp_path, timeout_s: float = 300) -> dict:
     (not on stdout, where Ray's own nodes may write)."""
     path = tmp_path / "driver.py"
     path.write_text(script)
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=timeout_s, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((tmp_path / "result.json").read_text())
@@ -54,11 +52,8 @@ def run_driver(script: str, tmp_path, timeout_s: float = 300) -> dict:
 
 @pytest.fixture(scope="module")
 def small_table(tmp_path_factory):
-    rows = 50_000
-    x = np.random.default_rng(5).random((rows, 2))
     path = tmp_path_factory.mktemp("clusters") / "t.parquet"
-    pq.write_table(pa.table({"id": np.arange(rows), "a": x[:, 0], "b": x[:, 1]}), path, row_group_size=2048)
-    return path, x
+    return path, random_table(path, rows=50_000, columns="ab", seed=5, row_group_size=2048)
 
 
 LAPTOP = """
@@ -185,7 +180,6 @@ def autoscaling_cluster(tmp_path):
     Its own port and temp dir; stopped by killing the processes this fixture started (the head's
     process group) and the nodes the autoscaler started (found by that temp dir), nothing else.
     """
-    import os
     import shutil
     import signal
     import socket

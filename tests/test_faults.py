@@ -9,28 +9,23 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import cloudpickle
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
 
 from sql_magics import ExecutionError
 
+from conftest import random_table, save_pickled
+
 WEIGHTS = np.array([1.0, 10.0])
 
 
 def pickled(model_dir, name, model):
-    """Save ``model`` with cloudpickle, its class by value (workers cannot import this test module)."""
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    path = model_dir / f"{name}.pkl"
-    path.write_bytes(cloudpickle.dumps(model))
-    return path
+    return save_pickled(model_dir / f"{name}.pkl", model)
 
 
 def pid_of(actor) -> int:
@@ -45,12 +40,8 @@ def worker_pids(udf) -> list[int]:
 @pytest.fixture(scope="module")
 def rows_parquet(tmp_path_factory):
     """200,000 rows (id, a, b) in row groups of 4,096, and the expected a + 10 b."""
-    rows = 200_000
-    rng = np.random.default_rng(7)
-    x = rng.random((rows, 2))
     path = tmp_path_factory.mktemp("faults") / "rows.parquet"
-    pq.write_table(pa.table({"id": np.arange(rows), "a": x[:, 0], "b": x[:, 1]}), path, row_group_size=4096)
-    return path, x @ WEIGHTS
+    return path, random_table(path, rows=200_000, columns="ab", seed=7, row_group_size=4096) @ WEIGHTS
 
 
 class Weighted:
@@ -118,7 +109,7 @@ def test_on_error_raise_names_the_row_and_null_keeps_every_other_row(session, re
     with pytest.raises(ExecutionError) as err:
         session.sql(query.format(f="strict"))
     message = str(err.value)
-    b = pa.parquet.read_table(path).column("b")[poison].as_py()
+    b = pq.read_table(path).column("b")[poison].as_py()
     # DuckDB passes the rows of a 4,096-row group in calls of 2,048: row 12,345 is the 58th of its call
     where = f"(row 58 of the 2048 rows of this call: [-1.0, {b!r}])"
     assert f"function strict: the model raised ValueError: poison row (a = -1) {where}" in message

@@ -15,7 +15,7 @@ from sql_magics import ExecutionError, Session
 from udf_engine import ModelError, WorkerError, read_model_rows, save_model
 from udf_engine.model_store import SCHEMA
 
-from conftest import named_actors
+from conftest import named_actors, random_table
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,8 @@ def slow_model_path(model_dir):
 
 @pytest.fixture(scope="module")
 def wide_parquet(tmp_path_factory):
-    rows = 40_000
-    rng = np.random.default_rng(1)
-    x = rng.random((rows, 4))
     path = tmp_path_factory.mktemp("wide") / "wide.parquet"
-    pq.write_table(pa.table({"id": np.arange(rows), "a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "d": x[:, 3]}), path, row_group_size=4096)
-    return path, x
+    return path, random_table(path, rows=40_000, columns="abcd", seed=1, row_group_size=4096)
 
 
 def test_worker_killed_mid_query_loses_no_row(session, register, slow_model_path, wide_parquet):

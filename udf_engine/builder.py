@@ -99,10 +99,12 @@ def _wait_for_resources(function: str, settings: UDFConf) -> bool:
     grace period lets a replaced UDF's workers release theirs. On a cluster with an
     autoscaler, the workers are started anyway: their demand is what makes it add nodes.
     """
+    if not _shortage(settings):
+        return False
+    if cluster_can_grow():
+        return True
     deadline = time.monotonic() + RESOURCES_GRACE_S
     while shortage := _shortage(settings):
-        if cluster_can_grow():
-            return True
         if time.monotonic() > deadline:
             raise ResourceError(
                 f"function {function}: not enough free Ray resources for {settings.workers} worker(s): {shortage}; "
