@@ -59,6 +59,16 @@ def replace_relation(
     return kind
 
 
+def table_from_arrow(con: duckdb.DuckDBPyConnection, name: str, arrow) -> None:
+    """Make ``name`` a table holding an Arrow table's rows (whatever ``name`` was before)."""
+    scratch = f"__rayudf_arrow_{name}"
+    con.register(scratch, arrow)
+    try:
+        replace_relation(con, name, f"SELECT * FROM {quote_identifier(scratch)}", table=True)
+    finally:
+        con.unregister(scratch)
+
+
 def yields_rows(description: list | None, query: str) -> bool:
     """Whether a statement's result is rows for the user rather than a status."""
     if description is None:

@@ -1,4 +1,4 @@
-"""The ``!`` commands: ``!python conf``, ``!python env``, ``!workers``, ``!models``.
+"""The ``!`` commands: ``!python conf``, ``!python env``, ``!workers``, ``!models``, ``!delta`` (the lake).
 
 Example:
     >>> from sql_magics.database import Database
@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from sql_magics import lake
 from sql_magics.errors import ExecutionError
 from sql_magics.registry import FunctionRegistry
 from sql_magics.script_state import ScriptState
@@ -88,12 +89,13 @@ _COMMANDS: dict[str, Callable[[FunctionRegistry, ScriptState, list[str]], pd.Dat
     "python": lambda registry, state, args: python(state, args),
     "workers": lambda registry, state, args: workers_frame(registry),
     "models": lambda registry, state, args: models_frame(registry),
+    "delta": lambda registry, state, args: lake.command(args, root=state.variables.get(lake.ROOT_VARIABLE)),
 }
 COMMANDS = tuple(_COMMANDS)
 
 
 def run_command(name: str, args: list[str], *, registry: FunctionRegistry, state: ScriptState) -> pd.DataFrame | None:
-    """Run ``!name args...``; a table for ``!workers`` and ``!models``."""
+    """Run ``!name args...``; a table for ``!workers``, ``!models`` and ``!delta``."""
     command = _COMMANDS.get(name)
     if command is None:
         raise ExecutionError(f"!{name}: unknown command (supported: {', '.join('!' + c for c in COMMANDS)})")

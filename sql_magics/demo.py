@@ -28,6 +28,8 @@ from udf_engine.model_store import save_model
 HELD_OUT_SHARE = 0.25
 # Rows per Parquet row group: several groups, so DuckDB reads (and scores) on several threads.
 ROW_GROUP_ROWS = 256
+# 8x8 digits scaled 3x are 24x24; 2 pixels of border on each side make MNIST's 28x28.
+MNIST_PAD = 2
 
 
 def digits_table() -> tuple[pa.Table, np.ndarray]:
@@ -53,6 +55,33 @@ def digits_table() -> tuple[pa.Table, np.ndarray]:
     return table, pixels
 
 
+def mnist_like_table() -> pa.Table:
+    """The digits drawn MNIST-sized: ``image`` DOUBLE[784] (28x28, 0..1) and ``label``.
+
+    Each 8x8 image is scaled up 3x and padded by 2 pixels, so Byzer's MNIST scripts
+    (``reshape((n, 28*28))``) run unchanged on data that ships with scikit-learn.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.kron(digits.images / 16.0, np.ones((3, 3)))
+    images = np.pad(images, ((0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)))
+    return pa.table(
+        {
+            "image": pa.array(list(images.reshape(len(images), -1)), pa.list_(pa.float64())),
+            "label": pa.array(digits.target, pa.int64()),
+        }
+    )
+
+
+def write_mnist_like(directory: str | Path) -> Path:
+    """Write :func:`mnist_like_table` as a Parquet directory (``load parquet.`<directory>```)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(mnist_like_table(), directory / "part-0.parquet", row_group_size=ROW_GROUP_ROWS)
+    return directory
+
+
 def train_digits_model(pixels: np.ndarray, labels: np.ndarray, path: Path, epochs: int = 30) -> Path:
     """Train a small Keras classifier (64 -> 32 -> 10, softmax) and save it as ``.keras``."""
     import keras
@@ -76,6 +105,8 @@ def run_demo(workdir: str | Path = "demo_data", output: str | Path = "out/scored
     data_path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, data_path, row_group_size=ROW_GROUP_ROWS)
     echo(f"wrote {table.num_rows} digit images to {data_path}")
+    mnist_path = write_mnist_like(workdir / "data" / "mnist")
+    echo(f"wrote them MNIST-sized (28x28) to {mnist_path}, for examples/byzer_train_to_score.sql")
 
     started = time.perf_counter()
     train = ~table["held_out"].to_numpy()

@@ -28,8 +28,8 @@ import duckdb
 import pandas as pd
 
 from arrow_bridge.quoting import quote_identifier
-from sql_magics import formats, registration
-from sql_magics.catalog import column_count, replace_relation
+from sql_magics import byzer_python, formats, lake, registration
+from sql_magics.catalog import column_count, replace_relation, table_from_arrow
 from sql_magics.commands import run_command
 from sql_magics.database import Database
 from sql_magics.dialect import check_dialect, to_duckdb
@@ -37,17 +37,27 @@ from sql_magics.errors import ExecutionError, ParseError, clean_duckdb_error
 from sql_magics.parser import parse
 from sql_magics.registry import FunctionRegistry
 from sql_magics.script_state import ScriptState
-from sql_magics.statements import Command, Include, Load, Register, Save, Select, Set, Sql, Statement, Unregister
+from sql_magics.statements import Command, Include, Load, Register, Run, Save, Select, Set, Sql, Statement, Unregister
 from sql_magics.variables import parameter_names, substitute, substitute_options
 from udf_engine.errors import RayUDFError
 
-SET_TYPES = ("text", "sql", "shell")
+# Byzer's `set` types: "conf" is a setting (assigned like text: DuckDB's settings apply), and
+# "defaultParam" a value used only when the variable has none yet (from `rayudf run --set`, say).
+SET_TYPES = ("text", "sql", "shell", "conf", "defaultParam")
 # Statements that run SQL on the session's connection: they take turns with other threads'
 # statements, and each runs on the model versions current when it starts. The others
 # (commands, register, include's own statements) take the connection only if they need it.
-_RUNS_SQL = ("load", "select", "save", "set", "sql")
+_RUNS_SQL = ("load", "select", "save", "set", "sql", "run")
+# `include` formats that name a script file (Byzer's `project` is a path in the project).
+_INCLUDE_FORMATS = ("local", "project")
+# Suffixes Byzer's `include local.`<lib>.dir.file.<suffix>`` may name; `mlsql` when none is.
+_LIB_SUFFIXES = ("mlsql", "byzer", "byz", "by")
 # Byzer statements that run Spark ML algorithms; there is no Spark here.
-UNSUPPORTED_BYZER = ("train", "run", "predict")
+UNSUPPORTED_BYZER = ("train", "predict")
+# The ET of `run ... as <ET>` that runs here: Byzer-python (the others are Spark's).
+RUN_ET = "Ray"
+# Byzer's `run t as TableRepartition.`` where partitionNum="4" as t2`: here a view of the same rows.
+REPARTITION_ET = "TableRepartition"
 # The table a named select shows its rows under (MLSQL's convention).
 OUTPUT_TABLE = "output"
 # How much of a failed `set ... where type="shell"` command's stderr the error quotes:
@@ -159,14 +169,16 @@ class Executor:
 
     def load(self, stmt: Load, **_: object) -> None:
         path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
-        fmt = stmt.format.lower()
+        fmt, table = stmt.format.lower(), self._substitute(stmt.table)
         con = self.db.con
         if fmt == "jsonstr":
-            self._load_json_lines(stmt.table, path)
+            self._load_json_lines(table, path)
         elif fmt in formats.TABLE_FORMATS:
-            replace_relation(con, stmt.table, f"SELECT * FROM {quote_identifier(path)}")
+            replace_relation(con, table, f"SELECT * FROM {quote_identifier(path)}")
+        elif fmt == formats.LAKE_FORMAT:
+            lake.load(con, table, path, options, root=self.state.variables.get(lake.ROOT_VARIABLE))
         else:
-            replace_relation(con, stmt.table, f"SELECT * FROM {formats.reader_sql(fmt, path, options)}")
+            replace_relation(con, table, f"SELECT * FROM {formats.reader_sql(fmt, path, options)}")
 
     def _load_json_lines(self, table: str, variable: str) -> None:
         import pyarrow.json as pajson
@@ -178,33 +190,31 @@ class Executor:
             arrow = pajson.read_json(io.BytesIO(text.encode()))
         except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds for bad JSON
             raise ExecutionError(f"load jsonStr: variable {variable} is not JSON lines: {err}") from None
-        con = self.db.con
-        scratch = f"__rayudf_json_{table}"
-        con.register(scratch, arrow)
-        try:
-            replace_relation(con, table, f"SELECT * FROM {quote_identifier(scratch)}", table=True)
-        finally:
-            con.unregister(scratch)
+        table_from_arrow(self.db.con, table, arrow)
 
     def select(self, stmt: Select, **_: object) -> pd.DataFrame | None:
         query = self._to_duckdb(stmt.sql)
-        kind = replace_relation(self.db.con, stmt.table, query, self._bound(query))
-        if stmt.table == OUTPUT_TABLE:
-            return self._frame(f"SELECT * FROM {quote_identifier(stmt.table)}")
-        columns = column_count(self.db.con, stmt.table)
-        self._notice = (
-            f"{kind} {stmt.table} created: {columns} column{'' if columns == 1 else 's'}; "
-            f"end with 'as {OUTPUT_TABLE}' to see rows"
-        )
+        table = self._substitute(stmt.table)  # Byzer's `select ... as `${name}``
+        kind = replace_relation(self.db.con, table, query, self._bound(query))
+        if table == OUTPUT_TABLE:
+            return self._frame(f"SELECT * FROM {quote_identifier(table)}")
+        self._notice = self._created(kind, table)
         return None
+
+    def _created(self, kind: str, name: str) -> str:
+        columns = column_count(self.db.con, name)
+        return f"{kind} {name} created: {columns} column{'' if columns == 1 else 's'}; end with 'as {OUTPUT_TABLE}' to see rows"
 
     def save(self, stmt: Save, **_: object) -> None:
         path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
-        fmt = stmt.format.lower()
+        fmt, table = stmt.format.lower(), self._substitute(stmt.table)
         if fmt in formats.TABLE_FORMATS:
-            formats.save_table(self.db.con, stmt.table, path, stmt.mode)
+            formats.save_table(self.db.con, table, path, stmt.mode)
+        elif fmt == formats.LAKE_FORMAT:
+            root = self.state.variables.get(lake.ROOT_VARIABLE)
+            lake.save(self.db.con, table, path, stmt.mode, options, stmt.partition_by, root=root)
         else:
-            formats.save_file(self.db.con, stmt.table, fmt, path, stmt.mode, options, stmt.partition_by)
+            formats.save_file(self.db.con, table, fmt, path, stmt.mode, options, stmt.partition_by)
 
     def register(self, stmt: Register, **_: object) -> None:
         path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
@@ -216,6 +226,8 @@ class Executor:
     def set(self, stmt: Set, **_: object) -> None:
         value = self._substitute(stmt.value)
         kind = stmt.options.get("type", "text").lower()
+        if kind == "defaultparam" and stmt.key in self.state.variables:
+            return
         if kind == "sql":
             rows = self.db.con.execute(to_duckdb(value, self.state.dialect)).fetchall()
             value = "" if not rows else str(rows[0][0])
@@ -225,23 +237,81 @@ class Executor:
                 stderr = done.stderr.strip()[:_SHELL_ERROR_CHARS]
                 raise ExecutionError(f"set {stmt.key}: shell command exited {done.returncode}: {stderr}")
             value = done.stdout.strip()
-        elif kind != "text":
+        elif kind not in ("text", "conf", "defaultparam"):
             raise ExecutionError(f"set {stmt.key}: type {kind!r} is not supported (supported: {', '.join(SET_TYPES)})")
         self.assign(stmt.key, value)
 
     def command(self, stmt: Command, **_: object) -> pd.DataFrame | None:
+        if stmt.name == "ray":
+            return self._ray_command(stmt.args)
         return run_command(stmt.name, stmt.args, registry=self.registry, state=self.state)
 
+    def _ray_command(self, args: list[str]) -> pd.DataFrame | None:
+        """Byzer's ``!ray on <table> '''code''' named <output>``: ``run`` in short."""
+        if len(args) != 5 or args[0].lower() != "on" or args[3].lower() != "named":
+            raise ExecutionError("!ray: expected !ray on <table> '''<code>''' named <output>")
+        _, table, code, _, output = args
+        with self.db.exclusive(), self.registry.statement():
+            return self._run_python(table, self._substitute(output), {"code": code})
+
+    def run_et(self, stmt: Run, **_: object) -> pd.DataFrame | None:
+        options = substitute_options(stmt.options, self.state.variables)
+        if stmt.et.lower() == REPARTITION_ET.lower():  # DuckDB has no partitions to change: the rows, as they are
+            output = self._substitute(stmt.output)
+            kind = replace_relation(self.db.con, output, f"SELECT * FROM {quote_identifier(self._substitute(stmt.table))}")
+            self._notice = self._created(kind, output)
+            return None
+        if stmt.et.lower() != RUN_ET.lower():
+            raise ExecutionError(
+                f"run {stmt.table} as {stmt.et}: Byzer's {stmt.et} runs on Spark and is not supported here; "
+                f"Python on Ray runs with run command as {RUN_ET}.`` where code='''...'''"
+            )
+        output = self._substitute(options.get("outputTable") or stmt.output)
+        return self._run_python(self._substitute(options.get("inputTable") or stmt.table), output, options)
+
+    def _run_python(self, input_table: str, output: str, options: dict[str, str]) -> pd.DataFrame | None:
+        state = self.state
+        conf = {k: v for k, v in options.items() if k not in byzer_python.STATEMENT_OPTIONS}
+        conf = {**({"env": dict(state.python_env)} if state.python_env else {}), **state.python_conf, **conf}
+        byzer_python.run_python(
+            self.db, self.registry.runtime, conf, code=options.get("code", ""), input_table=input_table, output_table=output
+        )
+        if byzer_python.PYTHON_ENV in options:
+            self._warnings.append(
+                f"run {output}: {byzer_python.PYTHON_ENV} (#%env) is ignored: the code runs in this process's Python; "
+                '!python env "K=V" sets environment variables of the Ray workers'
+            )
+        if output == OUTPUT_TABLE:
+            return self._frame(f"SELECT * FROM {quote_identifier(output)}")
+        self._notice = self._created("table", output)
+        return None
+
     def include(self, stmt: Include, *, base_dir: Path, **_: object) -> pd.DataFrame | None:
-        if stmt.format.lower() != "local":
-            raise ExecutionError(f"include: format {stmt.format!r} is not supported (only local)")
-        path = (base_dir / self._substitute(stmt.path)).resolve()
+        """``include local|project.`<file>```, ``include lib.`<site/user/repo>` where alias="a"``.
+
+        A file's options are set as variables before it runs (as Byzer's ``include local``
+        does). ``include lib`` runs nothing: it names a library directory, found offline
+        through ``libDir="/path"`` or a lib path that is a local directory, so that
+        ``include local.`<alias>.udf.hello``` runs its ``udf/hello.mlsql`` (Byzer's layout;
+        a last part ``byzer``/``byz``/``by``/``mlsql`` is the file's suffix instead).
+        """
+        fmt, name = stmt.format.lower(), self._substitute(stmt.path)
+        options = substitute_options(stmt.options, self.state.variables)
+        if fmt == "lib":
+            self._include_lib(name, options, base_dir)
+            return None
+        if fmt not in _INCLUDE_FORMATS:
+            supported = ", ".join((*_INCLUDE_FORMATS, "lib"))
+            raise ExecutionError(f"include: format {stmt.format!r} is not supported (supported: {supported})")
+        path = self._lib_script(name) or (base_dir / name).resolve()
         if path in self._including:
             raise ExecutionError(f"include: {path} includes itself")
         try:
             text = path.read_text()
         except OSError as err:
             raise ExecutionError(f"include: cannot read {path}: {err.strerror}") from None
+        for key, value in options.items():
+            self.assign(key, value)
         self._including.append(path)
         try:
             included = self.run(parse(text, source_name=str(path)), base_dir=path.parent, source_name=str(path))
@@ -249,6 +319,31 @@ class Executor:
             self._including.pop()
         self._notice = included.notice  # what the included script's last statement said
         return included.frame
+
+    def _include_lib(self, name: str, options: dict[str, str], base_dir: Path) -> None:
+        """Byzer's ``include lib``: remember the library's directory as ``${__lib__<alias>}``."""
+        directory = options.get("libDir") or name
+        root = base_dir / Path(directory).expanduser()
+        if not root.is_dir():
+            if "libDir" in options:
+                raise ExecutionError(f"include lib.`{name}`: libDir {directory!r} is not a directory")
+            raise ExecutionError(f'include lib.`{name}`: not available offline; clone the library and add where libDir="/path/to/it"')
+        root = root.resolve()
+        alias = options.get("alias", "")
+        for key in dict.fromkeys((alias, name)):  # Byzer finds a lib by its alias or its full name
+            if key:
+                self.assign(f"__lib__{key}", str(root))
+        self._notice = f"lib {name} at {root}" + (f" as {alias}" if alias else "")
+
+    def _lib_script(self, name: str) -> Path | None:
+        """``<lib>.<dir>.<file>`` as a file of a library named by ``include lib``, else None."""
+        head, _, rest = name.rpartition("/")
+        lib, *parts = rest.split(".")
+        root = self.state.variables.get(f"__lib__{head}/{lib}" if head else f"__lib__{lib}")
+        suffix = parts.pop().lower() if parts and parts[-1].lower() in _LIB_SUFFIXES else "mlsql"
+        if root is None or not parts:
+            return None
+        return Path(root, *parts[:-1], f"{parts[-1]}.{suffix}")
 
     def sql(self, stmt: Sql, **_: object) -> pd.DataFrame | None:
         first = stmt.text.split(None, 1)[0].lower() if stmt.text.strip() else ""
@@ -267,6 +362,7 @@ _HANDLERS: dict[str, Callable[..., pd.DataFrame | None]] = {
     "register": Executor.register,
     "unregister": Executor.unregister,
     "set": Executor.set,
+    "run": Executor.run_et,
     "command": Executor.command,
     "include": Executor.include,
     "sql": Executor.sql,

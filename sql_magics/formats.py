@@ -24,7 +24,9 @@ from sql_magics.errors import ExecutionError
 
 FILE_FORMATS = ("parquet", "csv", "json")
 TABLE_FORMATS = ("table", "duckdb")
-LOAD_FORMATS = (*FILE_FORMATS, "jsonStr", *TABLE_FORMATS)
+LAKE_FORMAT = "delta"  # a Delta table, read and written by sql_magics.lake
+LOAD_FORMATS = (*FILE_FORMATS, "jsonStr", *TABLE_FORMATS, LAKE_FORMAT)
+SAVE_FORMATS = (*FILE_FORMATS, *TABLE_FORMATS, LAKE_FORMAT)
 
 _READERS = {"parquet": "read_parquet", "csv": "read_csv", "json": "read_json_auto"}
 # Spark option names users bring from Byzer scripts, and DuckDB's names for them.
@@ -80,7 +82,7 @@ def _remove(path: Path) -> None:
 def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[str, str], partition_by: list[str]) -> None:
     """Write ``table`` to ``path`` in ``fmt`` under ``mode``."""
     if fmt not in FILE_FORMATS:
-        raise ExecutionError(f"save: format {fmt!r} is not supported (supported: {', '.join(FILE_FORMATS + TABLE_FORMATS)})")
+        raise ExecutionError(f"save: format {fmt!r} is not supported (supported: {', '.join(SAVE_FORMATS)})")
     target = Path(path)
     exists = target.exists()
     if exists and mode == "errorIfExists":

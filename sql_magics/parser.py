@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from sql_magics.errors import ParseError
+from sql_magics.python_cells import python_cell
 from sql_magics.statements import (
     DEFAULT_SAVE_MODE,
     SAVE_MODES,
@@ -22,6 +23,7 @@ from sql_magics.statements import (
     Include,
     Load,
     Register,
+    Run,
     Save,
     Select,
     Set,
@@ -61,6 +63,8 @@ def parse(text: str, source_name: str = "") -> list[Statement]:
         >>> parse("select count(*) as n from t as output")[0].table
         'output'
     """
+    if (cell := python_cell(text, source_name)) is not None:
+        return [cell]  # a Byzer notebook's #%python cell
     groups = _split(iter_tokens(text, source_name))
     return [_Parser(text, tokens, source_name).statement() for tokens in groups]
 
@@ -186,18 +190,47 @@ class _Parser:
         if token.is_op("-") and after and after.kind is NUMBER and after.start == token.end:
             self.pos += 2
             return "-" + after.text
-        if token.is_op("$") and after and after.is_op("{"):
-            for index in range(self.pos + 2, len(self.tokens)):
-                if self.tokens[index].is_op("}"):
-                    self.pos = index + 1
-                    return self._raw(token, self.tokens[index])
-            raise self._error("unclosed '${' in a value", token)
+        if variable := self._variable("a value"):
+            return variable
         raise self._error(f"expected {expected}, found {self._found()}")
 
+    def _variable(self, what: str) -> str | None:
+        """A ``${name}`` reference, kept raw for later substitution; None when none is next."""
+        token, after = self._peek(), self._peek(1)
+        if not (token and token.is_op("$") and after and after.is_op("{")):
+            return None
+        for index in range(self.pos + 2, len(self.tokens)):
+            if self.tokens[index].is_op("}"):
+                self.pos = index + 1
+                return self._raw(token, self.tokens[index])
+        raise self._error(f"unclosed '${{' in {what}", token)
+
+    def _table(self, expected: str, *, dotted: bool = False) -> str:
+        """A table name: a word (``db.t`` when ``dotted``), a backquoted name or ``${var}``.
+
+        Byzer's grammar allows a backquoted identifier wherever a table name goes; a
+        ``${var}`` is kept raw, substituted when the statement runs.
+        """
+        token = self._peek()
+        if token is not None and token.kind is BACKQUOTE:
+            self.pos += 1
+            return token.value
+        if variable := self._variable("a table name"):
+            return variable
+        if dotted:
+            return self._name(expected)
+        return self._expect(WORD, expected=expected).text
+
     def _options(self) -> dict[str, str]:
-        """An optional ``where|options k=v [and k=v ...]`` clause; {} when absent."""
-        if not self._match(WORD, *_WHERE):
+        """An optional ``where|options k=v [and k=v ...]`` clause; {} when absent.
+
+        As in Byzer's grammar (``where? expression? booleanExpression*``), ``where`` may be
+        followed directly by ``and`` (``where and lang="python" and ...``), and a clause may
+        start with ``and`` and no ``where`` at all (``save t as delta.`x` and idCols="id"``).
+        """
+        if not self._match(WORD, *_WHERE) and not self._starts_with_and():
             return {}
+        self._match(WORD, "and")
         options: dict[str, str] = {}
         while True:
             at = self._peek()
@@ -208,6 +241,18 @@ class _Parser:
             options[key] = self._value(f"a value for option '{key}'")
             if not self._match(WORD, "and"):
                 return options
+
+    def _starts_with_and(self) -> bool:
+        """True when ``and <key> =`` is next: an option clause without its ``where``."""
+        token, key = self._peek(), self._peek(1)
+        if not (token and token.is_word("and") and key):
+            return False
+        if key.kind in _QUOTED:
+            return True
+        tokens, index = self.tokens, self.pos + 1
+        while index + 2 < len(tokens) and tokens[index + 1].is_op("."):  # a dotted key: fs.s3a.region
+            index += 2
+        return key.kind is WORD and index + 1 < len(tokens) and tokens[index + 1].is_op("=")
 
     def _second_where(self, options: dict[str, str]) -> dict[str, str]:
         if options and (token := self._peek()) and token.is_word(*_WHERE):
@@ -223,7 +268,7 @@ class _Parser:
         options = self._options()
         after = "the options" if options else "the path"
         self._expect(WORD, "as", expected=f"'as <table>' after {after}")
-        table = self._expect(WORD, expected="a table name after 'as'").text
+        table = self._table("a table name after 'as'")
         self._end("the table name")
         return Load(format_, path, options, table)
 
@@ -235,13 +280,13 @@ class _Parser:
         if token and token.is_word(*_SAVE_MODES) and table_follows:
             mode = _SAVE_MODES[token.text.lower()]
             self.pos += 1
-        table = self._name("a table name to save")
+        table = self._table("a table name to save", dotted=True)
         self._expect(WORD, "as", expected="'as <format>.`<path>`' after the table name")
         format_, path = self._source("<format>.`<path>`")
         options: dict[str, str] = {}
         partition_by: list[str] = []
         while token := self._peek():
-            if token.is_word(*_WHERE):
+            if token.is_word(*_WHERE) or (not options and self._starts_with_and()):
                 options = self._second_where(options)
             elif token.is_word("partitionby"):
                 if partition_by:
@@ -256,17 +301,34 @@ class _Parser:
         return Save(mode, table, format_, path, options, partition_by)
 
     def _select(self) -> Select | None:
-        if len(self.tokens) < 3:
+        tokens = self.tokens
+        name_at = self._final_name_start()
+        if name_at is None or name_at < 3 or not tokens[name_at - 1].is_word("as"):
             return None
-        *body, as_, name = self.tokens
-        if not as_.is_word("as") or name.kind is not WORD:
-            return None
+        body = tokens[: name_at - 1]
         depth = 0
         for token in body:
             depth += token.is_op("(") - token.is_op(")")
         if depth != 0:
             return None  # unbalanced: let DuckDB report it
-        return Select(self._raw(body[0], body[-1]), name.text)
+        last = tokens[-1]
+        name = last.value if last.kind in (WORD, BACKQUOTE) else self._raw(tokens[name_at], last)
+        return Select(self._raw(body[0], body[-1]), name)
+
+    def _final_name_start(self) -> int | None:
+        """Where the statement's last name begins: a word, a backquote or ``${var}``."""
+        tokens = self.tokens
+        last = tokens[-1]
+        if last.kind in (WORD, BACKQUOTE):
+            return len(tokens) - 1
+        if not last.is_op("}"):
+            return None
+        for index in range(len(tokens) - 2, 0, -1):
+            if tokens[index].is_op("{"):
+                return index - 1 if tokens[index - 1].is_op("$") else None
+            if tokens[index].is_op("}"):
+                return None
+        return None
 
     def _register(self) -> Register:
         model_kind, path = self._source("<kind>.`<path or table>`")
@@ -313,8 +375,23 @@ class _Parser:
 
     def _include(self) -> Include:
         format_, path = self._source("<format>.`<file>`")
-        self._end("the path")
-        return Include(format_, path)
+        options = self._options()
+        self._end("the options" if options else "the path")
+        return Include(format_, path, options)
+
+    def _run(self) -> Run:
+        # Byzer's grammar: run <table> (as|into) <ET>.<path> [where ...] [as <output>].
+        table = self._table("a table name after 'run'")
+        self._expect(WORD, "as", "into", expected="'as <ET>.`<path>`' after the table name")
+        et, path = self._source("<ET>.`<path>`")
+        options = self._options()
+        output = ""
+        if self._match(WORD, "as"):
+            output = self._table("an output table name after 'as'")
+            # Byzer's ET pages (DataSummary, ...) also write the options after `as <output>`.
+            options = self._second_where(options)
+        self._end("the output table" if output else "the options" if options else "the path")
+        return Run(table, et, path, options, output)
 
 
 _HANDLERS: dict[str, Callable[[_Parser], Statement | None]] = {
@@ -326,4 +403,5 @@ _HANDLERS: dict[str, Callable[[_Parser], Statement | None]] = {
     "set": _Parser._set,
     "!": _Parser._command,
     "include": _Parser._include,
+    "run": _Parser._run,
 }

@@ -19,18 +19,16 @@ Example:
 
 from __future__ import annotations
 
-import sys
-import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from sql_magics.errors import ExecutionError
+from sql_magics.python_code import run_code
 from sql_magics.registry import DETECTED_KIND, FunctionRegistry, RegisteredFunction
 from sql_magics.script_state import ScriptState
-from udf_engine import RayContext, RemoteUDF, UDFBuilder, UDFBuildInFunc, UDFMaster, UDFWorker
+from udf_engine import RemoteUDF
 from udf_engine.builtin_funcs import MODEL_KINDS
-from udf_engine.errors import RayUDFError, remote_cause
+from udf_engine.pyjava_compat import pyjava_modules
 
 REGISTER_KINDS = (*MODEL_KINDS, DETECTED_KIND, "Ray", "ScriptUDF")
 # MLSQL returns a list of lists of doubles from a Ray UDF unless told otherwise.
@@ -50,40 +48,6 @@ def register(registry: FunctionRegistry, state: ScriptState, kind: str, source: 
     raise ExecutionError(f"register: kind {kind!r} is not supported (supported: {', '.join(REGISTER_KINDS)})")
 
 
-@contextmanager
-def pyjava_names() -> Iterator[None]:
-    """Make Byzer's ``pyjava`` import names resolve to this project's classes, for a while."""
-    udf = types.ModuleType("pyjava.udf")
-    udf.UDFMaster, udf.UDFWorker, udf.UDFBuilder, udf.UDFBuildInFunc = UDFMaster, UDFWorker, UDFBuilder, UDFBuildInFunc
-    mlsql = types.ModuleType("pyjava.api.mlsql")
-    mlsql.RayContext = RayContext
-    api = types.ModuleType("pyjava.api")
-    api.mlsql = mlsql
-    pyjava = types.ModuleType("pyjava")
-    pyjava.api, pyjava.udf = api, udf
-    modules = {"pyjava": pyjava, "pyjava.api": api, "pyjava.api.mlsql": mlsql, "pyjava.udf": udf}
-    saved = {name: sys.modules.get(name) for name in modules}
-    sys.modules.update(modules)
-    try:
-        yield
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-
-
-def _run_code(code: str, namespace: dict, what: str) -> None:
-    try:
-        exec(compile(code, f"<{what}>", "exec"), namespace)
-    except RayUDFError:
-        raise  # ours (UDFBuilder.build's, say): it names the function and what went wrong
-    except Exception as err:  # noqa: BLE001 - the user's code may raise anything
-        cause = remote_cause(err)
-        raise ExecutionError(f"{what} failed: {type(cause).__name__}: {cause}") from None
-
-
 def register_ray(registry: FunctionRegistry, state: ScriptState, function: str, source: str, options: dict) -> RegisteredFunction:
     """MLSQL's ``register Ray.`<model table>` as f where registerCode='''...'''``."""
     code = options.get("registerCode")
@@ -96,12 +60,12 @@ def register_ray(registry: FunctionRegistry, state: ScriptState, function: str, 
         context = registry.ray_context(function, conf, rows, row_wise=True)
         namespace = {"__name__": f"__rayudf_register_{function}__", "context": context}
         try:
-            with pyjava_names():
-                _run_code(code, namespace, f"registerCode of {function}")
+            with pyjava_modules():
+                run_code(code, namespace, f"registerCode of {function}")
                 if context.udf is None:
                     raise ExecutionError(f"register Ray {function}: registerCode did not call UDFBuilder.build(ray_context, ...)")
                 if options.get("predictCode"):
-                    _run_code(options["predictCode"], namespace, f"predictCode of {function}")
+                    run_code(options["predictCode"], namespace, f"predictCode of {function}")
         except BaseException:
             if context.udf is not None:
                 context.udf.shutdown()  # built, but never registered: nobody else would stop its workers
@@ -118,38 +82,63 @@ def register_ray(registry: FunctionRegistry, state: ScriptState, function: str, 
 
 def _script_function(function: str, code: str, method: str | None) -> Callable:
     namespace: dict[str, Any] = {"__name__": f"__rayudf_script_{function}__"}
-    _run_code(code, namespace, f"code of {function}")
-    defined = [v for k, v in namespace.items() if callable(v) and getattr(v, "__module__", None) == namespace["__name__"]]
+    run_code(code, namespace, f"code of {function}")
+    defined = {k: v for k, v in namespace.items() if callable(v) and getattr(v, "__module__", None) == namespace["__name__"]}
     if method:
         if not callable(namespace.get(method)):
             raise ExecutionError(f"register ScriptUDF {function}: code defines no function {method!r}")
-        return namespace[method]
-    if callable(namespace.get("apply")):
-        return namespace["apply"]
-    if len(defined) == 1:
-        return defined[0]
-    raise ExecutionError(f"register ScriptUDF {function}: define apply(...) or name the function with methodName=")
+        name = method
+    elif callable(namespace.get("apply")):
+        name = "apply"
+    elif len(defined) == 1:
+        name = next(iter(defined))
+    else:
+        raise ExecutionError(f"register ScriptUDF {function}: define apply(...) or name the function with methodName=")
+    if not _takes_self(namespace[name]):
+        return namespace[name]
+    # Byzer runs a Python ScriptUDF's functions as methods (`def apply(self, m)`): make them
+    # methods of one object, so SQL's f(x) calls apply(self, x) and self.helper(...) works.
+    methods = {k: v for k, v in defined.items() if _takes_self(v)} | {name: namespace[name]}
+    return getattr(type(f"ScriptUDF_{function}", (), methods)(), name)
 
 
-def _spark_type(name: str) -> str:
+def _takes_self(func: Callable) -> bool:
+    """True for a function whose first parameter is named ``self``."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return bool(parameters) and parameters[0] == "self"
+
+
+def _spark_type(name: str, function: str) -> str:
+    """A Spark SQL type (``map(string,string)``, ``array<double>``) as DuckDB names it."""
+    import duckdb
     import sqlglot
 
     try:
-        return sqlglot.exp.DataType.build(name, dialect="spark").sql("duckdb")
-    except Exception:  # noqa: BLE001 - any sqlglot failure means the same to the user
-        raise ExecutionError(f"returnType {name!r} is not a Spark SQL type") from None
+        return str(duckdb.sqltype(sqlglot.exp.DataType.build(name, dialect="spark").sql("duckdb")))
+    except Exception:  # noqa: BLE001 - any sqlglot or DuckDB failure means the same to the user
+        raise ExecutionError(f"register ScriptUDF {function}: dataType {name!r} is not a Spark SQL type") from None
 
 
 def register_script(registry: FunctionRegistry, function: str, options: dict) -> RegisteredFunction:
-    """``register ScriptUDF.`` as f where lang="python" and code='''def apply(...)'''``."""
+    """``register ScriptUDF.`` as f where lang="python" and code='''def apply(...)'''``.
+
+    The result type is ``returns`` (DuckDB's name) or, as in Byzer, ``dataType`` (alias
+    ``returnType``): a Spark SQL type such as ``map(string,string)``.
+    """
     lang = options.get("lang", "python").lower()
     if lang != "python":
         raise ExecutionError(f"register ScriptUDF {function}: lang {lang!r} is not supported (only python)")
     if not options.get("code"):
         raise ExecutionError(f"register ScriptUDF {function}: the code option is required")
     func = _script_function(function, options["code"], options.get("methodName"))
-    returns = options.get("returns") or (options.get("returnType") and _spark_type(options["returnType"]))
+    spark_type = options.get("dataType") or options.get("returnType")
+    returns = options.get("returns") or (spark_type and _spark_type(spark_type, function))
     if not returns:
-        raise ExecutionError(f'register ScriptUDF {function}: declare the result type, e.g. returns="DOUBLE"')
+        raise ExecutionError(f'register ScriptUDF {function}: declare the result type, e.g. dataType="double" or returns="DOUBLE"')
     vectorized = options.get("udfType", "").lower() == "vectorized"
     return registry.add_python(function, func, returns, vectorized=vectorized, options=options)

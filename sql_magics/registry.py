@@ -38,7 +38,6 @@ from arrow_bridge.quoting import quote_identifier
 from sql_magics.catalog import relation_kind
 from sql_magics.database import Database
 from sql_magics.errors import ExecutionError, clean_duckdb_error
-from sql_magics.handoff import on_waiting_thread
 from udf_engine import ConfigError, ModelError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, UDFBuildInFunc, WorkerError, put_model
 from udf_engine.builtin_funcs import LOADERS, MODEL_KINDS
 from udf_engine.errors import ResourceError
@@ -208,7 +207,7 @@ class FunctionRegistry:
     def ray_context(self, function: str, conf: dict, rows: list[dict], *, row_wise: bool = False) -> RayContext:
         """The context to build ``function`` in: this registry's Ray and actor names, the model rows in
         the object store, and the workers' environment."""
-        on_waiting_thread(self.runtime.ensure)
+        self.runtime.ensure()
         return RayContext(
             function,
             conf={"env": dict(self._worker_env), **conf} if self._worker_env else dict(conf),

@@ -21,6 +21,7 @@ import pandas as pd
 
 from sql_magics.database import Database
 from sql_magics.executor import Executor, ScriptResult
+from sql_magics.handoff import on_waiting_thread
 from sql_magics.parser import parse
 from sql_magics.registry import FunctionRegistry, RegisteredFunction
 from sql_magics.script_state import ScriptState
@@ -45,7 +46,7 @@ class Session:
     ) -> None:
         self.db = Database(database)
         self.state = ScriptState(dialect)
-        runtime = RayRuntime(ray_address, **(ray_init or {}))  # started on first registration
+        runtime = RayRuntime(ray_address, starter=on_waiting_thread, **(ray_init or {}))  # started on first registration
         self.registry = FunctionRegistry(self.db, runtime, session_id=secrets.token_hex(3), worker_env=self.state.python_env)
 
     @property

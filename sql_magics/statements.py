@@ -112,11 +112,32 @@ class Command(Statement):
 
 @dataclass
 class Include(Statement):
-    """``include <format>.`<file>``` (format normally ``local``)."""
+    """``include <format>.`<file>` [where k="v" ...]``.
+
+    ``format`` is ``local`` or ``project`` for a script file, or ``lib`` for a Byzer library
+    (``include lib.`github.com/user/repo` where alias="name"``).
+    """
 
     kind: ClassVar[str] = "include"
     format: str
     path: str
+    options: dict[str, str]
+
+
+@dataclass
+class Run(Statement):
+    """``run <table> as <ET>.`<path>` [where k="v" ...] [as <output>]``, Byzer's ET statement.
+
+    ``et`` is kept as written (``Ray``, ``TableRepartition``, ...); ``output`` is "" when the
+    statement names no output table (``run command as Ray.`` where outputTable="o" ...``).
+    """
+
+    kind: ClassVar[str] = "run"
+    table: str
+    et: str
+    path: str
+    options: dict[str, str]
+    output: str
 
 
 @dataclass
@@ -136,6 +157,7 @@ STATEMENT_TYPES: tuple[type[Statement], ...] = (
     Set,
     Command,
     Include,
+    Run,
     Sql,
 )
 """Every statement class, e.g. for checking that each ``kind`` is documented."""

@@ -57,6 +57,39 @@ def test_byzer_example_runs_unchanged(ray_address, keras_model, digits, digits_p
     assert first[0] == "0" and float(first[2].strip("[]")) == model.predict(digits[0][:1], verbose=0).argmax()
 
 
+def test_byzer_train_to_score_example_runs_unchanged(ray_address, tmp_path):
+    from deltalake import DeltaTable
+
+    from sql_magics.demo import write_mnist_like
+
+    mnist = write_mnist_like(tmp_path / "mnist")
+    done = rayudf(
+        "run", "examples/byzer_train_to_score.sql", "--ray-address", ray_address, "--limit", "0",
+        "--set", f"mnist={mnist}", "--set", f"lake.root={tmp_path / 'lake'}",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].split() == ["predicted", "label"] and len(lines) == 101
+    correct = sum(float(line.split("]]")[0].strip(" [")) == int(line.split("]]")[1]) for line in lines[1:])
+    assert correct >= 50  # far above chance (10)
+    assert DeltaTable(str(tmp_path / "lake" / "ai_model" / "mnist_model")).version() == 0
+
+
+def test_connect_joins_the_cluster_its_url_names_when_the_session_has_no_ray(ray_address, tmp_path):
+    script = tmp_path / "join.sql"
+    script.write_text(f"""run command as Ray.`` where outputTable="joined" and code='''
+import ray
+from pyjava.api.mlsql import RayContext
+RayContext.connect(globals(), "{ray_address}")
+context.build_result([{{"gcs": ray.get_runtime_context().gcs_address}}])
+''';
+select gcs from joined as output;""")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([RAYUDF, "run", str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == ray_address  # joined the named cluster instead of starting one
+
+
 def test_parse_error_exits_2_with_one_line_and_runs_nothing(tmp_path):
     script = tmp_path / "bad.sql"
     target = tmp_path / "made.csv"

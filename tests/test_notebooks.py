@@ -30,6 +30,7 @@ FUNCTIONS = {
     "01_quickstart.ipynb": ["digit_predict"],
     "02_batch_scoring.ipynb": ["lr_predict"],
     "03_byzer_style.ipynb": ["clf_predict"],
+    "04_byzer_python.ipynb": ["model_predict"],
 }
 
 
@@ -128,8 +129,12 @@ def test_notebook_runs_top_to_bottom(name, kernel_env, tmp_path):
         assert any(n > 0 for n in scored), f"no progress bar counted rows while scoring: {scored}"
         assert "row count check passed: 1,000,000 rows" in cell_output_text(nb, "row count check passed")
         assert any("image/png" in out.get("data", {}) for _, out in outputs(nb)), "no plot"
-    else:
+    elif name.startswith("03"):
         assert "predictions match the in-process model on 100 rows" in cell_output_text(nb, "assert_array_equal")
+    else:
+        assert "table mnist_model created" in cell_output_text(nb, "#%python")
+        assert "match the model run in-process on 100 rows" in cell_output_text(nb, "assert_array_equal")
+        assert "WRITE" in cell_output_text(nb, "!delta info")  # the lake's history of the model table
 
     # Shutting the kernel down (or %sql --close) stops the notebook's workers.
     deadline = time.monotonic() + 20

@@ -14,6 +14,7 @@ from sql_magics.statements import (
     Include,
     Load,
     Register,
+    Run,
     Save,
     Select,
     Set,
@@ -399,9 +400,192 @@ def test_command_without_a_name_is_an_error():
 
 
 def test_include():
-    assert one("include local.`lib/common steps.sql`;") == Include("local", "lib/common steps.sql")
+    assert one("include local.`lib/common steps.sql`;") == Include("local", "lib/common steps.sql", {})
     assert one("include local.`x`").kind == "include"
     assert error("include local.`x` y").message == "include: expected ';' after the path, found 'y'"
+    assert error('include local.`x` where a="1" y').message == "include: expected ';' after the options, found 'y'"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Byzer's include page, with commented-out options inside the where clause.
+        (
+            'include lib.`github.com/allwefantasy/lib-core`\nwhere \n-- libMirror="gitee.com"\n-- force="true"\nalias="libCore";',
+            Include("lib", "github.com/allwefantasy/lib-core", {"alias": "libCore"}),
+        ),
+        (
+            'include lib.`github.com/allwefantasy/lib-core` where alias="libCore" and libDir="/opt/lib-core"',
+            Include("lib", "github.com/allwefantasy/lib-core", {"alias": "libCore", "libDir": "/opt/lib-core"}),
+        ),
+        ("include local.`libCore.udf.hello`;", Include("local", "libCore.udf.hello", {})),
+        ("include project.`src/algs/b.byzer`;", Include("project", "src/algs/b.byzer", {})),
+        ("include local.`x.sql` options a=\"1\" and b='''2'''", Include("local", "x.sql", {"a": "1", "b": "2"})),
+    ],
+)
+def test_include_forms(text, expected):
+    stmt = one(text)
+    assert stmt == expected
+    assert stmt.kind == "include"
+
+
+# -- run -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "run command as Ray.`` where inputTable=\"data\" and outputTable=\"data2\" and code='''\nx = 1\n'''",
+            Run("command", "Ray", "", {"inputTable": "data", "outputTable": "data2", "code": "\nx = 1\n"}, ""),
+        ),
+        (
+            'run data as TableRepartition.`` where partitionNum="2" as newdata',
+            Run("data", "TableRepartition", "", {"partitionNum": "2"}, "newdata"),
+        ),
+        ("RUN data AS ShowTableExt.``", Run("data", "ShowTableExt", "", {}, "")),
+        ("run data into SaveBinaryAsFile.`/tmp/out`", Run("data", "SaveBinaryAsFile", "/tmp/out", {}, "")),
+        ("run `my data` as ET.`p` as `my out`", Run("my data", "ET", "p", {}, "my out")),
+        ("run ${t} as ET.`p` as ${out}", Run("${t}", "ET", "p", {}, "${out}")),
+        (
+            "run command as Ray.`` where\nand inputTable=\"a\" and `config.x`='y' as b",
+            Run("command", "Ray", "", {"inputTable": "a", "config.x": "y"}, "b"),
+        ),
+    ],
+)
+def test_run_forms(text, expected):
+    stmt = one(text + ";")
+    assert stmt == expected
+    assert stmt.kind == "run"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("run", "run: expected a table name after 'run', found end of statement"),
+        ("run data", "run: expected 'as <ET>.`<path>`' after the table name, found end of statement"),
+        ("run data as Ray", "run: expected <ET>.`<path>`, found end of statement"),
+        ("run data as Ray.`` as", "run: expected an output table name after 'as', found end of statement"),
+        ("run data as Ray.`` x", "run: expected ';' after the path, found 'x'"),
+        ('run data as Ray.`` where a="1" x', "run: expected ';' after the options, found 'x'"),
+        ("run data as Ray.`` as a b", "run: expected ';' after the output table, found 'b'"),
+    ],
+)
+def test_run_errors(text, message):
+    assert error(text).message == message
+
+
+# -- Byzer's optional `where` before `and` -----------------------------------------------
+
+
+def test_where_may_be_followed_directly_by_and():
+    # Byzer's Python UDF page: `WHERE` ends a line, every option follows on an `and` line.
+    stmt = one(
+        'REGISTER ScriptUDF.`` AS echoFun WHERE\nand lang="python"\nand dataType="map(string,string)"\n'
+        "and code='''\ndef apply(self,m):\n    return m\n ''';"
+    )
+    assert stmt == Register(
+        "ScriptUDF",
+        "",
+        "echoFun",
+        {"lang": "python", "dataType": "map(string,string)", "code": "\ndef apply(self,m):\n    return m\n "},
+    )
+    assert one('load csv.`p` where and header="true" as t') == Load("csv", "p", {"header": "true"}, "t")
+    assert one('set a = "b" options and type="text"') == Set("a", "b", {"type": "text"})
+
+
+def test_options_may_start_with_and_without_where():
+    # Byzer's delta page: `save append t as delta.`p` and idCols="id"`.
+    stmt = one('save append orginal_text_corpus\nas delta.`/tmp/delta/table10`\nand idCols="id";')
+    assert stmt == Save("append", "orginal_text_corpus", "delta", "/tmp/delta/table10", {"idCols": "id"}, [])
+    assert one("load csv.`p` and fs.s3a.region='eu' as t") == Load("csv", "p", {"fs.s3a.region": "eu"}, "t")
+    assert one("save t as csv.`o` and `a.b`='1' partitionBy c").options == {"a.b": "1"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("load csv.`p` and as t", "load: expected 'as <table>' after the path, found 'and'"),
+        ("load csv.`p` and x as t", "load: expected 'as <table>' after the path, found 'and'"),
+        ("load csv.`p` where and as t", "load: expected an option name after 'and', found 'as'"),
+        ('save t as csv.`o` and a="1" where b="2"', "save: 'where' is given twice"),
+    ],
+)
+def test_optional_where_errors(text, message):
+    assert error(text).message == message
+
+
+# -- backquoted and ${var} table names -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("select 1 as a as `my view`", Select("select 1 as a", "my view")),
+        ('select "hello William" as title \nas `${hello}`', Select('select "hello William" as title', "${hello}")),
+        ("select 1 as a as ${hello}", Select("select 1 as a", "${hello}")),
+        ("select * from ${tbl} as `out`", Select("select * from ${tbl}", "out")),
+        ("load csv.`x.csv` as `my table`", Load("csv", "x.csv", {}, "my table")),
+        ("load csv.`x.csv` as ${name}", Load("csv", "x.csv", {}, "${name}")),
+        ("save overwrite `my table` as csv.`o`", Save("overwrite", "my table", "csv", "o", {}, [])),
+        ("save `${t}` as csv.`o`", Save("errorIfExists", "${t}", "csv", "o", {}, [])),
+    ],
+)
+def test_backquoted_and_variable_table_names(text, expected):
+    assert one(text + ";") == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["select * from ${tbl}", "select 1 as }", "select a as x}", "select {'a': 1} as s from t}", "select 1 as 'x'"],
+)
+def test_select_ending_in_something_else_is_sql(text):
+    assert one(text) == Sql(text)
+
+
+# -- Byzer's other forms through the tokenizer ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('!python conf "schema=st(field(a,long))"', Command("python", ["conf", "schema=st(field(a,long))"])),
+        ("!ray on t '''\nprint('x; y')\n''' named out", Command("ray", ["on", "t", "\nprint('x; y')\n", "named", "out"])),
+        ("!hdfs -ls /tmp", Command("hdfs", ["-ls", "/tmp"])),
+        ("!hdfs -cp /tmp/a.txt /tmp/b-1.txt", Command("hdfs", ["-cp", "/tmp/a.txt", "/tmp/b-1.txt"])),
+        ("!show tables", Command("show", ["tables"])),
+        ("!delta show tables", Command("delta", ["show", "tables"])),
+        ("!delta history demo.table1", Command("delta", ["history", "demo.table1"])),
+        ("!if ''' :inModule == \"true\" '''", Command("if", [' :inModule == "true" '])),
+        (
+            "!pyInclude local 'github.com/a/lib-core.alg.xgboost.py' named rawXgboost",
+            Command("pyinclude", ["local", "github.com/a/lib-core.alg.xgboost.py", "named", "rawXgboost"]),
+        ),
+        ("!desc `my table`", Command("desc", ["my table"])),
+    ],
+)
+def test_byzer_commands(text, expected):
+    stmt = one(text + ";")
+    assert stmt == expected
+
+
+def test_byzer_script_with_comments_strings_and_blocks():
+    script = r"""-- a comment; with a 'quote
+/* a block
+   comment; */
+set a="b" where type="defaultParam";
+set s = 'it''s; "fine"';
+set d = "say \"hi\"; ok";
+set code = '''x = "a'b"; y = 'c"d' -- not a comment''';
+select '--', "/*" as t;
+"""
+    assert parse(script) == [
+        Set("a", "b", {"type": "defaultParam"}),
+        Set("s", 'it\'s; "fine"', {}),
+        Set("d", r"say \"hi\"; ok", {}),
+        Set("code", "x = \"a'b\"; y = 'c\"d' -- not a comment", {}),
+        Select("select '--', \"/*\"", "t"),
+    ]
 
 
 # -- pass-through SQL ------------------------------------------------------------------
@@ -480,7 +664,7 @@ def test_every_statement_class_has_a_distinct_kind():
     kinds = [cls.kind for cls in STATEMENT_TYPES]
     assert sorted(kinds) == sorted(set(kinds))
     assert set(kinds) == {
-        "load", "save", "select", "register", "unregister", "set", "command", "include", "sql",
+        "load", "save", "select", "register", "unregister", "set", "command", "include", "run", "sql",
     }
 
 
@@ -490,7 +674,7 @@ _PIECES = [
     "'", '"', "`", ";", "-", "/", "*", "!", "(", ")", "'''", "--", "/*", "*/", "\n", " ",
     "=", ".", ",", "$", "{", "}", "\\", "${a}", "`p`", '"v"', "'w'", "'''t'''", "1", "x",
     "load", "save", "select", "register", "unregister", "set", "include", "as", "where",
-    "options", "and", "partitionBy", "overwrite", "csv", "Ray", "to", "global",
+    "options", "and", "partitionBy", "overwrite", "csv", "Ray", "to", "global", "run", "into",
 ]
 _SCRIPTS = st.lists(st.sampled_from(_PIECES) | st.text(max_size=3), max_size=40).map("".join)
 

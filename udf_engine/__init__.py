@@ -15,13 +15,14 @@ from udf_engine.dispatcher import Dispatcher
 from udf_engine.errors import ConfigError, InputError, ModelError, RayUDFError, ResourceError, RowError, WorkerError
 from udf_engine.master import UDFMaster
 from udf_engine.model_store import detect_format, materialize, model_meta, model_rows, read_model_rows, save_model
-from udf_engine.ray_runtime import NAMESPACE, RayContext, RayRuntime
+from udf_engine.ray_context import DataServer, PythonContext, RayContext
+from udf_engine.ray_runtime import NAMESPACE, RayRuntime
 from udf_engine.settings import OPTIONS, UDFConf
 from udf_engine.worker import UDFWorker
 
 __all__ = [
-    "ConfigError", "Dispatcher", "InputError", "ModelError", "ResourceError", "RowError", "NAMESPACE", "OPTIONS", "RayContext",
-    "RayRuntime", "RayUDFError", "RemoteUDF", "UDFBuildInFunc", "UDFBuilder", "UDFConf", "UDFMaster",
-    "UDFWorker", "WorkerError", "detect_format", "materialize", "model_meta", "model_rows", "put_model",
-    "read_model_rows", "save_model",
+    "ConfigError", "DataServer", "Dispatcher", "InputError", "ModelError", "NAMESPACE", "OPTIONS",
+    "PythonContext", "RayContext", "RayRuntime", "RayUDFError", "RemoteUDF", "ResourceError", "RowError",
+    "UDFBuildInFunc", "UDFBuilder", "UDFConf", "UDFMaster", "UDFWorker", "WorkerError", "detect_format",
+    "materialize", "model_meta", "model_rows", "put_model", "read_model_rows", "save_model",
 ]

@@ -22,7 +22,8 @@ from udf_engine.builtin_funcs import RowWiseApply
 from udf_engine.dispatcher import Dispatcher, user_error
 from udf_engine.errors import RayUDFError, ResourceError, WorkerError, remote_cause
 from udf_engine.master import UDFMaster
-from udf_engine.ray_runtime import NAMESPACE, RayContext, cluster_can_grow
+from udf_engine.ray_context import RayContext
+from udf_engine.ray_runtime import NAMESPACE, cluster_can_grow
 from udf_engine.settings import UDFConf
 
 # How long a master gets to kill its workers itself before it is killed: killing actors

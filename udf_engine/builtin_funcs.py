@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from udf_engine.errors import ModelError
-from udf_engine.model_store import materialize, model_meta
+from udf_engine.model_store import model_meta, unpack
 
 
 def fetch_rows(model_refs: Sequence[Any]) -> list[dict]:
@@ -66,7 +66,7 @@ def _with_model_files(model_refs: Sequence[Any], load: Callable[[Path, dict], An
     meta = model_meta(rows)
     workdir = Path(tempfile.mkdtemp(prefix="rayudf-model-"))
     try:
-        return load(materialize(rows, workdir), meta)
+        return load(unpack(rows, workdir), meta)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -163,19 +163,58 @@ def read_model_rows(path: str | os.PathLike) -> list[dict]:
 
 
 def rows_from_table(table: pa.Table, *, source: str = "model table") -> list[dict]:
-    """Turn an Arrow table with the model-store columns into rows, checking its shape."""
-    missing = set(COLUMNS) - set(table.column_names)
+    """Turn an Arrow table with the model-store columns into rows, checking its shape.
+
+    A table of ``streaming_tar`` chunks (``start``, ``offset``, ``value``: what Byzer-python's
+    ``build_rows_from_file`` makes) is a model table too.
+    """
+    from udf_engine import streaming_tar
+
+    columns = COLUMNS if "path" in table.column_names else streaming_tar.COLUMNS
+    missing = set(columns) - set(table.column_names)
     if missing:
         raise ModelError(f"{source}: not a model table, missing columns {sorted(missing)}")
-    return table.select(list(COLUMNS)).to_pylist()
+    return table.select(list(columns)).to_pylist()
 
 
 def model_meta(rows: Sequence[dict]) -> dict[str, Any]:
-    """The metadata of a model table's rows (format, sha256, version, ...)."""
+    """The metadata of a model table's rows (format, sha256, version, ...).
+
+    Rows of ``streaming_tar`` chunks carry none: their format is read from the names of
+    the files inside (a SavedModel directory, or one model file).
+    """
+    from udf_engine import streaming_tar
+
+    rows = list(rows)
+    if streaming_tar.is_chunk_rows(rows):
+        return _tar_meta(streaming_tar.member_names(rows))
     for row in rows:
         if row["path"] == META_PATH:
             return json.loads(row["value"])
     raise ModelError("model table has no metadata row (was it written by save_model?)")
+
+
+def _tar_meta(names: list[str]) -> dict[str, Any]:
+    if any(Path(n).name == "saved_model.pb" and n.count("/") <= 1 for n in names):
+        fmt, name = "savedmodel", "model"
+    elif len(names) == 1:
+        fmt, name = _FORMAT_BY_SUFFIX.get(Path(names[0]).suffix.lower()), names[0]
+    else:
+        fmt = name = None
+    if fmt is None:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ModelError(
+            f"cannot tell the model format of the tar chunk rows: they hold {shown} (expected a SavedModel directory or one model file)"
+        )
+    return {"format": fmt, "name": name, "version": DEFAULT_VERSION}
+
+
+def unpack(rows: Sequence[dict], dest: str | os.PathLike) -> Path:
+    """Write a model's rows (model-store rows or ``streaming_tar`` chunks) under ``dest``; returns the model's path."""
+    from udf_engine import streaming_tar
+
+    rows = list(rows)
+    return streaming_tar.unpack(rows, dest) if streaming_tar.is_chunk_rows(rows) else materialize(rows, dest)
 
 
 def materialize(rows: Iterable[dict], dest: str | os.PathLike) -> Path:

@@ -1,17 +1,14 @@
-"""Which Ray the UDFs run on, and the context object a UDF is built in.
+"""Which Ray the UDFs run on.
 
 :class:`RayRuntime` joins the cluster named by ``address`` or ``RAY_ADDRESS``, or
 else starts a local Ray on first use (dashboard off) and stops it at ``shutdown``
-only if it started it. :class:`RayContext` is what ``UDFBuilder.build`` needs: the
-function's name, its options (``.conf``), the model table as object refs, and
-where the built UDF is left for the caller (MLSQL's ``ray_context``).
+only if it started it.
 
 Example:
     >>> runtime = RayRuntime()           # nothing starts yet
     >>> runtime.ensure()                 # doctest: +SKIP
-    >>> ctx = RayContext("digits", {"workers": "2"}, model_refs=[], actor_prefix="rayudf.ab12.digits")
-    >>> ctx.conf["workers"]
-    '2'
+    >>> runtime.address is None
+    True
 """
 
 from __future__ import annotations
@@ -19,8 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
+
+from udf_engine.errors import ConfigError
 
 # Every rayudf actor lives in this namespace; names inside it carry a per-session
 # token, so two sessions on one cluster never replace each other's UDFs.
@@ -91,15 +90,29 @@ def cluster_can_grow() -> bool:
 
 
 class RayRuntime:
-    """Starts or joins Ray once; stops it again only if it started it."""
+    """Starts or joins Ray once; stops it again only if it started it.
 
-    def __init__(self, address: str | None = None, **init_options: Any) -> None:
+    ``starter(call)`` runs the ``ray.init`` call: Ray's processes die with the thread that
+    started them, so a caller whose code runs on short-lived threads hands the call to a
+    long-lived one (``sql_magics`` does).
+    """
+
+    def __init__(
+        self, address: str | None = None, *, starter: Callable[[Callable[[], Any]], Any] | None = None, **init_options: Any
+    ) -> None:
         self.address = address  # None: RAY_ADDRESS, else a local Ray
+        self.starter = starter or (lambda call: call())
         self._init_options = init_options  # extra ray.init arguments (num_cpus=..., num_gpus=...)
         self._started_here = False
 
     def ensure(self) -> None:
         """Make sure Ray is up (idempotent)."""
+        import ray
+
+        if not ray.is_initialized():
+            self.starter(self._init)
+
+    def _init(self) -> None:
         import ray
 
         if ray.is_initialized():
@@ -112,6 +125,26 @@ class RayRuntime:
         ray.init(namespace=NAMESPACE, include_dashboard=False, **{**_QUIET, **self._init_options})
         self._started_here = True
 
+    def join(self, address: str | None) -> None:
+        """Make sure Ray is up, on the cluster at ``address`` when one is named (None: any).
+
+        Joins ``address`` if Ray is not up yet; if it is up on another cluster, raises
+        ConfigError naming both (one process holds one Ray connection).
+        """
+        import ray
+
+        if address is not None and not ray.is_initialized():
+            self.address = address
+        self.ensure()
+        if address is None:
+            return
+        current = ray.get_runtime_context().gcs_address
+        if address not in (current, self.address):
+            raise ConfigError(
+                f"Ray address {address!r}: this session already runs on the Ray at {current}; "
+                "one session holds one Ray connection, so pass None to use it, or set ray.address in a new session"
+            )
+
     def shutdown(self) -> None:
         """Stop the local Ray if this runtime started it."""
         import ray
@@ -119,39 +152,3 @@ class RayRuntime:
         if self._started_here and ray.is_initialized():
             ray.shutdown()
         self._started_here = False
-
-
-@dataclass
-class RayContext:
-    """Everything one ``UDFBuilder.build`` call needs, and where it leaves the result.
-
-    ``conf`` holds the options of the registration (and, from scripts, the
-    ``!python conf`` values); ``model_refs`` the model table's rows as object refs.
-    """
-
-    function: str
-    conf: dict = field(default_factory=dict)
-    model_refs: list = field(default_factory=list)
-    actor_prefix: str = ""
-    runtime: RayRuntime | None = None
-    row_wise: bool = False  # apply_func is written for one row (MLSQL); build() wraps it
-    udf: Any = None  # the RemoteUDF that build() made
-
-    def __post_init__(self) -> None:
-        if not self.actor_prefix:
-            self.actor_prefix = f"rayudf.{self.function}"
-
-    @classmethod
-    def connect(cls, namespace: dict | Any, address: str | None = None) -> RayContext:
-        """MLSQL's ``RayContext.connect(globals(), address)``: the context bound to this code.
-
-        The code runs with a global ``context`` that is the bound RayContext; an
-        ``address`` only matters when Ray is not running yet.
-        """
-        context = namespace.get("context") if isinstance(namespace, dict) else namespace
-        if not isinstance(context, RayContext):
-            raise TypeError("RayContext.connect: no rayudf context in these globals (run it from a register statement)")
-        if context.runtime is None:
-            context.runtime = RayRuntime(address)
-        context.runtime.ensure()
-        return context

@@ -1,0 +1,72 @@
+"""Byzer's ``pyjava`` import names, resolving to this project's modules while Byzer code runs.
+
+MLSQL/Byzer scripts import ``from pyjava.api.mlsql import RayContext, PythonContext``,
+``from pyjava.udf import UDFBuilder, UDFBuildInFunc``, ``from pyjava import rayfix`` and
+``from pyjava.storage import streaming_tar``. :func:`pyjava_modules` makes those names
+resolve while such code runs, and removes them afterwards (a real ``pyjava`` installed
+beside rayudf is left as it was). Each name is an alias of a real module of
+``udf_engine``, so functions that use them pickle by reference to modules every Ray
+worker can import.
+
+Example:
+    >>> with pyjava_modules():
+    ...     from pyjava.api.mlsql import RayContext
+    ...     from pyjava.storage import streaming_tar
+    >>> RayContext.__module__, streaming_tar.__name__
+    ('udf_engine.ray_context', 'udf_engine.streaming_tar')
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+# A module name no process can import: functions marked with it pickle by value.
+_BY_VALUE_MODULE = "__rayudf_by_value__"
+
+
+def last(func: Callable) -> Callable:
+    """Byzer's ``rayfix.last``: ship ``func`` to Ray workers by value, not by module name."""
+    func.__module__ = _BY_VALUE_MODULE
+    return func
+
+
+def _package(name: str, **children: types.ModuleType) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__path__ = []  # a package, so `from pyjava.storage import streaming_tar` looks inside
+    for child, value in children.items():
+        setattr(module, child, value)
+    return module
+
+
+@contextmanager
+def pyjava_modules() -> Iterator[None]:
+    """Make the ``pyjava`` import names of Byzer code resolve to rayudf's, for a while."""
+    import udf_engine
+    from udf_engine import ray_context, streaming_tar
+
+    rayfix = sys.modules[__name__]
+    storage = _package("pyjava.storage", streaming_tar=streaming_tar)
+    api = _package("pyjava.api", mlsql=ray_context)
+    pyjava = _package("pyjava", api=api, udf=udf_engine, rayfix=rayfix, storage=storage)
+    modules = {
+        "pyjava": pyjava,
+        "pyjava.api": api,
+        "pyjava.api.mlsql": ray_context,
+        "pyjava.udf": udf_engine,
+        "pyjava.rayfix": rayfix,
+        "pyjava.storage": storage,
+        "pyjava.storage.streaming_tar": streaming_tar,
+    }
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
