@@ -49,7 +49,7 @@ def run_python(db: Database, runtime: RayRuntime, conf: dict, *, code: str, inpu
     schema = _schema(conf.get("schema"), output_table)
     table = None
     if input_table and input_table != NO_INPUT:
-        with db.con.cursor() as cursor:  # its own connection, so the session's may be busy
+        with db.con.cursor() as cursor:  # its own connection: the session's may be running another statement
             if relation_kind(cursor, input_table) is None:
                 raise ExecutionError(f"run {output_table}: input table {input_table!r} does not exist")
             table = cursor.sql(f"SELECT * FROM {quote_identifier(input_table)}").to_arrow_table()
@@ -57,18 +57,26 @@ def run_python(db: Database, runtime: RayRuntime, conf: dict, *, code: str, inpu
     namespace = {"__name__": f"__rayudf_run_{output_table}__", "context": context}
     with pyjava_modules():
         run_code(code, namespace, what)
-        if context.output() is None:
-            raise ExecutionError(
-                f"run {output_table}: the code gave no result; end it with context.build_result(rows) "
-                "(or ray_context.build_result, foreach, map_iter)"
-            )
-        try:
-            result = table_from_rows(context.output(), schema)
-        except SchemaError as err:
-            raise ExecutionError(f"run {output_table}: {err}") from None
-        except Exception as err:  # noqa: BLE001 - a generator the code handed over runs the user's code now
-            raise ExecutionError(f"{what} failed: {type(err).__name__}: {err}") from None
-    table_from_arrow(db.con, output_table, result)
+        result = _result(context, schema, output_table, what)
+    with db.exclusive():
+        table_from_arrow(db.con, output_table, result)
+
+
+def _result(context: PythonContext, schema, output_table: str, what: str):
+    if context.output() is None:
+        raise ExecutionError(
+            f"run {output_table}: the code gave no result; end it with context.build_result(rows) "
+            "(or ray_context.build_result, foreach, map_iter)"
+        )
+    try:
+        result = table_from_rows(context.output(), schema)
+    except SchemaError as err:
+        raise ExecutionError(f"run {output_table}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a generator the code handed over runs the user's code now
+        raise ExecutionError(f"{what} failed: {type(err).__name__}: {err}") from None
+    if result.num_columns == 0:
+        raise ExecutionError(f'run {output_table}: the code gave no rows, so nothing says its columns; declare them with schema="..."')
+    return result
 
 
 def _schema(text: str | None, output_table: str):

@@ -28,7 +28,7 @@ import duckdb
 import pandas as pd
 
 from arrow_bridge.quoting import quote_identifier
-from sql_magics import byzer_python, formats, lake, registration
+from sql_magics import byzer_python, formats, lake, registration, statements
 from sql_magics.catalog import column_count, replace_relation, table_from_arrow
 from sql_magics.commands import run_command
 from sql_magics.database import Database
@@ -47,7 +47,7 @@ SET_TYPES = ("text", "sql", "shell", "conf", "defaultParam")
 # Statements that run SQL on the session's connection: they take turns with other threads'
 # statements, and each runs on the model versions current when it starts. The others
 # (commands, register, include's own statements) take the connection only if they need it.
-_RUNS_SQL = ("load", "select", "save", "set", "sql", "run")
+_RUNS_SQL = ("load", "select", "save", "set", "sql")
 # `include` formats that name a script file (Byzer's `project` is a path in the project).
 _INCLUDE_FORMATS = ("local", "project")
 # Suffixes Byzer's `include local.`<lib>.dir.file.<suffix>`` may name; `mlsql` when none is.
@@ -59,7 +59,7 @@ RUN_ET = "Ray"
 # Byzer's `run t as TableRepartition.`` where partitionNum="4" as t2`: here a view of the same rows.
 REPARTITION_ET = "TableRepartition"
 # The table a named select shows its rows under (MLSQL's convention).
-OUTPUT_TABLE = "output"
+OUTPUT_TABLE = statements.OUTPUT_TABLE
 # How much of a failed `set ... where type="shell"` command's stderr the error quotes:
 # enough for its message, not a whole usage text.
 _SHELL_ERROR_CHARS = 200
@@ -251,8 +251,7 @@ class Executor:
         if len(args) != 5 or args[0].lower() != "on" or args[3].lower() != "named":
             raise ExecutionError("!ray: expected !ray on <table> '''<code>''' named <output>")
         _, table, code, _, output = args
-        with self.db.exclusive(), self.registry.statement():
-            return self._run_python(table, self._substitute(output), {"code": code})
+        return self._run_python(self._substitute(table), self._substitute(output), {"code": code})
 
     def run_et(self, stmt: Run, **_: object) -> pd.DataFrame | None:
         options = substitute_options(stmt.options, self.state.variables)
@@ -273,6 +272,8 @@ class Executor:
         state = self.state
         conf = {k: v for k, v in options.items() if k not in byzer_python.STATEMENT_OPTIONS}
         conf = {**({"env": dict(state.python_env)} if state.python_env else {}), **state.python_conf, **conf}
+        # Not a turn on the connection for the whole run: training may take hours, and the
+        # session's other statements (and model versions draining) need not wait for it.
         byzer_python.run_python(
             self.db, self.registry.runtime, conf, code=options.get("code", ""), input_table=input_table, output_table=output
         )
@@ -283,7 +284,8 @@ class Executor:
             )
         if output == OUTPUT_TABLE:
             return self._frame(f"SELECT * FROM {quote_identifier(output)}")
-        self._notice = self._created("table", output)
+        with self.db.exclusive():
+            self._notice = self._created("table", output)
         return None
 
     def include(self, stmt: Include, *, base_dir: Path, **_: object) -> pd.DataFrame | None:

@@ -16,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from sql_magics.statements import Run
+from sql_magics.byzer_python import NO_INPUT, PYTHON_ENV
+from sql_magics.statements import OUTPUT_TABLE, Run
 from sql_magics.tokens import parse_error
 
 MARKER = "#%python"
@@ -29,10 +30,8 @@ DIRECTIVES = {
     "cache": "cache",
     "runIn": "runIn",
     "pythonExec": "pythonExec",
-    "env": "PYTHON_ENV",  # what Byzer's `!python env "PYTHON_ENV=..."` sets
+    "env": PYTHON_ENV,  # what Byzer's `!python env "PYTHON_ENV=..."` sets
 }
-# Byzer-python's "no input table", and the table a cell without #%output= shows.
-NO_INPUT, DEFAULT_OUTPUT = "command", "output"
 
 
 def python_cell(text: str, source_name: str = "") -> Run | None:
@@ -51,6 +50,6 @@ def python_cell(text: str, source_name: str = "") -> Run | None:
         options[DIRECTIVES[key.strip()]] = value.strip()
         body += 1
     options["code"] = "\n".join(lines[body:])
-    output = options.pop("outputTable", "") or DEFAULT_OUTPUT
+    output = options.pop("outputTable", "") or OUTPUT_TABLE
     table = options.pop("inputTable", "") or NO_INPUT
     return Run(table, "Ray", "", options, output, text=text, line=first + 1, col=1)

@@ -18,6 +18,8 @@ from typing import ClassVar
 SAVE_MODES = ("overwrite", "append", "errorIfExists", "ignore")
 """The modes of ``save``, as written in scripts (matched without regard to case)."""
 DEFAULT_SAVE_MODE = "errorIfExists"
+OUTPUT_TABLE = "output"
+"""The table a script shows the rows of, Byzer's way (``select ... as output``)."""
 
 
 @dataclass(kw_only=True)

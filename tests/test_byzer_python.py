@@ -213,3 +213,48 @@ def test_python_cell_directives_and_env_note(s):
                    "context.build_result([{'b': r['a'] + 1} for r in context.rayContext.collect()])")
     assert result.frame["b"].tolist() == [4]  # no #%output=: the result shows, as `output`
     assert any("#%env" in w and "ignored" in w for w in result.warnings)
+
+
+def test_a_long_run_does_not_hold_the_session(s, tmp_path):
+    import threading
+
+    started, release = tmp_path / "started", tmp_path / "release"
+    code = f"""
+import pathlib, time
+pathlib.Path({str(started)!r}).touch()
+for _ in range(600):
+    if pathlib.Path({str(release)!r}).exists():
+        break
+    time.sleep(0.05)
+context.build_result([{{"done": 1}}])
+"""
+    errors: list[BaseException] = []
+
+    def run_long():
+        try:
+            s.sql(run(code, input_table="command", output="slow"))
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    runner = threading.Thread(target=run_long)
+    runner.start()
+    while not started.exists() and runner.is_alive():
+        runner.join(0.05)
+    answers: list = []
+    other = threading.Thread(target=lambda: answers.append(s.sql("select 42 as x from range(1)")["x"][0]))
+    other.start()
+    other.join(20)
+    finished_meanwhile = not other.is_alive()
+    release.touch()
+    runner.join(30)
+    other.join(30)
+    assert finished_meanwhile and answers == [42]  # another statement ran while the code was still running
+    assert not errors and s.sql("select done from slow")["done"].tolist() == [1]
+
+
+def test_no_rows_and_no_schema_is_a_clear_error(s):
+    with pytest.raises(ExecutionError, match="gave no rows, so nothing says its columns"):
+        s.sql(run("context.build_result([])", input_table="command", output="empty"))
+    frame = s.sql('!python conf "schema=st(field(a,long))";' + run("context.build_result([])", input_table="command", output="empty")
+                  + "select count(*) as n from empty")
+    assert frame["n"][0] == 0

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from udf_engine.errors import ModelError
-from udf_engine.model_store import model_meta, unpack
+from udf_engine.model_store import unpack
 
 
 def fetch_rows(model_refs: Sequence[Any]) -> list[dict]:
@@ -63,10 +63,9 @@ def _enable_gpu_memory_growth(tf: Any) -> None:
 
 def _with_model_files(model_refs: Sequence[Any], load: Callable[[Path, dict], Any]) -> Any:
     rows = fetch_rows(model_refs)
-    meta = model_meta(rows)
     workdir = Path(tempfile.mkdtemp(prefix="rayudf-model-"))
     try:
-        return load(unpack(rows, workdir), meta)
+        return load(*unpack(rows, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

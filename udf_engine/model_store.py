@@ -209,12 +209,15 @@ def _tar_meta(names: list[str]) -> dict[str, Any]:
     return {"format": fmt, "name": name, "version": DEFAULT_VERSION}
 
 
-def unpack(rows: Sequence[dict], dest: str | os.PathLike) -> Path:
-    """Write a model's rows (model-store rows or ``streaming_tar`` chunks) under ``dest``; returns the model's path."""
+def unpack(rows: Sequence[dict], dest: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Write a model's rows (model-store rows or ``streaming_tar`` chunks) under ``dest``: the model's path and metadata."""
     from udf_engine import streaming_tar
 
     rows = list(rows)
-    return streaming_tar.unpack(rows, dest) if streaming_tar.is_chunk_rows(rows) else materialize(rows, dest)
+    if not streaming_tar.is_chunk_rows(rows):
+        return materialize(rows, dest), model_meta(rows)
+    path = streaming_tar.unpack(rows, dest)  # the files say what the model is: no second copy in memory to read the names
+    return path, {"format": detect_format(path), "name": path.name, "version": DEFAULT_VERSION}
 
 
 def materialize(rows: Iterable[dict], dest: str | os.PathLike) -> Path:

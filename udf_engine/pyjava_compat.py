@@ -19,12 +19,16 @@ Example:
 from __future__ import annotations
 
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # A module name no process can import: functions marked with it pickle by value.
 _BY_VALUE_MODULE = "__rayudf_by_value__"
+_lock = threading.Lock()
+_users = 0  # pyjava_modules() blocks running now
+_saved: dict[str, types.ModuleType | None] = {}  # what the names were before the first of them
 
 
 def last(func: Callable) -> Callable:
@@ -43,7 +47,32 @@ def _package(name: str, **children: types.ModuleType) -> types.ModuleType:
 
 @contextmanager
 def pyjava_modules() -> Iterator[None]:
-    """Make the ``pyjava`` import names of Byzer code resolve to rayudf's, for a while."""
+    """Make the ``pyjava`` import names of Byzer code resolve to rayudf's, for a while.
+
+    Nested and concurrent uses (a registration on one thread, a run statement on another)
+    share one installation: the names go when the last of them ends.
+    """
+    global _users, _saved
+    with _lock:
+        if _users == 0:
+            modules = _modules()
+            _saved = {name: sys.modules.get(name) for name in modules}
+            sys.modules.update(modules)
+        _users += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                for name, module in _saved.items():
+                    if module is None:
+                        sys.modules.pop(name, None)
+                    else:
+                        sys.modules[name] = module
+
+
+def _modules() -> dict[str, types.ModuleType]:
     import udf_engine
     from udf_engine import ray_context, streaming_tar
 
@@ -51,7 +80,7 @@ def pyjava_modules() -> Iterator[None]:
     storage = _package("pyjava.storage", streaming_tar=streaming_tar)
     api = _package("pyjava.api", mlsql=ray_context)
     pyjava = _package("pyjava", api=api, udf=udf_engine, rayfix=rayfix, storage=storage)
-    modules = {
+    return {
         "pyjava": pyjava,
         "pyjava.api": api,
         "pyjava.api.mlsql": ray_context,
@@ -60,13 +89,3 @@ def pyjava_modules() -> Iterator[None]:
         "pyjava.storage": storage,
         "pyjava.storage.streaming_tar": streaming_tar,
     }
-    saved = {name: sys.modules.get(name) for name in modules}
-    sys.modules.update(modules)
-    try:
-        yield
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module

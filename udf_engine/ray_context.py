@@ -101,7 +101,7 @@ class RayContext:
         context = namespace.get("context") if isinstance(namespace, dict) else namespace
         ray_context = context.rayContext if isinstance(context, PythonContext) else context
         if not isinstance(ray_context, RayContext):
-            raise ConfigError("RayContext.connect: no rayudf context in these globals (run the code from a register or run statement)")
+            raise ConfigError("RayContext.connect: no rayudf context in these globals (the code must be run by rayudf)")
         if ray_context.runtime is None:
             ray_context.runtime = RayRuntime()
         ray_context.runtime.join(None if url in _SESSION_ADDRESSES else url)
@@ -194,7 +194,7 @@ class RayContext:
 
     def _output_context(self) -> PythonContext:
         if self.python_context is None:
-            raise ConfigError(f"{self.function}: build_result only works in a run statement's code")
+            raise ConfigError(f"{self.function}: build_result needs a PythonContext (code run for a table, not for a UDF)")
         return self.python_context
 
 

@@ -134,7 +134,12 @@ class RayRuntime:
         import ray
 
         if address is not None and not ray.is_initialized():
-            self.address = address
+            previous, self.address = self.address, address
+            try:
+                self.ensure()
+            except BaseException:
+                self.address = previous  # a wrong address must not stick to the session
+                raise
         self.ensure()
         if address is None:
             return

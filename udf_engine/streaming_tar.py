@@ -33,11 +33,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from udf_engine.errors import ModelError
-from udf_engine.model_store import CHUNK_BYTES
+from udf_engine.model_store import CHUNK_BYTES, LENGTH
 
-# The columns of a chunk row, as Byzer names them (``offset`` is the chunk's length).
-START, LENGTH, VALUE = "start", "offset", "value"
+# The columns of a chunk row, as Byzer names them (LENGTH, ``offset``, is the chunk's length).
+START, VALUE = "start", "value"
 COLUMNS = (START, LENGTH, VALUE)
+# Python 3.11.4+ also checks entries itself; _check_member does the same before it.
+_SAFE_EXTRACT = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 class _Chunks(io.RawIOBase):
@@ -71,7 +73,7 @@ def build_rows_from_file(target: str | os.PathLike) -> Iterator[dict]:
     if not root.exists():
         raise ModelError(f"streaming_tar: {root} does not exist")
     stream = _Chunks()
-    with tarfile.open(fileobj=stream, mode="w|") as tar:
+    with tarfile.open(fileobj=stream, mode="w|", dereference=True) as tar:  # a link's target, not the link
         entries = [(root.name, root)] if root.is_file() else sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*"))
         for name, path in entries:
             tar.add(path, arcname=name, recursive=False)
@@ -114,7 +116,7 @@ def save_rows_as_file(rows: Iterable[dict], target_dir: str | os.PathLike) -> Pa
                 members = tar.getmembers()
                 for member in members:
                     _check_member(member, target)
-                tar.extractall(target, members=members, filter="data")
+                tar.extractall(target, members=members, **_SAFE_EXTRACT)
         except tarfile.TarError as err:
             raise ModelError(f"streaming_tar: the rows are not a tar stream: {err}") from None
     return target
