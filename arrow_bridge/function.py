@@ -208,12 +208,20 @@ def with_null_rows(values: pa.Array, valid: np.ndarray) -> pa.Array:
     return values.take(pa.array(positions, mask=~valid))
 
 
-def infer_return_type(name: str, udf: Any, width: int | None) -> str:
-    """Probe the model once with a zero row and name the DuckDB type of what it returns."""
+def infer_return_type(name: str, udf: Any, width: int | None, sample: Sequence[Any] | None = None) -> str:
+    """Probe the model once and name the DuckDB type of what it returns.
+
+    The probe is ``sample`` (the argument columns of some real rows: text, images, anything
+    the model takes) when given, else one zero row of the model's input width.
+    """
+    if sample is not None:
+        valid = valid_rows(sample)  # rows with a NULL argument never reach the model
+        kept = sample if valid is None else [column.filter(pa.array(valid)) for column in sample]
+        return duckdb_type_of(udf.probe(features(kept, function=name, width=width)))
     if width is None:
         raise ConfigError(
             f"function {name}: cannot infer the return type because the model does not say how many "
-            'inputs a row has; declare it, e.g. returns="DOUBLE[10]"'
+            'inputs a row has; declare it (returns="DOUBLE[10]") or give rows to try it on (sample="select text from t limit 5")'
         )
     # float64 zeros: a model that follows its input dtype (scikit-learn) then declares
     # the wider type, so float64 inputs are never narrowed on the way out.
@@ -232,12 +240,12 @@ def keep_workers_busy(con: duckdb.DuckDBPyConnection, udf: Any) -> None:
         con.execute(f"SET threads = {int(wanted)}")
 
 
-def return_type_of(name: str, udf: Any, returns: str | None = None) -> str:
+def return_type_of(name: str, udf: Any, returns: str | None = None, sample: Sequence[Any] | None = None) -> str:
     """The DuckDB type ``name(...)`` returns: ``returns`` if given (checked), else what a probe of the model gives."""
     if returns:
         arrow_type(returns)  # a ConfigError now, not at the first query, for a type DuckDB does not know
         return returns
-    return infer_return_type(name, udf, udf.info.get("input_width"))
+    return infer_return_type(name, udf, udf.info.get("input_width"), sample)
 
 
 def add_function(con: duckdb.DuckDBPyConnection, fn: ModelFunction) -> None:

@@ -3,7 +3,9 @@
 One list column (``FLOAT[784]``, ``DOUBLE[]``) becomes an ``(n, width)`` ndarray
 that shares the Arrow buffer when the layout allows (no NULL inside a row);
 several scalar columns become a feature matrix; a VARCHAR column an array of
-strings. Outputs are cast to the Arrow type the function declared.
+strings, a BLOB column an array of bytes. Any other type is an InputError naming the
+function, the argument and its SQL type. Outputs are cast to the Arrow type the
+function declared.
 
 Example:
     >>> col = pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32(), 2))
@@ -23,10 +25,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.types as pat
 
+from arrow_bridge.types import sql_type_name
 from udf_engine.dispatcher import Partial
 from udf_engine.errors import InputError, ModelError
 
 _LIST_TYPES = (pat.is_fixed_size_list, pat.is_list, pat.is_large_list)
+_TEXT_TYPES = (pat.is_string, pat.is_large_string, pat.is_string_view)
+_BYTES_TYPES = (pat.is_binary, pat.is_large_binary, pat.is_binary_view, pat.is_fixed_size_binary)
+# What a model function accepts, for the error that names an argument of another type.
+_ACCEPTED = "a model takes numbers (BOOLEAN, integers, DECIMAL, FLOAT, DOUBLE), arrays of them, or one VARCHAR or BLOB argument"
 
 
 def _is_list(t: pa.DataType) -> bool:
@@ -39,18 +46,27 @@ def _as_array(col: Any) -> pa.Array:
     return col
 
 
-def _numeric(values: pa.Array, function: str, what: str) -> np.ndarray:
+def _not_accepted(function: str, argument: str, arrow: pa.DataType) -> InputError:
+    return InputError(f"function {function}: {argument} is {sql_type_name(arrow)}; {_ACCEPTED}")
+
+
+def _numeric(values: pa.Array, function: str, argument: str, column_type: pa.DataType) -> np.ndarray:
     if pat.is_decimal(values.type):  # SQL literals such as 1.5 are DECIMAL in DuckDB
         values = values.cast(pa.float64())
     if not (pat.is_integer(values.type) or pat.is_floating(values.type) or pat.is_boolean(values.type)):
-        raise InputError(f"function {function}: {what} must be numeric, got {values.type}")
+        raise _not_accepted(function, argument, column_type)
     # zero_copy_only would refuse a buffer with NULLs; those become NaN instead.
     return values.to_numpy(zero_copy_only=False)
 
 
-def _list_tensor(col: pa.Array, function: str, width: int | None) -> np.ndarray:
+def _list_tensor(col: pa.Array, function: str, width: int | None, column_type: pa.DataType) -> np.ndarray:
     """``(n, width)`` for a list of numbers, ``(n, width, ...)`` for lists of lists."""
     n = len(col)
+    leaf = col.type
+    while _is_list(leaf):
+        leaf = leaf.value_type
+    if not (pat.is_integer(leaf) or pat.is_floating(leaf) or pat.is_boolean(leaf) or pat.is_decimal(leaf)):
+        raise _not_accepted(function, "argument 1", column_type)
     if pat.is_fixed_size_list(col.type):
         got = col.type.list_size
         if width is not None and got != width:
@@ -67,28 +83,28 @@ def _list_tensor(col: pa.Array, function: str, width: int | None) -> np.ndarray:
             )
     child = col.flatten()
     if _is_list(child.type):
-        inner = _list_tensor(child, function, None)
+        inner = _list_tensor(child, function, None, column_type)
         return inner.reshape(n, got, *inner.shape[1:])
-    return _numeric(child, function, "list elements").reshape(n, got)
+    return _numeric(child, function, "argument 1", column_type).reshape(n, got)
 
 
 def features(cols: Sequence[Any], *, function: str, width: int | None = None) -> np.ndarray:
-    """The model input for one call: an ``(n, width)`` matrix, or ``(n,)`` strings."""
+    """The model input for one call: an ``(n, width)`` matrix, or ``(n,)`` strings or bytes."""
     arrays = [_as_array(c) for c in cols]
     if not arrays:
         raise InputError(f"function {function}: needs at least one argument")
     if len(arrays) == 1:
         col = arrays[0]
         if _is_list(col.type):
-            return _list_tensor(col, function, width)
-        if pat.is_string(col.type) or pat.is_large_string(col.type) or pat.is_string_view(col.type):
+            return _list_tensor(col, function, width, col.type)
+        if any(check(col.type) for check in (*_TEXT_TYPES, *_BYTES_TYPES)):
             return np.asarray(col.to_pylist(), dtype=object)
     for i, col in enumerate(arrays, 1):
         if _is_list(col.type):
-            raise InputError(f"function {function}: argument {i} is a list ({col.type}); pass one list or only scalars")
+            raise InputError(f"function {function}: argument {i} is {sql_type_name(col.type)}, an array; pass one array or only scalars")
     if width is not None and len(arrays) != width:
         raise InputError(f"function {function}: expected {width} input values per row, got {len(arrays)} arguments")
-    return np.column_stack([_numeric(c, function, f"argument {i}") for i, c in enumerate(arrays, 1)])
+    return np.column_stack([_numeric(c, function, f"argument {i}", c.type) for i, c in enumerate(arrays, 1)])
 
 
 def _concat(results: Sequence[Any]) -> Any:

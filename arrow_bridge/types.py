@@ -62,6 +62,21 @@ def arrow_type(duckdb_type: str) -> pa.DataType:
     return reader.schema.field(0).type
 
 
+@functools.lru_cache(maxsize=256)
+def sql_type_name(arrow: pa.DataType) -> str:
+    """How DuckDB names the SQL type it hands over as ``arrow`` (``date32[day]`` -> ``DATE``).
+
+    Example:
+        >>> sql_type_name(pa.month_day_nano_interval()), sql_type_name(pa.list_(pa.string()))
+        ('INTERVAL', 'VARCHAR[]')
+    """
+    with _lock:
+        try:
+            return str(_scratch().from_arrow(pa.table({"x": pa.nulls(0, arrow)})).types[0])
+        except (duckdb.Error, pa.ArrowException):
+            return str(arrow)
+
+
 def _scalar_name(dtype: np.dtype) -> str:
     if dtype.kind in "USO":
         return "VARCHAR"

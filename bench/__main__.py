@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import duckdb
 
 from bench import contenders as c
-from bench.data import build_model, write_table
+from bench.data import build_model, export_onnx, write_table
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,15 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     q_local, q1, q2 = (c.scoring_query(f, table) for f in ("f_local", "f1", "f2"))
     session.register_model("f1", model_path, workers=1, batch_size=bs)
     session.register_model("f2", model_path, workers=2, batch_size=bs)
-    for query, con in ((q_local, in_process), (q1, session.con), (q2, session.con)):
+    onnx_path = export_onnx(model_path, work / f"mlp_{args.width}.onnx")  # the same weights
+    c.register_in_process(in_process, "g_local", c.OnnxModel(onnx_path), bs)
+    session.register_model("g2", onnx_path, workers=2, batch_size=bs)
+    q_onnx_local, q_onnx = c.scoring_query("g_local", table), c.scoring_query("g2", table)
+    for query, con in ((q_local, in_process), (q1, session.con), (q2, session.con), (q_onnx_local, in_process), (q_onnx, session.con)):
         c.fetch(con, query)  # warm: TF graphs traced, files cached
 
-    print("(a)/(b) warm scoring, results to the driver", flush=True)
+    print("(a)/(b) warm scoring, results to the driver; the same MLP as Keras and as ONNX", flush=True)
     _interleave(t, args.runs, {
         "a_limit": lambda: c.fetch(in_process, q_local),
         "b_rayudf_1w": lambda: c.fetch(session.con, q1),
         "b_rayudf_2w": lambda: c.fetch(session.con, q2),
+        "a_limit_onnx": lambda: c.fetch(in_process, q_onnx_local),
+        "b_rayudf_onnx_2w": lambda: c.fetch(session.con, q_onnx),
     })
+    session.unregister("g2")
     print("(b) scoring written out with COPY", flush=True)
     out = work / "out.parquet"
     _interleave(t, args.runs, {
@@ -210,6 +217,10 @@ def _report(args, command, t: Timings, results, memory, table) -> None:
         f"| (a) in-process limit (DuckDB Arrow UDF) | {a:.2f} s | {rows / a:,.0f} | 1.00 | |",
         f"| (b) rayudf, 1 worker | {b1:.2f} s | {rows / b1:,.0f} | {a / b1:.2f}x of (a) | |",
         f"| (b) rayudf, 2 workers | {b2:.2f} s | {rows / b2:,.0f} | {a / b2:.2f}x of (a) | >= 0.9x |",
+        f"| (a) in-process limit, the same MLP as ONNX (ONNX Runtime) | {m('a_limit_onnx'):.2f} s | {rows / m('a_limit_onnx'):,.0f} | "
+        f"{a / m('a_limit_onnx'):.2f}x the rows/s of (a) Keras | |",
+        f"| (b) rayudf register onnx, 2 workers | {m('b_rayudf_onnx_2w'):.2f} s | {rows / m('b_rayudf_onnx_2w'):,.0f} | "
+        f"{m('a_limit_onnx') / m('b_rayudf_onnx_2w'):.2f}x of its limit; {b2 / m('b_rayudf_onnx_2w'):.2f}x the rows/s of keras | |",
         f"| (a) limit, COPY to Parquet | {m('a_limit_copy'):.2f} s | {rows / m('a_limit_copy'):,.0f} | 1.00 | |",
         f"| (b) rayudf 2 workers, COPY to Parquet | {m('b_rayudf_2w_copy'):.2f} s | {rows / m('b_rayudf_2w_copy'):,.0f} | "
         f"{m('a_limit_copy') / m('b_rayudf_2w_copy'):.2f}x of (a) | |",
@@ -239,7 +250,7 @@ def _report(args, command, t: Timings, results, memory, table) -> None:
     lines += [f"- {name}: " + ", ".join(f"{s:.3f}" for s in runs) for name, runs in t.runs.items()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:28]))
+    print("\n".join(lines[:30]))
     print(f"wrote {args.out}")
 
 

@@ -43,6 +43,19 @@ def register_in_process(con: Any, name: str, model: Any, batch_size: int) -> Non
     con.create_function(name, call, None, RETURNS, type="arrow")
 
 
+class OnnxModel:
+    """An ONNX Runtime session behind the ``predict_on_batch`` the in-process limit calls."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime
+
+        self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {self._input: np.asarray(batch, dtype=np.float32)})[0]
+
+
 def register_per_row(con: Any, name: str, model: Any) -> None:
     """What users write by hand: a native (row at a time) Python UDF."""
 

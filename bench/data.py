@@ -34,6 +34,35 @@ def write_table(path: str | Path, *, rows: int, width: int, seed: int = 0) -> Pa
     return path
 
 
+def export_onnx(keras_path: str | Path, path: str | Path) -> Path:
+    """The same MLP (same weights) as an ONNX graph with a dynamic batch dimension: input ``x``, output ``probabilities``."""
+    import keras
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    (w1, b1), (w2, b2) = (layer.get_weights() for layer in keras.models.load_model(keras_path, compile=False).layers)
+    weights = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w2"], ["o0"]),
+        helper.make_node("Add", ["o0", "b2"], ["o1"]),
+        helper.make_node("Softmax", ["o1"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", w1.shape[0]])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", w2.shape[1]])],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, path)
+    return path
+
+
 def build_model(path: str | Path, *, width: int, hidden: int = 512, classes: int = 10) -> Path:
     """Save an MLP width -> hidden -> classes (softmax) with fixed random weights as ``.keras``."""
     import keras

@@ -1,7 +1,8 @@
 """The ``register`` kinds of the statement language.
 
-- ``keras``/``tf``/``savedmodel``/``sklearn``/``pickle``/``model``: a model file, directory or
-  loaded model table, served by Ray workers (``FunctionRegistry.register_model``).
+- ``keras``/``tf``/``savedmodel``/``sklearn``/``pickle``/``onnx``/``xgboost``/``lightgbm``/``model``:
+  a model file, directory or loaded model table, served by Ray workers
+  (``FunctionRegistry.register_model``; the loaders are ``udf_engine.builtin_funcs.LOADERS``).
 - ``Ray``: MLSQL's ``registerCode``, Python that calls ``UDFBuilder.build(ray_context, ...)``
   with ``from pyjava.api.mlsql import RayContext`` / ``from pyjava.udf import ...`` names
   resolving to this project's classes; its ``apply_func`` is written for one row.
@@ -28,8 +29,11 @@ from sql_magics.registry import DETECTED_KIND, FunctionRegistry, RegisteredFunct
 from sql_magics.script_state import ScriptState
 from udf_engine import RemoteUDF
 from udf_engine.builtin_funcs import MODEL_KINDS
+from udf_engine.mlflow_model import TRACKING_URI_OPTION as TRACKING_URI
 from udf_engine.pyjava_compat import pyjava_modules
 
+# The `set` key naming the MLflow tracking server that `register mlflow.` resolves models with.
+MLFLOW_TRACKING_URI = "mlflow.tracking_uri"
 REGISTER_KINDS = (*MODEL_KINDS, DETECTED_KIND, "Ray", "ScriptUDF")
 # MLSQL returns a list of lists of doubles from a Ray UDF unless told otherwise.
 RAY_DEFAULT_RETURNS = "DOUBLE[][]"
@@ -40,6 +44,8 @@ def register(registry: FunctionRegistry, state: ScriptState, kind: str, source: 
     """Run one ``register <kind>.`<source>` as <function> where <options>``."""
     lowered = kind.lower()
     if lowered in MODEL_KINDS or lowered == DETECTED_KIND:
+        if MLFLOW_TRACKING_URI in state.variables:  # `set mlflow.tracking_uri = "..."`; a where-option wins
+            options = {TRACKING_URI: state.variables[MLFLOW_TRACKING_URI], **options}
         return registry.register_model(function, source, kind=lowered, **options)
     if lowered == "ray":
         return register_ray(registry, state, function, source, options)

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,13 +42,17 @@ from sql_magics.errors import ExecutionError, clean_duckdb_error
 from udf_engine import ConfigError, ModelError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, UDFBuildInFunc, WorkerError, put_model
 from udf_engine.builtin_funcs import LOADERS, MODEL_KINDS
 from udf_engine.errors import ResourceError
+from udf_engine.mlflow_model import KIND as MLFLOW
+from udf_engine.mlflow_model import TRACKING_URI_OPTION as TRACKING_URI
+from udf_engine.mlflow_model import URI_SCHEMES as MLFLOW_URIS
+from udf_engine.mlflow_model import resolve as resolve_mlflow
 from udf_engine.model_store import DEFAULT_VERSION, detect_format, model_meta, model_rows, read_model_rows, rows_from_table
 
 # `register model.`path``: the kind is the model's own format, read from the path or the table.
 DETECTED_KIND = "model"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Options the bridge and the registry read; every other option goes to the engine.
-_BRIDGE_OPTIONS = ("returns", "version")
+_BRIDGE_OPTIONS = ("returns", "version", "sample", TRACKING_URI)
 
 
 @dataclass
@@ -166,7 +171,11 @@ class FunctionRegistry:
         kind = None if kind in (None, DETECTED_KIND) else kind.lower()
         if kind is not None and kind not in MODEL_KINDS:
             raise ConfigError(f"register {function}: unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)}, {DETECTED_KIND})")
-        rows = self.rows_of(source, kind=kind, version=str(options.get("version") or DEFAULT_VERSION))
+        shown = str(source)
+        if kind == MLFLOW or str(source).startswith(MLFLOW_URIS):
+            rows, shown, options = self._mlflow_rows(str(source), options)
+        else:
+            rows = self.rows_of(source, kind=kind, version=str(options.get("version") or DEFAULT_VERSION))
         model_format = model_meta(rows)["format"]
         loader = LOADERS.get(model_format)
         if loader is None:
@@ -174,7 +183,18 @@ class FunctionRegistry:
         if kind is not None and LOADERS[MODEL_KINDS[kind]] is not loader:
             raise ModelError(f"register {function}: {source} holds a {model_format} model, not {kind}")
         apply = UDFBuildInFunc.predictor(str(options.get("method", "predict")))
-        return self.register_udf(function, loader, apply, rows=rows, kind=kind or model_format, path=str(source), options=options)
+        return self.register_udf(function, loader, apply, rows=rows, kind=kind or model_format, path=shown, options=options)
+
+    def _mlflow_rows(self, source: str, options: dict) -> tuple[list[dict], str, dict]:
+        """An MLflow model's rows, what ``!models`` shows of it, and the options with its registry version."""
+        resolved = resolve_mlflow(source, tracking_uri=options.get(TRACKING_URI))
+        try:
+            version = str(options.get("version") or resolved.version or DEFAULT_VERSION)
+            rows = model_rows(resolved.path, model_format=MLFLOW, version=version)
+        finally:
+            if resolved.downloaded:
+                shutil.rmtree(resolved.path, ignore_errors=True)
+        return rows, resolved.describe(), {**options, "version": version}
 
     def register_udf(
         self, function: str, init_func: Callable, apply_func: Callable, *, rows: list[dict], kind: str, path: str, options: dict
@@ -223,13 +243,26 @@ class FunctionRegistry:
         """Make a built UDF callable from SQL, as a new version if the name exists; on failure its workers stop."""
         try:
             _check_name(function)
-            returns = return_type_of(function, udf, options.get("returns"))
+            returns = return_type_of(function, udf, options.get("returns"), self._sample(function, options.get("sample")))
             registered = RegisteredFunction(function, kind, path, returns, udf, None, self._version(function, options), dict(options))
             self._install_model(registered)
         except BaseException:
             udf.shutdown()
             raise
         return registered
+
+    def _sample(self, function: str, query: str | None) -> list | None:
+        """The argument columns of the ``sample="select ..."`` rows a model's return type is probed with."""
+        if not query:
+            return None
+        try:
+            with self._db.exclusive():  # the session's connection: it sees registered frames and temp views
+                table = self._db.con.sql(query).to_arrow_table()
+        except duckdb.Error as err:
+            raise ExecutionError(f"register {function}: sample query failed: {clean_duckdb_error(err)}") from None
+        if table.num_rows == 0:
+            raise ExecutionError(f"register {function}: the sample query gave no rows to try the model on")
+        return table.columns
 
     def _install_model(self, registered: RegisteredFunction) -> None:
         with self._changes:

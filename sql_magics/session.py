@@ -103,11 +103,13 @@ class Session:
         """Load a model into Ray workers and make it callable from SQL as ``function(...)``.
 
         ``path`` is a Keras ``.keras``/``.h5`` file, a SavedModel directory, a pickle/joblib
-        file, a model table written by ``udf_engine.save_model``, or the name of a table
-        loaded in this session. ``format`` is the model kind, as in ``register <kind>.``:
-        keras, tf, savedmodel, sklearn, pickle, or None/"model" (read from the model).
-        Options: ``workers``, ``batch_size``, ``num_cpus``, ``num_gpus``, ``resources``,
-        ``returns``, ``version``, ``method`` (``predict_proba``).
+        file, an ``.onnx`` graph, an xgboost (``.ubj``/``.json``) or LightGBM (``.txt``) booster,
+        a model table written by ``udf_engine.save_model``, or the name of a table loaded in
+        this session. ``format`` is the model kind, as in ``register <kind>.``: keras, tf,
+        savedmodel, sklearn, pickle, onnx, xgboost, lightgbm, or None/"model" (read from the
+        model; ``.json``/``.txt`` boosters need their kind). Options: ``workers``,
+        ``batch_size``, ``num_cpus``, ``num_gpus``, ``resources``, ``returns``, ``version``,
+        ``method`` (``predict_proba``), and for ONNX ``inputs``/``output``.
         """
         return self.registry.register_model(function, path, kind=format, **options)
 

@@ -201,8 +201,10 @@ def test_register_model_kinds_from_a_loaded_model_table(s, sklearn_model, digits
     np.testing.assert_allclose(np.stack(frame.sort_values("id")["p"]), model.predict_proba(digits[0]), atol=1e-6)
     with pytest.raises(ExecutionError, match="holds a pickle model, not keras"):
         s.sql(f"register keras.`{path}` as nope")
-    with pytest.raises(ExecutionError, match=r"kind 'onnx' is not supported"):
+    with pytest.raises(ExecutionError, match="holds a pickle model, not onnx"):
         s.sql(f"register onnx.`{path}` as nope")
+    with pytest.raises(ExecutionError, match=r"kind 'pmml' is not supported"):
+        s.sql(f"register pmml.`{path}` as nope")
 
 
 BYZER_SKLEARN = """!python conf "threshold=0.5";

@@ -26,6 +26,9 @@ import numpy as np
 from udf_engine.errors import ModelError
 from udf_engine.model_store import unpack
 
+# The conf key under which UDFWorker hands init_func the threads its math libraries get.
+MATH_THREADS = "math_threads"
+
 
 def fetch_rows(model_refs: Sequence[Any]) -> list[dict]:
     """Model-table rows from object refs (as Ray hands them to init_func) or plain rows."""
@@ -70,8 +73,18 @@ def _with_model_files(model_refs: Sequence[Any], load: Callable[[Path, dict], An
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _engine_options(conf: dict) -> dict:
+    """What a loader takes from conf: the method asked for, the worker's math threads and GPUs."""
+    return {
+        "method": str(conf.get("method") or "predict"),
+        "threads": int(conf.get(MATH_THREADS) or 0),
+        "num_gpus": float(conf.get("num_gpus") or 0),
+    }
+
+
 class UDFBuildInFunc:
-    """Built-in loaders (``init_tf``, ``init_pickle``) and appliers (``predict``, ``predictor``)."""
+    """Built-in loaders (``init_tf``, ``init_pickle``, ``init_onnx``, ``init_xgboost``, ``init_lightgbm``)
+    and appliers (``predict``, ``predictor``)."""
 
     @staticmethod
     def init_tf(model_refs: Sequence[Any], conf: dict) -> Any:
@@ -116,6 +129,37 @@ class UDFBuildInFunc:
         return _with_model_files(model_refs, load)
 
     @staticmethod
+    def init_onnx(model_refs: Sequence[Any], conf: dict) -> Any:
+        """Load an ONNX graph into one ONNX Runtime session (options ``inputs``, ``output``)."""
+        from udf_engine.onnx_model import load_onnx
+
+        def load(path: Path, meta: dict) -> Any:
+            return load_onnx(path, str(meta.get("name")), inputs=conf.get("inputs"), output=conf.get("output"), **_engine_options(conf))
+
+        return _with_model_files(model_refs, load)
+
+    @staticmethod
+    def init_xgboost(model_refs: Sequence[Any], conf: dict) -> Any:
+        """Load an xgboost booster saved with ``save_model`` (``.ubj``/``.json``)."""
+        from udf_engine.boosters import load_xgboost
+
+        return _with_model_files(model_refs, lambda path, meta: load_xgboost(path, str(meta.get("name")), **_engine_options(conf)))
+
+    @staticmethod
+    def init_lightgbm(model_refs: Sequence[Any], conf: dict) -> Any:
+        """Load a LightGBM booster saved with ``save_model`` (its text format)."""
+        from udf_engine.boosters import load_lightgbm
+
+        return _with_model_files(model_refs, lambda path, meta: load_lightgbm(path, str(meta.get("name")), **_engine_options(conf)))
+
+    @staticmethod
+    def init_mlflow(model_refs: Sequence[Any], conf: dict) -> Any:
+        """Load an MLflow model directory with ``mlflow.pyfunc.load_model`` (needs ``rayudf[mlflow]``)."""
+        from udf_engine.mlflow_model import load_mlflow
+
+        return _with_model_files(model_refs, lambda path, meta: load_mlflow(path, str(meta.get("name"))))
+
+    @staticmethod
     def predict(model: Any, batch: np.ndarray) -> Any:
         """Score a batch the fastest way the model offers (Keras ``predict_on_batch``)."""
         scorer = getattr(model, "predict_on_batch", None) or model.predict
@@ -138,10 +182,17 @@ LOADERS: dict[str, Callable[[Sequence[Any], dict], Any]] = {
     "keras": UDFBuildInFunc.init_tf,
     "savedmodel": UDFBuildInFunc.init_tf,
     "pickle": UDFBuildInFunc.init_pickle,
+    "onnx": UDFBuildInFunc.init_onnx,
+    "xgboost": UDFBuildInFunc.init_xgboost,
+    "lightgbm": UDFBuildInFunc.init_lightgbm,
+    "mlflow": UDFBuildInFunc.init_mlflow,
 }
 # The model kinds a user may name, and the format a file of that kind is read as when its
 # suffix does not tell. A kind accepts any model its format's loader loads (keras: SavedModels too).
-MODEL_KINDS: dict[str, str] = {"keras": "keras", "tf": "keras", "savedmodel": "savedmodel", "sklearn": "pickle", "pickle": "pickle"}
+MODEL_KINDS: dict[str, str] = {
+    "keras": "keras", "tf": "keras", "savedmodel": "savedmodel", "sklearn": "pickle", "pickle": "pickle",
+    "onnx": "onnx", "xgboost": "xgboost", "lightgbm": "lightgbm", "mlflow": "mlflow",
+}
 
 
 class RowWiseApply:
@@ -176,3 +227,9 @@ def input_width(model: Any) -> int | None:
         return shape[-1]
     width = getattr(model, "n_features_in_", None)
     return int(width) if width is not None else None
+
+
+def load_info(model: Any) -> dict:
+    """What the loader recorded of how it loaded the model (ONNX providers, a booster's device), if anything."""
+    info = getattr(model, "load_info", None)
+    return dict(info) if isinstance(info, dict) else {}

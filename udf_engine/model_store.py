@@ -60,11 +60,13 @@ _FORMAT_BY_SUFFIX = {
     ".pickle": "pickle",
     ".cloudpickle": "pickle",
     ".joblib": "pickle",
+    ".onnx": "onnx",
+    ".ubj": "xgboost",  # xgboost's own binary format; its .json and LightGBM's .txt need the kind named
 }
 
 
 def detect_format(src: str | os.PathLike) -> str:
-    """Name the format of a model file or directory: keras, savedmodel, pickle or table.
+    """Name the format of a model file or directory: keras, savedmodel, pickle, onnx, xgboost or table.
 
     A directory holding ``saved_model.pb`` is a TF SavedModel; a directory of
     Parquet files (or a ``.parquet`` file) is a model table written by :func:`save_model`.
@@ -73,6 +75,8 @@ def detect_format(src: str | os.PathLike) -> str:
     if path.is_dir():
         if (path / "saved_model.pb").exists():
             return "savedmodel"
+        if (path / "MLmodel").is_file():  # mlflow_model.MLMODEL; that module imports MLflow's helpers lazily
+            return "mlflow"
         if any(path.glob("*.parquet")):
             return "table"
         raise ModelError(f"{path}: directory is neither a SavedModel nor a model table")
@@ -105,7 +109,7 @@ def _digest(files: Iterable[tuple[str, bytes]]) -> str:
 def model_rows(src: str | os.PathLike, *, model_format: str | None = None, version: str = DEFAULT_VERSION) -> list[dict]:
     """Read a model file or directory into chunk rows plus the metadata row (in memory).
 
-    ``model_format`` (keras, savedmodel, pickle) is detected from the path when not given.
+    ``model_format`` (keras, savedmodel, pickle, onnx, xgboost, lightgbm) is detected from the path when not given.
     """
     root = Path(src)
     if not root.exists():

@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from threadpoolctl import threadpool_limits
 
-from udf_engine.builtin_funcs import RowWiseApply, input_width
+from udf_engine.builtin_funcs import MATH_THREADS, RowWiseApply, input_width, load_info
 
 # Control calls get one thread of their own beside the one that runs batches.
 CONTROL = "control"
@@ -90,7 +90,7 @@ class UDFWorker:
         self._model: Any = None
         started = time.perf_counter()
         try:
-            self._model = init_func(model_refs, conf)
+            self._model = init_func(model_refs, {**conf, MATH_THREADS: self._threads})
         except BaseException as err:  # noqa: BLE001 - reported by ready(), so the master sees the real cause
             self._init_error = err
         self._load_s = time.perf_counter() - started
@@ -100,12 +100,13 @@ class UDFWorker:
 
     @ray.method(concurrency_group=CONTROL)
     def ready(self) -> dict:
-        """Raise the model's load error, or describe the loaded model."""
+        """Raise the model's load error, or describe the loaded model (``model``: what its loader
+        recorded, e.g. the ONNX providers chosen)."""
         if self._init_error is not None:
             raise self._init_error
         # a row-wise function takes whatever one row holds, so no width is promised
         width = None if isinstance(self._apply_func, RowWiseApply) else input_width(self._model)
-        return {"worker": self._id, "input_width": width, "load_s": self._load_s}
+        return {"worker": self._id, "input_width": width, "load_s": self._load_s, "model": load_info(self._model)}
 
     def apply(self, batch: Any) -> Any:
         """Score one batch and count it."""
