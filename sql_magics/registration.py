@@ -25,11 +25,10 @@ from typing import Any
 
 from sql_magics.errors import ExecutionError
 from sql_magics.python_code import run_code
-from sql_magics.registry import DETECTED_KIND, FunctionRegistry, RegisteredFunction
+from sql_magics.registry import DETECTED_KIND, TRACKING_URI, FunctionRegistry, RegisteredFunction
 from sql_magics.script_state import ScriptState
 from udf_engine import RemoteUDF
 from udf_engine.builtin_funcs import MODEL_KINDS
-from udf_engine.mlflow_model import TRACKING_URI_OPTION as TRACKING_URI
 from udf_engine.pyjava_compat import pyjava_modules
 
 # The `set` key naming the MLflow tracking server that `register mlflow.` resolves models with.

@@ -43,14 +43,16 @@ from udf_engine import ConfigError, ModelError, RayContext, RayRuntime, RemoteUD
 from udf_engine.builtin_funcs import LOADERS, MODEL_KINDS
 from udf_engine.errors import ResourceError
 from udf_engine.mlflow_model import KIND as MLFLOW
-from udf_engine.mlflow_model import TRACKING_URI_OPTION as TRACKING_URI
 from udf_engine.mlflow_model import URI_SCHEMES as MLFLOW_URIS
+from udf_engine.mlflow_model import is_mlflow_dir
 from udf_engine.mlflow_model import resolve as resolve_mlflow
 from udf_engine.model_store import DEFAULT_VERSION, detect_format, model_meta, model_rows, read_model_rows, rows_from_table
 
 # `register model.`path``: the kind is the model's own format, read from the path or the table.
 DETECTED_KIND = "model"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The register option naming the MLflow tracking server (`set mlflow.tracking_uri` fills it).
+TRACKING_URI = "tracking_uri"
 # Options the bridge and the registry read; every other option goes to the engine.
 _BRIDGE_OPTIONS = ("returns", "version", "sample", TRACKING_URI)
 
@@ -172,8 +174,8 @@ class FunctionRegistry:
         if kind is not None and kind not in MODEL_KINDS:
             raise ConfigError(f"register {function}: unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)}, {DETECTED_KIND})")
         shown = str(source)
-        if kind == MLFLOW or str(source).startswith(MLFLOW_URIS):
-            rows, shown, options = self._mlflow_rows(str(source), options)
+        if str(source).startswith(MLFLOW_URIS) or (kind == MLFLOW and is_mlflow_dir(Path(source))):
+            rows, shown = self._mlflow_rows(str(source), options)
         else:
             rows = self.rows_of(source, kind=kind, version=str(options.get("version") or DEFAULT_VERSION))
         model_format = model_meta(rows)["format"]
@@ -185,16 +187,15 @@ class FunctionRegistry:
         apply = UDFBuildInFunc.predictor(str(options.get("method", "predict")))
         return self.register_udf(function, loader, apply, rows=rows, kind=kind or model_format, path=shown, options=options)
 
-    def _mlflow_rows(self, source: str, options: dict) -> tuple[list[dict], str, dict]:
-        """An MLflow model's rows, what ``!models`` shows of it, and the options with its registry version."""
+    def _mlflow_rows(self, source: str, options: dict) -> tuple[list[dict], str]:
+        """An MLflow model's rows, and what ``!models`` shows of it (the registry version and run it resolved to)."""
         resolved = resolve_mlflow(source, tracking_uri=options.get(TRACKING_URI))
         try:
-            version = str(options.get("version") or resolved.version or DEFAULT_VERSION)
-            rows = model_rows(resolved.path, model_format=MLFLOW, version=version)
+            rows = model_rows(resolved.path, model_format=MLFLOW, version=resolved.version or DEFAULT_VERSION, name=source)
         finally:
-            if resolved.downloaded:
-                shutil.rmtree(resolved.path, ignore_errors=True)
-        return rows, resolved.describe(), {**options, "version": version}
+            if resolved.temp_dir is not None:
+                shutil.rmtree(resolved.temp_dir, ignore_errors=True)
+        return rows, resolved.describe()
 
     def register_udf(
         self, function: str, init_func: Callable, apply_func: Callable, *, rows: list[dict], kind: str, path: str, options: dict

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import cloudpickle
 import numpy as np
@@ -17,6 +20,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # nothing leaves this
 pyfunc = pytest.importorskip("mlflow.pyfunc")
 
 from conftest import WORKER_CPUS  # noqa: E402
+
+DOWNLOADS = f"{tempfile.gettempdir()}/rayudf-mlflow-*"  # where registration downloads a model for a moment
 
 
 class Scaled(pyfunc.PythonModel):
@@ -34,6 +39,7 @@ def registry(tmp_path_factory, digits):
     from mlflow.models import infer_signature
     from sklearn.linear_model import LogisticRegression
 
+    downloads_before = set(glob.glob(DOWNLOADS))
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
@@ -56,8 +62,8 @@ def registry(tmp_path_factory, digits):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the test modules
     example = pd.DataFrame({"a": [1.0], "b": [2.0]})
     pyfunc.save_model(scaled_dir, python_model=Scaled(), signature=infer_signature(example, np.array([4.0])))
-    yield {"uri": uri, "models": models, "runs": runs, "scaled": scaled_dir}
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # from here on, only what rayudf is given says where the registry is
+    yield {"uri": uri, "models": models, "runs": runs, "scaled": scaled_dir, "downloads_before": downloads_before}
 
 
 @pytest.fixture
@@ -85,12 +91,17 @@ def test_registry_versions_aliases_and_runs_score_like_the_model(session, regist
         np.testing.assert_allclose(_scores(session, "mf_champion"), v1, atol=1e-5)  # the alias points at version 1
         np.testing.assert_allclose(_scores(session, "mf_run"), v2, atol=1e-5)
         models = session.sql("!models").set_index("function")
-        assert models.loc["mf_champion", "version"] == "1" and models.loc["mf_v2", "version"] == "2"
-        assert registry["runs"][0] in models.loc["mf_champion", "path"] and "version 1" in models.loc["mf_champion", "path"]
+        assert "(version 1, run " + registry["runs"][0] in models.loc["mf_champion", "path"]
+        assert "(version 2, run " + registry["runs"][1] in models.loc["mf_v2", "path"]
         assert models.loc["mf_run", "kind"] == "mlflow" and registry["runs"][1] in models.loc["mf_run", "path"]
     finally:
         for name in ("mf_v2", "mf_champion", "mf_run"):
             session.unregister(name)
+
+
+def test_nothing_is_left_behind(registry):
+    assert not Path("mlflow.db").exists() and not Path("mlruns").exists()  # no registry of MLflow's own defaults was made
+    assert set(glob.glob(DOWNLOADS)) <= registry["downloads_before"]  # downloads are deleted once read
 
 
 def test_model_directory_with_a_column_signature(session, registry):
@@ -108,7 +119,7 @@ def test_a_source_that_does_not_resolve_names_it_and_the_tracking_uri(session, r
     uri = registry["uri"]
     with pytest.raises(ExecutionError, match=rf"models:/nope/1.*does not resolve with tracking URI '{uri}'"):
         session.sql(f'register mlflow.`models:/nope/1` as mf_nope where tracking_uri="{uri}"')
-    with pytest.raises(ExecutionError, match="not an MLflow model directory"):
+    with pytest.raises(ExecutionError, match="model path not found: /no/such/dir"):
         session.sql("register mlflow.`/no/such/dir` as mf_nope")
 
 

@@ -307,7 +307,7 @@ def test_lightgbm_classifier(session, register, sql_functions, lgb_model, digits
     frame = session.sql(f"select lgb_p(pixels) as p, lgb_c(pixels) as c from '{digits_parquet}' order by id")
 
     assert session.functions["lgb_p"].returns == "DOUBLE[10]" and registered.returns == "BIGINT"
-    assert registered.udf.info["model"] == {"objective": "multiclass", "device": "cpu", "gpu": False}
+    assert registered.udf.info["model"] == {"objective": "multiclass", "device": "cpu", "visible_gpus": ""}
     np.testing.assert_allclose(scored(frame, "p"), model.predict_proba(digits[0]), atol=TOL)
     np.testing.assert_array_equal(frame["c"].to_numpy(), model.predict(digits[0]))
 
@@ -324,10 +324,13 @@ def test_device_choice_follows_the_workers_logical_gpus(session, register, onnx_
     on_cpu = register("onnx_cpu", onnx_lr[1])
     workers = session.sql("!workers").set_index("function")["gpu_ids"]
 
-    visible = {"CUDA_VISIBLE_DEVICES": ",".join(workers["onnx_gpu"])}
     assert len(workers["onnx_gpu"]) == 1 and len(workers["xgb_gpu"]) == 1 and len(workers["onnx_cpu"]) == 0
-    assert on_gpu.udf.info["model"]["gpu"] is True
+    # Each loader saw the GPU Ray assigned its worker, and chose from what it saw.
+    seen = on_gpu.udf.info["model"]["visible_gpus"]
+    assert seen == ",".join(str(g) for g in workers["onnx_gpu"]) and xgb_gpu.udf.info["model"]["visible_gpus"] == ",".join(
+        str(g) for g in workers["xgb_gpu"]
+    )
+    visible = {"CUDA_VISIBLE_DEVICES": seen}
     assert on_gpu.udf.info["model"]["providers"] == onnx_providers(1, visible, ort.get_available_providers())
-    assert xgb_gpu.udf.info["model"]["gpu"] is True
     assert xgb_gpu.udf.info["model"]["device"] == xgboost_device(1, visible, cuda_built=bool(xgb.build_info().get("USE_CUDA")))
-    assert on_cpu.udf.info["model"]["gpu"] is False and on_cpu.udf.info["model"]["providers"] == [CPU_PROVIDER]
+    assert on_cpu.udf.info["model"]["visible_gpus"] == "" and on_cpu.udf.info["model"]["providers"] == [CPU_PROVIDER]

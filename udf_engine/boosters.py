@@ -5,7 +5,7 @@ A booster is a classifier or a regressor by its own objective (xgboost's
 ``predict`` gives a regressor's value, or a classifier's class index (0..k-1: a booster
 file does not keep the labels a scikit-learn wrapper mapped them from);
 ``predict_proba`` gives a classifier's probabilities, k per row, binary ones too
-(``[1 - p, p]``). Both come back as float64/int64, so SQL sees DOUBLE, BIGINT, DOUBLE[k].
+(``[1 - p, p]``). Both come back as float64/int64 arrays (one value, or k, per row).
 
 Example (inside a worker, or in-process for a test):
     >>> model = load_xgboost(Path("churn.ubj"), "churn.ubj", method="predict_proba")  # doctest: +SKIP
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from udf_engine.devices import gpu_visible, xgboost_device
+from udf_engine.devices import xgboost_device
 from udf_engine.errors import ModelError
 
 METHODS = ("predict", "predict_proba")
@@ -124,7 +124,7 @@ def load_xgboost(path: Path, model: str, *, method: str = "predict", threads: in
     predictor = BoosterPredictor(
         "xgboost", model, objective, classifier=objective in _XGB_CLASSIFIERS, n_features=booster.num_features(),
         values=values, probabilities=probabilities[transform],
-        load_info={"device": device, "gpu": gpu_visible(num_gpus, os.environ)},
+        load_info={"device": device, "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")},
     )
     predictor.check_method(method)
     return predictor
@@ -145,7 +145,7 @@ def load_lightgbm(path: Path, model: str, *, method: str = "predict", threads: i
     predictor = BoosterPredictor(
         "lightgbm", model, objective, classifier=classifier, n_features=booster.num_feature(),
         values=values, probabilities=values if classifier else None,
-        load_info={"device": "cpu", "gpu": gpu_visible(num_gpus, os.environ)},
+        load_info={"device": "cpu", "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "")},
     )
     predictor.check_method(method)
     return predictor

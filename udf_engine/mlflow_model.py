@@ -19,8 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,18 +31,21 @@ from typing import Any
 import numpy as np
 
 from udf_engine.errors import ConfigError, ModelError
+from udf_engine.model_store import MLMODEL
 
 EXTRA = "rayudf[mlflow]"
 KIND = "mlflow"  # the model kind and format name
-TRACKING_URI_OPTION = "tracking_uri"  # the register option naming the tracking server
-# The file that makes a directory an MLflow model.
-MLMODEL = "MLmodel"
 URI_SCHEMES = ("models:/", "runs:/")
 _REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
+_LOGGED = re.compile(r"^models:/(?P<id>m-[0-9a-f]+)/?$")  # MLflow 3's logged models
 _RUN = re.compile(r"^runs:/(?P<run>[^/]+)/")
+# Where a worker keeps its loaded model's directory: the pid tells whose it is.
+_KEPT_PREFIX = "rayudf-model-mlflow-"
 
 
 def _mlflow() -> Any:
+    # MLflow 3 sends usage telemetry from every process that imports it: not from ours.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         import mlflow
         import mlflow.pyfunc
@@ -56,7 +62,7 @@ class Resolved:
     path: Path
     version: str | None = None
     run_id: str | None = None
-    downloaded: bool = False  # path is a temporary copy, for the caller to delete once read
+    temp_dir: Path | None = None  # where it was downloaded, for the caller to delete once read
 
     def describe(self) -> str:
         """``models:/churn@champion (version 3, run 0bfe...)``: what ``!models`` shows."""
@@ -71,7 +77,11 @@ def is_mlflow_dir(path: Path) -> bool:
 
 
 def resolve(source: str, *, tracking_uri: str | None = None) -> Resolved:
-    """A local directory holding the model ``source`` names, with its registry version and run."""
+    """A local directory holding the model ``source`` names, with its registry version and run.
+
+    Everything is looked up with ``tracking_uri`` (else MLflow's own, ``MLFLOW_TRACKING_URI``),
+    the registry included; an alias is resolved once, so the files are the version reported.
+    """
     path = Path(source).expanduser()
     if is_mlflow_dir(path):
         return Resolved(source, path)
@@ -79,29 +89,43 @@ def resolve(source: str, *, tracking_uri: str | None = None) -> Resolved:
         raise ModelError(f"{source}: not an MLflow model directory (no {MLMODEL} file) nor a models:/ or runs:/ URI")
     mlflow = _mlflow()
     where = tracking_uri or mlflow.get_tracking_uri()
+    target = Path(tempfile.mkdtemp(prefix="rayudf-mlflow-"))
     try:
-        version, run_id = _registry_facts(mlflow, source, where)
-        target = tempfile.mkdtemp(prefix="rayudf-mlflow-")
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=target, tracking_uri=where)
+        client = mlflow.MlflowClient(tracking_uri=where, registry_uri=where)
+        version, run_id, artifacts = _locate(client, source)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifacts, dst_path=str(target), tracking_uri=where))
     except Exception as err:  # noqa: BLE001 - MLflow raises many kinds for a source it cannot find
+        shutil.rmtree(target, ignore_errors=True)
         raise ModelError(f"MLflow model {source!r} does not resolve with tracking URI {where!r}: {err}") from None
-    if not is_mlflow_dir(Path(local)):
+    if not is_mlflow_dir(local):
+        shutil.rmtree(target, ignore_errors=True)
         raise ModelError(f"MLflow source {source!r} (tracking URI {where!r}) holds no {MLMODEL} file: it is not a model")
-    return Resolved(source, Path(local), version, run_id, downloaded=True)
+    return Resolved(source, local, version, run_id, temp_dir=target)
 
 
-def _registry_facts(mlflow: Any, source: str, tracking_uri: str) -> tuple[str | None, str | None]:
+def _locate(client: Any, source: str) -> tuple[str | None, str | None, str]:
+    """(registry version, run, where its files are) for a models:/ or runs:/ URI."""
     if match := _RUN.match(source):
-        return None, match["run"]
+        run = client.get_run(match["run"])
+        path = source[len(match[0]) :].strip("/")
+        for output in getattr(run.outputs, "model_outputs", None) or []:  # MLflow 3 logs models beside the run
+            logged = client.get_logged_model(output.model_id)
+            if logged.name == path:
+                return None, run.info.run_id, logged.artifact_location
+        return None, run.info.run_id, f"{run.info.artifact_uri.rstrip('/')}/{path}"  # a model in the run's artifacts
+    if match := _LOGGED.match(source):
+        return None, None, client.get_logged_model(match["id"]).artifact_location
     match = _REGISTERED.match(source)
     if match is None:
-        return None, None
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        raise ModelError(f"{source}: expected models:/<name>/<version>, models:/<name>@<alias> or runs:/<run>/<path>")
     if match["alias"]:
         found = client.get_model_version_by_alias(match["name"], match["alias"])
     else:
         found = client.get_model_version(match["name"], match["version"])
-    return str(found.version), found.run_id
+    files = client.get_model_version_download_uri(found.name, found.version)
+    if logged := _LOGGED.match(files):  # the version's source is a logged model: read its location here
+        files = client.get_logged_model(logged["id"]).artifact_location
+    return str(found.version), found.run_id, files
 
 
 class MlflowPredictor:
@@ -118,6 +142,7 @@ class MlflowPredictor:
         signature = model.metadata.signature
         inputs = signature.inputs if signature is not None else None
         self._columns: list[str] | None = None
+        self._column_types: list[np.dtype | None] = []
         self._dtype: Any = None
         self.input_shape: tuple | None = None
         if inputs is not None and inputs.is_tensor_spec():
@@ -127,14 +152,18 @@ class MlflowPredictor:
                 self.input_shape = (None, spec.shape[1])
         elif inputs is not None:
             self._columns = inputs.input_names()
-            self.input_shape = (None, len(self._columns))
+            self._column_types = [_numpy_type(spec.type) for spec in inputs.inputs]
+            if all(t is not None and t.kind in "biuf" for t in self._column_types):
+                self.input_shape = (None, len(self._columns))  # else a zero row cannot probe it: sample= can
 
     def predict(self, batch: Any) -> Any:
         batch = np.asarray(batch)
         if self._columns is not None:
             import pandas as pd
 
-            data: Any = pd.DataFrame(batch.reshape(len(batch), -1), columns=self._columns)
+            matrix = batch.reshape(len(batch), -1)
+            typed = zip(self._columns, self._column_types, strict=True)
+            data: Any = pd.DataFrame({name: _cast(matrix[:, i], kind) for i, (name, kind) in enumerate(typed)})
         else:
             data = batch.astype(self._dtype, copy=False) if self._dtype is not None else batch
         out = self._model.predict(data)
@@ -144,10 +173,50 @@ class MlflowPredictor:
         return np.asarray(out)
 
 
-def load_mlflow(path: Path, name: str) -> MlflowPredictor:
-    """Load an MLflow model directory with ``mlflow.pyfunc.load_model``."""
-    mlflow = _mlflow()
+def _sweep_dead_copies() -> None:
+    """Delete the model copies of worker processes that are gone (killed actors never clean up)."""
+    for copy in Path(tempfile.gettempdir()).glob(f"{_KEPT_PREFIX}*-*"):
+        pid = copy.name[len(_KEPT_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(copy, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
     try:
-        return MlflowPredictor(mlflow.pyfunc.load_model(str(path)), name)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _cast(values: np.ndarray, kind: np.dtype | None) -> np.ndarray:
+    return values if kind is None else values.astype(kind)
+
+
+def _numpy_type(data_type: Any) -> np.dtype | None:
+    try:
+        return np.dtype(data_type.to_numpy())
+    except Exception:  # noqa: BLE001 - a type without a NumPy twin (a tensor spec, a nested type): passed as it comes
+        return None
+
+
+def load_mlflow(path: Path, name: str) -> MlflowPredictor:
+    """Load an MLflow model directory with ``mlflow.pyfunc.load_model``; the directory stays as long as the model.
+
+    A pyfunc model may read its artifacts and code from the directory after loading, so the
+    directory is deleted when the model is (or this process ends normally), not before; the
+    copies of processes that were killed are deleted by the next load on the machine.
+    """
+    mlflow = _mlflow()
+    _sweep_dead_copies()
+    keep = Path(tempfile.mkdtemp(prefix=f"{_KEPT_PREFIX}{os.getpid()}-"))
+    shutil.copytree(path, keep, dirs_exist_ok=True)
+    try:
+        model = MlflowPredictor(mlflow.pyfunc.load_model(str(keep)), name)
     except Exception as err:  # noqa: BLE001 - the flavor's loader may raise anything
+        shutil.rmtree(keep, ignore_errors=True)
         raise ModelError(f"cannot load MLflow model {name!r}: {type(err).__name__}: {err}") from None
+    weakref.finalize(model, shutil.rmtree, keep, ignore_errors=True)
+    return model

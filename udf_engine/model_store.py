@@ -47,6 +47,8 @@ META_PATH = "__rayudf_meta__"
 STORE_VERSION = 1
 # The version label a model gets when nobody gives one.
 DEFAULT_VERSION = "1"
+# The file that makes a directory an MLflow model.
+MLMODEL = "MLmodel"
 # Byzer's name for a chunk's length; kept so model tables stay readable by both.
 LENGTH = "offset"
 COLUMNS = ("path", "start", LENGTH, "value")
@@ -75,7 +77,7 @@ def detect_format(src: str | os.PathLike) -> str:
     if path.is_dir():
         if (path / "saved_model.pb").exists():
             return "savedmodel"
-        if (path / "MLmodel").is_file():  # mlflow_model.MLMODEL; that module imports MLflow's helpers lazily
+        if (path / MLMODEL).is_file():
             return "mlflow"
         if any(path.glob("*.parquet")):
             return "table"
@@ -106,7 +108,9 @@ def _digest(files: Iterable[tuple[str, bytes]]) -> str:
     return h.hexdigest()
 
 
-def model_rows(src: str | os.PathLike, *, model_format: str | None = None, version: str = DEFAULT_VERSION) -> list[dict]:
+def model_rows(
+    src: str | os.PathLike, *, model_format: str | None = None, version: str = DEFAULT_VERSION, name: str | None = None
+) -> list[dict]:
     """Read a model file or directory into chunk rows plus the metadata row (in memory).
 
     ``model_format`` (keras, savedmodel, pickle, onnx, xgboost, lightgbm) is detected from the path when not given.
@@ -128,7 +132,7 @@ def model_rows(src: str | os.PathLike, *, model_format: str | None = None, versi
         "sha256": _digest(contents),
         "version": str(version),
         "files": len(contents),
-        "name": root.name,
+        "name": name or root.name,  # what load errors call the model
         "store_version": STORE_VERSION,
     }
     rows.append({"path": META_PATH, "start": -1, LENGTH: 0, "value": json.dumps(meta).encode()})

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from udf_engine.devices import gpu_visible, onnx_providers
+from udf_engine.devices import onnx_providers
 from udf_engine.errors import ModelError
 
 # ONNX element types as ONNX Runtime names them, and the NumPy type each input is cast to.
@@ -78,7 +78,7 @@ def _graph_input(arg: Any, model: str) -> GraphInput:
         )
     dtype = ONNX_DTYPES.get(arg.type)
     if dtype is None:
-        raise ModelError(f"onnx model {model!r}: input {arg.name!r} has type {arg.type}, which SQL values cannot feed")
+        raise ModelError(f"onnx model {model!r}: input {arg.name!r} has type {arg.type}, which rayudf cannot feed")
     return GraphInput(arg.name, dtype, tuple(d if isinstance(d, int) else None for d in shape[1:]))
 
 
@@ -117,7 +117,7 @@ def bind_inputs(declared: list[GraphInput], names: str | None, model: str) -> li
 class OnnxPredictor:
     """An ONNX Runtime session behind ``predict(batch)``; ``n_features_in_`` is the row width it takes."""
 
-    def __init__(self, session: Any, model: str, *, inputs: str | None = None, output: str | None = None, gpu: bool = False) -> None:
+    def __init__(self, session: Any, model: str, *, inputs: str | None = None, output: str | None = None, visible_gpus: str = "") -> None:
         self._session = session
         self._inputs = bind_inputs([_graph_input(a, model) for a in session.get_inputs()], inputs, model)
         self._output = _pick_output(session.get_outputs(), output, model)
@@ -127,7 +127,7 @@ class OnnxPredictor:
             raise ModelError(
                 f"onnx model {model!r}: with several inputs each needs a fixed width, but {', '.join(open_)} has open dimensions"
             )
-        # The values one row holds, which the bridge checks against the SQL arguments: known
+        # The values one row holds, which the caller checks against the arguments it has: known
         # for several inputs and for a [batch, width] input; a [batch, c, h, w] input takes a
         # flat or a nested tensor column, so no single width is promised.
         single = self._inputs[0] if len(self._inputs) == 1 else None
@@ -136,7 +136,7 @@ class OnnxPredictor:
         self.load_info = {
             "providers": list(session.get_providers()),
             "intra_op_threads": session.get_session_options().intra_op_num_threads,
-            "gpu": gpu,
+            "visible_gpus": visible_gpus,  # the CUDA_VISIBLE_DEVICES the choice of providers saw
             "inputs": [i.name for i in self._inputs],
             "output": self._output,
         }
@@ -189,11 +189,12 @@ def load_onnx(
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1  # the worker runs one batch at a time: parallelism is inside the operators
     options.log_severity_level = 3  # errors only: warnings would reach the worker's log for every session
-    gpu = gpu_visible(num_gpus, os.environ)
+    # Idle intra-op threads would spin between batches, taking the cores other workers and DuckDB need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = onnx_providers(num_gpus, os.environ, ort.get_available_providers())
     graph = _graph_file(path, model)
     try:
         session = ort.InferenceSession(str(graph), sess_options=options, providers=providers)
     except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
         raise ModelError(f"cannot load onnx model {model!r}: {err}") from None
-    return OnnxPredictor(session, model, inputs=inputs, output=output, gpu=gpu)
+    return OnnxPredictor(session, model, inputs=inputs, output=output, visible_gpus=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
