@@ -78,3 +78,14 @@ def test_a_missing_or_repeated_chunk_is_named(tmp_path, keras_model):
     rows[0]["start"] = 7  # the first bytes lost
     with pytest.raises(ModelError, match="starts at byte 7, expected 0"):
         save_rows_as_file(rows, tmp_path / "out2")
+
+
+def test_format_of_chunk_rows_is_read_as_of_the_files(tmp_path):
+    mlflow_dir = tmp_path / "exported" / "churn"
+    mlflow_dir.mkdir(parents=True)
+    (mlflow_dir / "MLmodel").write_text("flavors: {}")
+    (mlflow_dir / "model.pkl").write_bytes(b"x")
+    assert model_meta(list(build_rows_from_file(mlflow_dir)))["format"] == "mlflow"  # entries at the top
+    assert model_meta(list(build_rows_from_file(tmp_path / "exported")))["format"] == "mlflow"  # one directory inside
+    with pytest.raises(ModelError, match="cannot tell the model format"):
+        model_meta(list(build_rows_from_file(tmp_path)))  # two levels down: not a model

@@ -64,13 +64,19 @@ def _enable_gpu_memory_growth(tf: Any) -> None:
             pass
 
 
-def _with_model_files(model_refs: Sequence[Any], load: Callable[[Path, dict], Any]) -> Any:
+def _with_model_files(model_refs: Sequence[Any], load: Callable[[Path, dict], Any], *, keep_in: Path | None = None) -> Any:
+    """``load(path, meta)`` on the model's files, written to a temporary directory deleted afterwards,
+    or to ``keep_in``, left for the loaded model to use (deleted only if loading fails)."""
     rows = fetch_rows(model_refs)
-    workdir = Path(tempfile.mkdtemp(prefix="rayudf-model-"))
+    workdir = keep_in or Path(tempfile.mkdtemp(prefix="rayudf-model-"))
     try:
-        return load(*unpack(rows, workdir))
-    finally:
+        model = load(*unpack(rows, workdir))
+    except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    if keep_in is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return model
 
 
 def _engine_options(conf: dict) -> dict:
@@ -155,9 +161,10 @@ class UDFBuildInFunc:
     @staticmethod
     def init_mlflow(model_refs: Sequence[Any], conf: dict) -> Any:
         """Load an MLflow model directory with ``mlflow.pyfunc.load_model`` (needs ``rayudf[mlflow]``)."""
-        from udf_engine.mlflow_model import load_mlflow
+        from udf_engine.mlflow_model import load_mlflow, model_home
 
-        return _with_model_files(model_refs, lambda path, meta: load_mlflow(path, str(meta.get("name"))))
+        home = model_home()
+        return _with_model_files(model_refs, lambda path, meta: load_mlflow(path, str(meta.get("name")), home=home), keep_in=home)
 
     @staticmethod
     def predict(model: Any, batch: np.ndarray) -> Any:

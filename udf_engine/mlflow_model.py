@@ -202,21 +202,25 @@ def _numpy_type(data_type: Any) -> np.dtype | None:
         return None
 
 
-def load_mlflow(path: Path, name: str) -> MlflowPredictor:
-    """Load an MLflow model directory with ``mlflow.pyfunc.load_model``; the directory stays as long as the model.
+def model_home() -> Path:
+    """A directory for one loaded model's files, named after this process.
 
-    A pyfunc model may read its artifacts and code from the directory after loading, so the
-    directory is deleted when the model is (or this process ends normally), not before; the
-    copies of processes that were killed are deleted by the next load on the machine.
+    A pyfunc model may read its artifacts and code from its directory after loading, so the
+    files stay as long as the model (see :func:`load_mlflow`); the directories of processes
+    that were killed, which never clean up, are deleted here first.
     """
-    mlflow = _mlflow()
     _sweep_dead_copies()
-    keep = Path(tempfile.mkdtemp(prefix=f"{_KEPT_PREFIX}{os.getpid()}-"))
-    shutil.copytree(path, keep, dirs_exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_KEPT_PREFIX}{os.getpid()}-"))
+
+
+def load_mlflow(path: Path, name: str, *, home: Path | None = None) -> MlflowPredictor:
+    """Load an MLflow model directory with ``mlflow.pyfunc.load_model``; ``home`` (from
+    :func:`model_home`, holding ``path``) is deleted when the model is, or this process ends normally."""
+    mlflow = _mlflow()
     try:
-        model = MlflowPredictor(mlflow.pyfunc.load_model(str(keep)), name)
+        model = MlflowPredictor(mlflow.pyfunc.load_model(str(path)), name)
     except Exception as err:  # noqa: BLE001 - the flavor's loader may raise anything
-        shutil.rmtree(keep, ignore_errors=True)
         raise ModelError(f"cannot load MLflow model {name!r}: {type(err).__name__}: {err}") from None
-    weakref.finalize(model, shutil.rmtree, keep, ignore_errors=True)
+    if home is not None:
+        weakref.finalize(model, shutil.rmtree, home, ignore_errors=True)
     return model

@@ -74,21 +74,23 @@ def detect_format(src: str | os.PathLike) -> str:
     Parquet files (or a ``.parquet`` file) is a model table written by :func:`save_model`.
     """
     path = Path(src)
-    if path.is_dir():
-        if (path / "saved_model.pb").exists():
-            return "savedmodel"
-        if (path / MLMODEL).is_file():
-            return "mlflow"
-        if any(path.glob("*.parquet")):
-            return "table"
-        raise ModelError(f"{path}: directory is neither a SavedModel nor a model table")
-    if path.suffix == ".parquet":
-        return "table"
-    fmt = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    is_dir = path.is_dir()
+    fmt = _format_of([p.name for p in path.iterdir()] if is_dir else [path.name], is_dir=is_dir)
+    if fmt is None and is_dir:
+        raise ModelError(f"{path}: directory is neither a SavedModel, an MLflow model nor a model table")
     if fmt is None:
         known = ", ".join(sorted(_FORMAT_BY_SUFFIX))
         raise ModelError(f"{path}: cannot tell the model format from the suffix (known: {known}); give the model kind explicitly")
     return fmt
+
+
+def _format_of(names: list[str], *, is_dir: bool) -> str | None:
+    """The format of a directory holding ``names`` (its top-level entries), or of the one file ``names[0]``."""
+    if is_dir:
+        found = [fmt for marker, fmt in (("saved_model.pb", "savedmodel"), (MLMODEL, "mlflow")) if marker in names]
+        return found[0] if found else ("table" if any(n.endswith(".parquet") for n in names) else None)
+    suffix = Path(names[0]).suffix.lower()
+    return "table" if suffix == ".parquet" else _FORMAT_BY_SUFFIX.get(suffix)
 
 
 def _model_files(root: Path) -> list[tuple[str, Path]]:
@@ -203,17 +205,18 @@ def model_meta(rows: Sequence[dict]) -> dict[str, Any]:
 
 
 def _tar_meta(names: list[str]) -> dict[str, Any]:
-    if any(Path(n).name == "saved_model.pb" and n.count("/") <= 1 for n in names):
-        fmt, name = "savedmodel", "model"
-    elif len(names) == 1:
-        fmt, name = _FORMAT_BY_SUFFIX.get(Path(names[0]).suffix.lower()), names[0]
+    """The metadata of tar chunk rows from the names inside, read as :func:`detect_format` reads the
+    files :func:`streaming_tar.unpack` would write: one entry is the model itself, else the whole."""
+    tops = sorted({n.split("/", 1)[0] for n in names})
+    single = tops[0] if len(tops) == 1 else None
+    if single is not None and names == [single]:  # one file
+        fmt, name = _format_of(names, is_dir=False), single
     else:
-        fmt = name = None
+        inside = [n[len(single) + 1 :] for n in names if n.startswith(f"{single}/")] if single else names
+        fmt, name = _format_of([n for n in inside if n and "/" not in n], is_dir=True), single or "model"
     if fmt is None:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise ModelError(
-            f"cannot tell the model format of the tar chunk rows: they hold {shown} (expected a SavedModel directory or one model file)"
-        )
+        raise ModelError(f"cannot tell the model format of the tar chunk rows: they hold {shown} (expected a model file or directory)")
     return {"format": fmt, "name": name, "version": DEFAULT_VERSION}
 
 

@@ -140,6 +140,7 @@ class RayRuntime:
             except BaseException:
                 self.address = previous  # a wrong address must not stick to the session
                 raise
+            return
         self.ensure()
         if address is None:
             return
