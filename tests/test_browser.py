@@ -270,7 +270,13 @@ def _wait_saved(path: Path, timeout_s: float = 30):
     """The notebook as JupyterLab saved it, once it holds this run's outputs."""
     deadline = time.monotonic() + timeout_s
     while True:
-        nb = nbformat.read(path, as_version=4)
+        try:
+            nb = nbformat.read(path, as_version=4)
+        except nbformat.reader.NotJSONError:  # caught between JupyterLab's truncate and its write
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
         code = [cell for cell in nb.cells if cell.cell_type == "code"]
         if all(cell.execution_count for cell in code) or time.monotonic() > deadline:
             return nb
