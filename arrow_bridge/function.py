@@ -15,7 +15,9 @@ Example:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -24,8 +26,9 @@ import pyarrow as pa
 
 from arrow_bridge.tensors import features, to_arrow
 from arrow_bridge.types import arrow_type, duckdb_type_of
-from udf_engine.dispatcher import MAX_IN_FLIGHT_PER_WORKER, Partial
+from udf_engine.dispatcher import MAX_IN_FLIGHT_PER_WORKER
 from udf_engine.errors import ConfigError, RowError
+from udf_engine.failures import Partial
 
 
 class RowCounter:
@@ -144,39 +147,81 @@ class ModelFunction:
 
         threading.Thread(target=retire, name=f"rayudf-retire-{self.name}", daemon=True).start()
 
-    def __call__(self, *cols: Any) -> pa.Array:
-        rows = len(cols[0]) if cols else 0
-        if rows == 0:
-            return pa.array([], type=self.arrow_type)
+    @contextmanager
+    def using(self) -> Iterator[Version]:
+        """The version a call made now runs on (the statement's pinned one, else the current), held
+        until the block ends: it is not retired meanwhile."""
         with self._lock:
             version = self._pinned or self._current
             version.enter()
         try:
-            valid = valid_rows(cols)
-            if valid is None:
-                return self._score(version, cols, rows)
-            kept = int(valid.sum())
-            mask = pa.array(valid)
-            try:
-                scored = self._score(version, [c.filter(mask) for c in cols], kept) if kept else pa.array([], type=self.arrow_type)
-            except RowError as err:  # placed among the rows scored: place it among the call's rows
-                raise err.at(int(np.flatnonzero(valid)[err.row]), rows) from None
-            return with_null_rows(scored, valid)
+            yield version
         finally:
             version.leave()
 
-    def _score(self, version: Version, cols: Sequence[Any], rows: int) -> pa.Array:
-        matrix = features(cols, function=self.name, width=version.width)
-        step = version.batch_size
-        batches = [matrix[i : i + step] for i in range(0, rows, step)]
-        outputs = version.udf.map(batches)
-        result = to_arrow(outputs, self.arrow_type, rows)
+    def __call__(self, *cols: Any) -> pa.Array:
+        with self.using() as version:
+            scored = score_columns(
+                cols, function=self.name, width=version.width, batch_size=version.batch_size,
+                arrow_type=self.arrow_type, map_batches=version.udf.map,
+            )
+        self.count(scored.rows, scored.nulled, scored.reason)
+        return scored.array
+
+    def count(self, rows: int, nulled: int = 0, reason: str = "") -> None:
+        """Add what was scored to the counters: ``rows`` for progress bars, ``nulled`` of them left NULL (for ``reason``)."""
         self._counter.add(rows)
-        for output in outputs:
-            if isinstance(output, Partial) and output.nulled:
-                self.nulled.add(output.nulled)
-                self.null_reason = output.error
-        return result
+        if nulled:
+            self.nulled.add(nulled)
+            self.null_reason = reason
+
+
+@dataclass
+class Scored:
+    """One call's result: ``array`` has a value per row; ``rows`` went to the model, ``nulled`` of
+    them came back NULL because the model raised on them (on_error="null": ``reason`` says why)."""
+
+    array: pa.Array
+    rows: int = 0
+    nulled: int = 0
+    reason: str = ""
+
+
+def score_columns(
+    cols: Sequence[Any], *, function: str, width: int | None, batch_size: int, arrow_type: pa.DataType,
+    map_batches: Callable[[list], list],
+) -> Scored:
+    """Score argument columns with a model: rows with a NULL argument stay NULL, the others go to
+    ``map_batches`` in ``batch_size`` pieces; the outputs become one Arrow array of ``arrow_type``.
+
+    Example:
+        >>> double = lambda batches: [b * 2 for b in batches]
+        >>> score_columns([pa.array([1.0, None, 3.0])], function="f", width=1, batch_size=1,
+        ...               arrow_type=pa.float64(), map_batches=double).array.to_pylist()
+        [2.0, None, 6.0]
+    """
+    rows = len(cols[0]) if cols else 0
+    valid = valid_rows(cols) if rows else None
+    kept = [c.filter(pa.array(valid)) for c in cols] if valid is not None else cols
+    count = rows if valid is None else int(valid.sum())
+    outputs: list = []
+    if count == 0:
+        array = pa.array([], type=arrow_type)
+    else:
+        try:
+            matrix = features(kept, function=function, width=width)
+            outputs = map_batches([matrix[i : i + batch_size] for i in range(0, count, batch_size)])
+        except RowError as err:  # placed among the rows scored: place it among the call's rows
+            if valid is None:
+                raise
+            raise err.at(int(np.flatnonzero(valid)[err.row]), rows) from None
+        array = to_arrow(outputs, arrow_type, count)
+    scored = Scored(array if valid is None else with_null_rows(array, valid), count)
+    for output in outputs:
+        if isinstance(output, Partial) and output.nulled:
+            scored.nulled += output.nulled
+            scored.reason = output.error
+    return scored
 
 
 def valid_rows(cols: Sequence[Any]) -> np.ndarray | None:

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,28 +42,36 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("bench_data"), help="where tables and models go")
     p.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"), help="the report")
     p.add_argument("--skip-memory", action="store_true", help="skip the ~2 GB memory run")
+    p.add_argument("--shape-runs", type=int, default=3, help="interleaved runs of each query shape and row-group size")
     return p.parse_args(argv)
 
 
 class Timings:
-    """Seconds per contender, in the order they ran."""
+    """Seconds per contender, in the order they ran, and the driver's CPU seconds of each run."""
 
     def __init__(self) -> None:
         self.runs: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, cpu: float | None = None) -> None:
         self.runs.setdefault(name, []).append(seconds)
-        print(f"  {name}: {seconds:.3f} s", flush=True)
+        if cpu is not None:
+            self.cpu.setdefault(name, []).append(cpu)
+        print(f"  {name}: {seconds:.3f} s" + (f" (driver CPU {cpu:.2f} s)" if cpu is not None else ""), flush=True)
 
     def median(self, name: str) -> float:
         return statistics.median(self.runs[name])
+
+    def cpu_per_million(self, name: str, rows: int) -> float:
+        """The driver's median CPU seconds per million rows."""
+        return statistics.median(self.cpu[name]) * 1e6 / rows
 
 
 def _interleave(t: Timings, runs: int, contenders: dict) -> None:
     for i in range(runs):
         print(f"run {i + 1}/{runs}", flush=True)
         for name, work in contenders.items():
-            t.add(name, c.timed(work))
+            t.add(name, *c.timed(work))
 
 
 def _ipython_shell():
@@ -108,23 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     for query, con in ((q_local, in_process), (q1, session.con), (q2, session.con), (q_onnx_local, in_process), (q_onnx, session.con)):
         c.fetch(con, query)  # warm: TF graphs traced, files cached
 
-    print("(a)/(b) warm scoring, results to the driver; the same MLP as Keras and as ONNX", flush=True)
+    print("(a)/(b) warm scoring, results to the driver, on both paths; the same MLP as Keras and as ONNX", flush=True)
     _interleave(t, args.runs, {
         "a_limit": lambda: c.fetch(in_process, q_local),
-        "b_rayudf_1w": lambda: c.fetch(session.con, q1),
-        "b_rayudf_2w": lambda: c.fetch(session.con, q2),
+        "b_rayudf_1w": lambda: c.fetch_planned(session, q1),
+        "b_rayudf_2w": lambda: c.fetch_planned(session, q2),
+        "b_driver_1w": lambda: c.fetch(session.con, q1),
+        "b_driver_2w": lambda: c.fetch(session.con, q2),
         "a_limit_onnx": lambda: c.fetch(in_process, q_onnx_local),
-        "b_rayudf_onnx_2w": lambda: c.fetch(session.con, q_onnx),
+        "b_rayudf_onnx_2w": lambda: c.fetch_planned(session, q_onnx),
     })
     session.unregister("g2")
-    print("(b) scoring written out with COPY", flush=True)
-    out = work / "out.parquet"
-    _interleave(t, args.runs, {
-        "a_limit_copy": lambda: c.copy_to(in_process, q_local, out),
-        "b_rayudf_2w_copy": lambda: c.copy_to(session.con, q2, out),
-    })
-
     session.unregister("f1")  # frees its CPU for the notebook session's workers
+    _shapes(args, t, in_process, session, work)
 
     print("(f) interactive: limit 100, and a trivial select", flush=True)
     shell = _ipython_shell()
@@ -156,17 +161,54 @@ def main(argv: list[str] | None = None) -> int:
         session.register_model("fc", model_path, workers=2, batch_size=bs)
         c.fetch(session.con, c.scoring_query("fc", table, 1))
         t.add("e_register_to_first_row", time.perf_counter() - started)
-        c.fetch(session.con, c.scoring_query("fc", table))
+        c.fetch_planned(session, c.scoring_query("fc", table))
         session.unregister("fc")
 
+    def first_in_a_session() -> None:
+        started = time.perf_counter()
+        with Session() as fresh:
+            fresh.register_model("ff", model_path, workers=2, batch_size=bs)
+            c.fetch(fresh.con, c.scoring_query("ff", table, 1))
+            t.add("e_first_register_to_first_row", time.perf_counter() - started)
+
     c.ray_data_run(table, model_path, 2, bs)  # warm Ray Data's own imports once
-    _interleave(t, args.runs, {"be_rayudf_cold_2w": cold, "c_ray_data_2w": lambda: c.ray_data_run(table, model_path, 2, bs)})
+    _interleave(t, args.runs, {
+        "e_first_model": first_in_a_session,
+        "be_rayudf_cold_2w": cold,
+        "c_ray_data_2w": lambda: c.ray_data_run(table, model_path, 2, bs),
+    })
 
     session.close()
     memory = [] if args.skip_memory else [_memory_run(args, model_path, bs, work, memory_limit) for memory_limit in (None, "400MB")]
     ray.shutdown()
     _report(args, command, t, results, memory, table)
     return 0
+
+
+ROW_GROUPS = (1_000, 10_000, 100_000)
+SHAPES = ("fetch", "aggregate", "copy")
+
+
+def _shapes(args, t: Timings, in_process, session, work: Path) -> None:
+    """(h) Each query shape over tables of 1k, 10k and 100k-row groups: the limit, and rayudf with 2 workers on both paths."""
+    out = work / "out.parquet"
+    for group in ROW_GROUPS:
+        path = write_table(work / f"table_{args.rows}x{args.width}_rg{group}.parquet", rows=args.rows, width=args.width, row_group=group)
+        local, scored = c.scoring_query("f_local", path), c.scoring_query("f2", path)
+        local_sum, scored_sum = c.aggregate_query("f_local", path), c.aggregate_query("f2", path)
+        print(f"(h) shapes over {group:,}-row groups", flush=True)
+        c.fetch(in_process, local)  # the file in the page cache
+        _interleave(t, args.shape_runs, {
+            f"h_limit_fetch_{group}": partial(c.fetch, in_process, local),
+            f"h_workers_fetch_{group}": partial(c.fetch_planned, session, scored),
+            f"h_driver_fetch_{group}": partial(c.fetch, session.con, scored),
+            f"h_limit_aggregate_{group}": partial(c.fetch, in_process, local_sum),
+            f"h_workers_aggregate_{group}": partial(c.fetch_planned, session, scored_sum),
+            f"h_driver_aggregate_{group}": partial(c.fetch, session.con, scored_sum),
+            f"h_limit_copy_{group}": partial(c.copy_to, in_process, local, out),
+            f"h_workers_copy_{group}": partial(c.copy_planned, session, scored, out),
+            f"h_driver_copy_{group}": partial(c.copy_to, session.con, scored, out),
+        })
 
 
 def _memory_run(args, model_path, bs, work, memory_limit: str | None) -> dict:
@@ -202,55 +244,78 @@ def _machine() -> str:
 def _report(args, command, t: Timings, results, memory, table) -> None:
     m = t.median
     rows = args.rows
-    a, b1, b2 = m("a_limit"), m("b_rayudf_1w"), m("b_rayudf_2w")
+    a, b2 = m("a_limit"), m("b_rayudf_2w")
     cold_total = m("be_rayudf_cold_2w")  # register, first row, the whole query, unregister
+    cpu = t.cpu_per_million
     lines = [
         "# Benchmark results",
         "",
         f"Command: `{command}`  ",
         f"Machine: {_machine()}  ",
         f"Table: {rows:,} rows x FLOAT[{args.width}] ({table.stat().st_size / 2**20:,.0f} MiB); model: Keras MLP "
-        f"{args.width}->512->10; batch size {args.batch_size}; medians of {args.runs} interleaved runs.",
+        f"{args.width}->512->10; batch size {args.batch_size}; medians of {args.runs} interleaved runs "
+        f"({args.shape_runs} for the shapes). Worker path: the workers read their shares of the Parquet row groups "
+        "and score them, only scores come back; driver path: DuckDB reads the rows in the driver and sends them to "
+        "the workers (`set worker_scan = \"off\"`, and any query that does not qualify). Driver CPU: CPU seconds "
+        "of the process running DuckDB, per million rows.",
         "",
-        "| measure | median | rows/s | ratio | target |",
-        "| --- | --- | --- | --- | --- |",
-        f"| (a) in-process limit (DuckDB Arrow UDF) | {a:.2f} s | {rows / a:,.0f} | 1.00 | |",
-        f"| (b) rayudf, 1 worker | {b1:.2f} s | {rows / b1:,.0f} | {a / b1:.2f}x of (a) | |",
-        f"| (b) rayudf, 2 workers | {b2:.2f} s | {rows / b2:,.0f} | {a / b2:.2f}x of (a) | >= 0.9x |",
+        "| measure | median | rows/s | ratio | driver CPU-s / M rows | target |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| (a) in-process limit (DuckDB Arrow UDF) | {a:.2f} s | {rows / a:,.0f} | 1.00 | {cpu('a_limit', rows):.1f} | |",
+    ]
+    for label, name in (("worker path, 1 worker", "b_rayudf_1w"), ("worker path, 2 workers", "b_rayudf_2w"),
+                        ("driver path, 1 worker", "b_driver_1w"), ("driver path, 2 workers", "b_driver_2w")):
+        target = "<= 2 CPU-s" if name == "b_rayudf_2w" else ""
+        lines.append(
+            f"| (b) rayudf, {label} | {m(name):.2f} s | {rows / m(name):,.0f} | {a / m(name):.2f}x of (a) | "
+            f"{cpu(name, rows):.1f} | {target} |"
+        )
+    lines += [
         f"| (a) in-process limit, the same MLP as ONNX (ONNX Runtime) | {m('a_limit_onnx'):.2f} s | {rows / m('a_limit_onnx'):,.0f} | "
-        f"{a / m('a_limit_onnx'):.2f}x the rows/s of (a) Keras | |",
-        f"| (b) rayudf register onnx, 2 workers | {m('b_rayudf_onnx_2w'):.2f} s | {rows / m('b_rayudf_onnx_2w'):,.0f} | "
-        f"{m('a_limit_onnx') / m('b_rayudf_onnx_2w'):.2f}x of its limit; {b2 / m('b_rayudf_onnx_2w'):.2f}x the rows/s of keras | |",
-        f"| (a) limit, COPY to Parquet | {m('a_limit_copy'):.2f} s | {rows / m('a_limit_copy'):,.0f} | 1.00 | |",
-        f"| (b) rayudf 2 workers, COPY to Parquet | {m('b_rayudf_2w_copy'):.2f} s | {rows / m('b_rayudf_2w_copy'):,.0f} | "
-        f"{m('a_limit_copy') / m('b_rayudf_2w_copy'):.2f}x of (a) | |",
-        f"| (e) register to first row, 2 workers | {m('e_register_to_first_row'):.2f} s | | | |",
+        f"{a / m('a_limit_onnx'):.2f}x the rows/s of (a) Keras | | |",
+        f"| (b) rayudf register onnx, 2 workers, worker path | {m('b_rayudf_onnx_2w'):.2f} s | {rows / m('b_rayudf_onnx_2w'):,.0f} | "
+        f"{m('a_limit_onnx') / m('b_rayudf_onnx_2w'):.2f}x of its limit | {cpu('b_rayudf_onnx_2w', rows):.1f} | |",
+    ]
+    for group in ROW_GROUPS:
+        for shape in SHAPES:
+            limit = m(f"h_limit_{shape}_{group}")
+            for path in ("workers", "driver"):
+                name = f"h_{path}_{shape}_{group}"
+                lines.append(
+                    f"| (h) {shape}, {group:,}-row groups, 2 workers, {path} path | {m(name):.2f} s | {rows / m(name):,.0f} | "
+                    f"{limit / m(name):.2f}x of its limit ({limit:.2f} s) | {cpu(name, rows):.1f} | "
+                    f"{'>= 0.95x' if path == 'workers' else ''} |"
+                )
+    lines += [
+        f"| (e) register to first row, first model of a session, 2 workers | {m('e_first_register_to_first_row'):.2f} s | | | | |",
+        f"| (e) register to first row, a model in a session that served others, 2 workers | {m('e_register_to_first_row'):.2f} s | "
+        "| | | <= 2 s |",
         f"| (b)+(e) rayudf cold, end to end | {cold_total:.2f} s | {rows / cold_total:,.0f} | "
-        f"{cold_total / m('c_ray_data_2w'):.2f}x the time of (c) | <= 0.5x |",
-        f"| (c) Ray Data map_batches, 2 actors, end to end | {m('c_ray_data_2w'):.2f} s | {rows / m('c_ray_data_2w'):,.0f} | 1.00 | |",
+        f"{cold_total / m('c_ray_data_2w'):.2f}x the time of (c) | | <= 0.5x |",
+        f"| (c) Ray Data map_batches, 2 actors, end to end | {m('c_ray_data_2w'):.2f} s | {rows / m('c_ray_data_2w'):,.0f} | 1.00 | | |",
         f"| (d) per-row Python UDF ({args.per_row_rows:,} rows, scaled) | {rows / results['d_rows_per_s']:.1f} s | "
-        f"{results['d_rows_per_s']:,.0f} | {(rows / b2) / results['d_rows_per_s']:.0f}x slower than (b) | |",
-        f"| (f) limit 100: raw DuckDB + in-process UDF | {1000 * m('f_raw_duckdb_limit100'):.1f} ms | | | |",
+        f"{results['d_rows_per_s']:,.0f} | {(rows / b2) / results['d_rows_per_s']:.0f}x slower than (b) | | |",
+        f"| (f) limit 100: raw DuckDB + in-process UDF | {1000 * m('f_raw_duckdb_limit100'):.1f} ms | | | | |",
         f"| (f) limit 100: Session.sql | {1000 * m('f_session_limit100'):.1f} ms | | "
-        f"{1000 * (m('f_session_limit100') - m('f_raw_duckdb_limit100')):+.1f} ms | <= +20 ms |",
+        f"{1000 * (m('f_session_limit100') - m('f_raw_duckdb_limit100')):+.1f} ms | | <= +20 ms |",
         f"| (f) limit 100: %sql | {1000 * m('f_magic_limit100'):.1f} ms | | "
-        f"{1000 * (m('f_magic_limit100') - m('f_raw_duckdb_limit100')):+.1f} ms | <= +20 ms |",
+        f"{1000 * (m('f_magic_limit100') - m('f_raw_duckdb_limit100')):+.1f} ms | | <= +20 ms |",
         f"| (f) trivial select: raw DuckDB / Session.sql / %sql | {1000 * m('f_raw_duckdb_trivial'):.1f} / "
         f"{1000 * m('f_session_trivial'):.1f} / {1000 * m('f_magic_trivial'):.1f} ms | | "
-        f"{1000 * (m('f_magic_trivial') - m('f_raw_duckdb_trivial')):+.1f} ms (%sql) | a few ms |",
+        f"{1000 * (m('f_magic_trivial') - m('f_raw_duckdb_trivial')):+.1f} ms (%sql) | | a few ms |",
     ]
     for run in memory:
         peaks = ", ".join(f"{k} {v:,.0f} MiB ({run['peak_private_mb'][k]:,.0f} private)" for k, v in run["peak_mb"].items())
         setting = f"DuckDB memory_limit {run['memory_limit']}" if run["memory_limit"] else "DuckDB's default memory_limit"
         lines.append(
             f"| (g) score + save {run['bytes'] / 2**30:.2f} GiB ({run['rows']:,} rows), 2 workers, {setting} | "
-            f"{run['seconds']:.1f} s | {run['rows'] / run['seconds']:,.0f} | peak RSS: {peaks} | driver < 1 GB |"
+            f"{run['seconds']:.1f} s | {run['rows'] / run['seconds']:,.0f} | peak RSS: {peaks} | | driver < 1 GB |"
         )
     lines += ["", "All runs (seconds, in order):", ""]
     lines += [f"- {name}: " + ", ".join(f"{s:.3f}" for s in runs) for name, runs in t.runs.items()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:30]))
+    print("\n".join(lines[:60]))
     print(f"wrote {args.out}")
 
 

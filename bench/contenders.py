@@ -20,15 +20,20 @@ from arrow_bridge.types import arrow_type
 RETURNS = "FLOAT[10]"
 
 
-def timed(work: Callable[[], Any]) -> float:
-    started = time.perf_counter()
+def timed(work: Callable[[], Any]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: DuckDB's threads, Ray's client, the bridge) of one run."""
+    started, cpu = time.perf_counter(), time.process_time()
     work()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def scoring_query(function: str, path: Path, limit: int | None = None) -> str:
     tail = f" LIMIT {limit}" if limit else ""
     return f"SELECT {function}(image) AS p FROM read_parquet('{path}'){tail}"
+
+
+def aggregate_query(function: str, path: Path) -> str:
+    return f"SELECT sum(list_max({function}(image))) AS s FROM read_parquet('{path}')"
 
 
 def register_in_process(con: Any, name: str, model: Any, batch_size: int) -> None:
@@ -66,11 +71,27 @@ def register_per_row(con: Any, name: str, model: Any) -> None:
 
 
 def fetch(con: Any, query: str) -> pa.Table:
+    """The driver path: DuckDB reads the rows and calls the function (in-process, or rayudf's workers)."""
     return con.sql(query).to_arrow_table()
 
 
+def copy_sql(query: str, out: Path) -> str:
+    return f"COPY ({query}) TO '{out}' (FORMAT parquet)"
+
+
 def copy_to(con: Any, query: str, out: Path) -> None:
-    con.execute(f"COPY ({query}) TO '{out}' (FORMAT parquet)").fetchall()
+    con.execute(copy_sql(query, out)).fetchall()
+
+
+def fetch_planned(session: Any, query: str) -> pa.Table:
+    """What a session runs for ``query`` (the worker path when it qualifies), its rows as Arrow like ``fetch``."""
+    with session.db.exclusive(), session.registry.statement(), session.db.planner(session.con, query) as statement:
+        return session.con.sql(statement).to_arrow_table()
+
+
+def copy_planned(session: Any, query: str, out: Path) -> None:
+    with session.registry.statement():
+        session.db.run(copy_sql(query, out))
 
 
 class RayDataPredictor:

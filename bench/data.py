@@ -16,21 +16,21 @@ import pyarrow.parquet as pq
 ROW_GROUP = 16_384
 
 
-def write_table(path: str | Path, *, rows: int, width: int, seed: int = 0) -> Path:
-    """Write ``rows`` rows (id BIGINT, image FLOAT[width]) in chunks, never holding them all."""
+def write_table(path: str | Path, *, rows: int, width: int, seed: int = 0, row_group: int = ROW_GROUP) -> Path:
+    """Write ``rows`` rows (id BIGINT, image FLOAT[width]) in row groups of ``row_group``, never holding them all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     schema = pa.schema([("id", pa.int64()), ("image", pa.list_(pa.float32(), width))])
     with pq.ParquetWriter(path, schema) as writer:
-        for start in range(0, rows, ROW_GROUP):
-            n = min(ROW_GROUP, rows - start)
+        for start in range(0, rows, row_group):
+            n = min(row_group, rows - start)
             values = rng.random((n, width), dtype=np.float32)
             batch = pa.record_batch(
                 [pa.array(np.arange(start, start + n)), pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), width)],
                 schema=schema,
             )
-            writer.write_batch(batch, row_group_size=ROW_GROUP)
+            writer.write_batch(batch, row_group_size=row_group)
     return path
 
 

@@ -24,7 +24,7 @@ from sql_magics.registry import FunctionRegistry
 from sql_magics.script_state import ScriptState
 
 WORKER_COLUMNS = [
-    "function", "worker", "node", "gpu_ids", "batches", "rows", "mean_ms_per_batch", "errors", "replaced", "alive",
+    "function", "worker", "node", "gpu_ids", "batches", "scans", "rows", "mean_ms_per_batch", "errors", "replaced", "alive",
     "batch_running_s", "last_error",
 ]
 MODEL_COLUMNS = ["function", "kind", "path", "version", "since", "workers", "batch_size", "returns", "nulled_rows"]

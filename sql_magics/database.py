@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import duckdb
@@ -29,6 +31,15 @@ from sql_magics.errors import ExecutionError, clean_duckdb_error
 IDLE_TIMEOUT_S = 120.0
 IDLE_POLL_S = 0.02
 
+# A planner: ``with planner(con, sql) as statement:`` the statement to run for ``sql`` while the block lasts.
+Planner = Callable[[duckdb.DuckDBPyConnection, str], AbstractContextManager[str]]
+
+
+@contextmanager
+def as_written(con: duckdb.DuckDBPyConnection, sql: str) -> Iterator[str]:
+    """The planner that runs every statement as it is written."""
+    yield sql
+
 
 class Database:
     """One DuckDB connection and how the statement language runs SQL on it.
@@ -40,6 +51,8 @@ class Database:
     def __init__(self, path: str = ":memory:") -> None:
         self.con = duckdb.connect(path)
         self._turn = threading.RLock()  # held by whoever runs a statement or changes the catalog's functions
+        # How statements without parameters run: the session installs its worker scans (sql_magics.worker_scan).
+        self.planner: Planner = as_written
         # DuckDB tracks a query's progress only when asked; our progress bar reads it, DuckDB prints nothing.
         self.con.execute("SET enable_progress_bar = true; SET enable_progress_bar_print = false").fetchall()
 
@@ -50,11 +63,23 @@ class Database:
     def query(self, sql: str, parameters: Any = None) -> pd.DataFrame | None:
         """Run one DuckDB statement; a DataFrame if it yields rows, else None."""
         with self._turn:
-            return self._query(sql, parameters)
+            if parameters:
+                return self._query(sql, sql, parameters)
+            with self.planner(self.con, sql) as statement:
+                return self._query(statement, sql, None)
 
-    def _query(self, sql: str, parameters: Any) -> pd.DataFrame | None:
+    def run(self, sql: str) -> None:
+        """Run one DuckDB statement whose rows, if any, nobody reads (COPY, CREATE TABLE AS, INSERT)."""
+        with self._turn, self.planner(self.con, sql) as statement:
+            try:
+                self.con.execute(statement).fetchall()
+            except duckdb.Error as err:
+                self._wait_until_idle()
+                raise ExecutionError(clean_duckdb_error(err), statement=sql) from None
+
+    def _query(self, statement: str, sql: str, parameters: Any) -> pd.DataFrame | None:
         try:
-            cursor = self.con.execute(sql, parameters) if parameters else self.con.execute(sql)
+            cursor = self.con.execute(statement, parameters) if parameters else self.con.execute(statement)
             if not yields_rows(cursor.description, sql):
                 cursor.fetchall()
                 return None

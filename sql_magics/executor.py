@@ -36,9 +36,10 @@ from sql_magics.dialect import check_dialect, to_duckdb
 from sql_magics.errors import ExecutionError, ParseError, clean_duckdb_error
 from sql_magics.parser import parse
 from sql_magics.registry import FunctionRegistry
-from sql_magics.script_state import ScriptState
+from sql_magics.script_state import WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState
 from sql_magics.statements import Command, Include, Load, Register, Run, Save, Select, Set, Sql, Statement, Unregister
 from sql_magics.variables import parameter_names, substitute, substitute_options
+from sql_magics.worker_scan import PLAN_COLUMNS, WorkerScans
 from udf_engine.errors import RayUDFError
 
 # Byzer's `set` types: "conf" is a setting (assigned like text: DuckDB's settings apply), and
@@ -123,6 +124,8 @@ class Executor:
             state.dialect = check_dialect(value)
         elif key == "ray.address":
             self.registry.runtime.address = value
+        elif key == WORKER_SCAN and value.lower() not in WORKER_SCAN_VALUES:
+            raise ExecutionError(f"set {WORKER_SCAN}: {value!r} is not one of {', '.join(WORKER_SCAN_VALUES)}")
         elif self.db.is_setting(key):
             self.db.set_setting(key, value)
         state.variables[key] = value
@@ -209,12 +212,12 @@ class Executor:
         path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
         fmt, table = stmt.format.lower(), self._substitute(stmt.table)
         if fmt in formats.TABLE_FORMATS:
-            formats.save_table(self.db.con, table, path, stmt.mode)
+            formats.save_table(self.db, table, path, stmt.mode)
         elif fmt == formats.LAKE_FORMAT:
             root = self.state.variables.get(lake.ROOT_VARIABLE)
             lake.save(self.db.con, table, path, stmt.mode, options, stmt.partition_by, root=root)
         else:
-            formats.save_file(self.db.con, table, fmt, path, stmt.mode, options, stmt.partition_by)
+            formats.save_file(self.db, table, fmt, path, stmt.mode, options, stmt.partition_by)
 
     def register(self, stmt: Register, **_: object) -> None:
         path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
@@ -244,6 +247,8 @@ class Executor:
     def command(self, stmt: Command, **_: object) -> pd.DataFrame | None:
         if stmt.name == "ray":
             return self._ray_command(stmt.args)
+        if stmt.name == "plan":
+            return self._plan_command(stmt.args)
         return run_command(stmt.name, stmt.args, registry=self.registry, state=self.state)
 
     def _ray_command(self, args: list[str]) -> pd.DataFrame | None:
@@ -252,6 +257,14 @@ class Executor:
             raise ExecutionError("!ray: expected !ray on <table> '''<code>''' named <output>")
         _, table, code, _, output = args
         return self._run_python(self._substitute(table), self._substitute(output), {"code": code})
+
+    def _plan_command(self, args: list[str]) -> pd.DataFrame:
+        """``!plan '''<query>'''``: the path the query would take now (driver or workers), and why."""
+        if len(args) != 1:
+            raise ExecutionError("!plan: expected !plan '''<query>'''")
+        with self.db.exclusive():
+            planned = WorkerScans(self.registry.model_functions, self.state.worker_scans).explain(self.db.con, self._to_duckdb(args[0]))
+        return pd.DataFrame([planned.describe()], columns=PLAN_COLUMNS)
 
     def run_et(self, stmt: Run, **_: object) -> pd.DataFrame | None:
         options = substitute_options(stmt.options, self.state.variables)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from arrow_bridge.quoting import quote_identifier, quote_literal
 from sql_magics.catalog import relation_kind
+from sql_magics.database import Database
 from sql_magics.errors import ExecutionError
 
 FILE_FORMATS = ("parquet", "csv", "json")
@@ -79,7 +80,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[str, str], partition_by: list[str]) -> None:
+def save_file(db: Database, table: str, fmt: str, path: str, mode: str, options: Mapping[str, str], partition_by: list[str]) -> None:
     """Write ``table`` to ``path`` in ``fmt`` under ``mode``."""
     if fmt not in FILE_FORMATS:
         raise ExecutionError(f"save: format {fmt!r} is not supported (supported: {', '.join(SAVE_FORMATS)})")
@@ -96,21 +97,23 @@ def save_file(con, table: str, fmt: str, path: str, mode: str, options: Mapping[
     if exists and mode == "append" and target.is_dir():
         # a new part file beside the old ones; a partitioned write lets DuckDB add to each partition
         part = target / f"part-{uuid.uuid4().hex[:12]}.{fmt}"
-        copy_to(con, query, target if partition_by else part, fmt, options, partition_by, append=bool(partition_by))
+        copy_to(db, query, target if partition_by else part, fmt, options, partition_by, append=bool(partition_by))
         return
     tmp = target.with_name(f".{target.name}.rayudf-tmp-{uuid.uuid4().hex[:8]}")
     try:
-        copy_to(con, query, tmp, fmt, options, partition_by)
+        copy_to(db, query, tmp, fmt, options, partition_by)
     except BaseException:
         _remove(tmp)
         raise
     _replace(tmp, target)
 
 
-def copy_to(con, query: str, path: Path, fmt: str, options: Mapping[str, str], partition_by: list[str], append: bool = False) -> None:
-    """``COPY (query) TO path``."""
+def copy_to(
+    db: Database, query: str, path: Path, fmt: str, options: Mapping[str, str], partition_by: list[str], append: bool = False
+) -> None:
+    """``COPY (query) TO path`` (on the worker path when the query qualifies)."""
     extra = ", APPEND" if append else ""
-    con.execute(f"COPY ({query}) TO {quote_literal(str(path))} ({_copy_options(fmt, options, partition_by)}{extra})").fetchall()
+    db.run(f"COPY ({query}) TO {quote_literal(str(path))} ({_copy_options(fmt, options, partition_by)}{extra})")
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -128,15 +131,15 @@ def _replace(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)  # atomic for a file over a file
 
 
-def save_table(con, table: str, name: str, mode: str) -> None:
+def save_table(db: Database, table: str, name: str, mode: str) -> None:
     """Write ``table`` into the DuckDB table ``name`` under ``mode``."""
-    exists = relation_kind(con, name) is not None
+    exists = relation_kind(db.con, name) is not None
     source = f"SELECT * FROM {quote_identifier(table)}"
     if exists and mode == "errorIfExists":
         raise ExecutionError(f"save: table {name} already exists (use save overwrite or save append)")
     if exists and mode == "ignore":
         return
     if exists and mode == "append":
-        con.execute(f"INSERT INTO {quote_identifier(name)} BY NAME {source}").fetchall()
+        db.run(f"INSERT INTO {quote_identifier(name)} BY NAME {source}")
         return
-    con.execute(f"CREATE OR REPLACE TABLE {quote_identifier(name)} AS {source}").fetchall()
+    db.run(f"CREATE OR REPLACE TABLE {quote_identifier(name)} AS {source}")

@@ -111,6 +111,10 @@ class FunctionRegistry:
         with self._lock:
             return dict(self._functions)
 
+    def model_functions(self) -> dict[str, ModelFunction]:
+        """The functions served by Ray workers, by SQL name."""
+        return {name: f.model_function for name, f in self.functions.items() if f.model_function is not None}
+
     @property
     def rows_scored(self) -> int:
         """Rows scored by model functions so far (progress bars read the difference)."""

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 from sql_magics.dialect import check_dialect
 
+# `set worker_scan = "off"` keeps every query on the driver path (sql_magics.worker_scan); "on" is the default.
+WORKER_SCAN = "worker_scan"
+WORKER_SCAN_VALUES = ("on", "off")
+
 
 @dataclass
 class ScriptState:
@@ -25,3 +29,7 @@ class ScriptState:
 
     def __post_init__(self) -> None:
         self.dialect = check_dialect(self.dialect)
+
+    def worker_scans(self) -> bool:
+        """Whether queries over Parquet files may read and score them on the workers."""
+        return self.variables.get(WORKER_SCAN, "on").lower() != "off"

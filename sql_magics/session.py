@@ -26,6 +26,7 @@ from sql_magics.parser import parse
 from sql_magics.registry import FunctionRegistry, RegisteredFunction
 from sql_magics.script_state import ScriptState
 from sql_magics.statements import Statement
+from sql_magics.worker_scan import WorkerScans
 from udf_engine import RayRuntime
 
 
@@ -48,6 +49,7 @@ class Session:
         self.state = ScriptState(dialect)
         runtime = RayRuntime(ray_address, starter=on_waiting_thread, **(ray_init or {}))  # started on first registration
         self.registry = FunctionRegistry(self.db, runtime, session_id=secrets.token_hex(3), worker_env=self.state.python_env)
+        self.db.planner = WorkerScans(self.registry.model_functions, enabled=self.state.worker_scans)
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:

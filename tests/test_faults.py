@@ -106,8 +106,12 @@ def test_on_error_raise_names_the_row_and_null_keeps_every_other_row(session, re
     query = f"select id, {{f}}(case when id = {poison} then -1 else a end, b) as y from '{path}' where id < 20000 order by id"
 
     register("strict", model)
-    with pytest.raises(ExecutionError) as err:
-        session.sql(query.format(f="strict"))
+    session.sql('set worker_scan = "off"')  # the driver path: DuckDB's calls (the worker path: test_worker_scan)
+    try:
+        with pytest.raises(ExecutionError) as err:
+            session.sql(query.format(f="strict"))
+    finally:
+        session.sql('set worker_scan = "on"')
     message = str(err.value)
     b = pq.read_table(path).column("b")[poison].as_py()
     # DuckDB passes the rows of a 4,096-row group in calls of 2,048: row 12,345 is the 58th of its call

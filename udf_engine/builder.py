@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from udf_engine.builtin_funcs import RowWiseApply
-from udf_engine.dispatcher import Dispatcher, user_error
+from udf_engine.dispatcher import Dispatcher
 from udf_engine.errors import RayUDFError, ResourceError, WorkerError, remote_cause
+from udf_engine.failures import user_error
 from udf_engine.master import UDFMaster
 from udf_engine.ray_context import RayContext
 from udf_engine.ray_runtime import NAMESPACE, cluster_can_grow
@@ -138,6 +139,15 @@ class RemoteUDF:
     def map(self, batches: Sequence[Any]) -> list[Any]:
         """Score batches on the workers; results in input order."""
         return self.dispatcher.map(batches)
+
+    def scan(self, tasks: Sequence[Any]) -> Iterator[Any]:
+        """Run tasks that read and score their own rows on the workers (``worker.scan``); results in task order."""
+        return self.dispatcher.scan(tasks)
+
+    def can_read(self, files: Sequence[tuple[str, int]]) -> bool:
+        """Whether the workers that answer (at least one) see each (path, size) as a file of that size."""
+        answers = self.dispatcher.ask_all("can_read", list(files))
+        return bool(answers) and all(answers)
 
     def probe(self, batch: Any) -> Any:
         """Score one sample batch on a worker without counting it in the statistics."""

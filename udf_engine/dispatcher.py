@@ -22,13 +22,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray
 
-from udf_engine.errors import ModelError, RayUDFError, RowError, WorkerError, remote_cause
+from udf_engine.errors import WorkerError, remote_cause
+from udf_engine.failures import Failed, resolve, user_error
 
 # One batch running and one queued behind it: the worker starts the next batch the
 # moment it finishes one, without waiting a round trip for it, while a slow worker
@@ -38,8 +38,6 @@ MAX_IN_FLIGHT_PER_WORKER = 2
 # How long a thread with nothing in flight sleeps before it checks again for a
 # free worker or a finished replacement (it is also woken as soon as either happens).
 _WAIT_TICK_S = 0.5
-# How much of a failing row the error message shows.
-_ROW_PREVIEW_CHARS = 80
 # How long a worker Ray cannot reach (its node gone silent) gets no batches. It is not
 # dead until Ray says so, which for a lost node takes the GCS's missed heartbeats (~15 s);
 # meanwhile the other workers take its batches, and it is tried again after this pause.
@@ -47,42 +45,9 @@ _UNREACHABLE_PAUSE_S = 5.0
 # How often one batch may find its worker unreachable before the query fails: ten pauses
 # is nearly a minute of a node that neither answers nor is declared dead.
 _MAX_UNREACHABLE = 10
-# After a worker died, how long to wait for the others' stats() (a control call, answered at
-# once by a live worker) to learn which died with it.
+# How long to wait for the answers to a control call, answered at once by a live worker (after a
+# worker died, the others' stats() tell which died with it).
 _SWEEP_TIMEOUT_S = 2.0
-
-
-def user_error(err: ray.exceptions.RayTaskError, function: str) -> RayUDFError:
-    """The exception an apply_func raised inside a worker, as a project error."""
-    cause = remote_cause(err)
-    if isinstance(cause, RayUDFError):
-        return cause
-    return ModelError(f"function {function}: the model raised {type(cause).__name__}: {cause}")
-
-
-@dataclass
-class Partial:
-    """A batch's result with rows the model failed on: ``parts`` are (rows, output) runs in
-    row order, output None for rows left NULL."""
-
-    parts: list[tuple[int, Any]] = field(default_factory=list)
-    error: str = ""  # what the model raised on the first NULLed row
-
-    @property
-    def nulled(self) -> int:
-        return sum(rows for rows, output in self.parts if output is None)
-
-
-@dataclass
-class _Failed:
-    """The model raised on a batch."""
-
-    error: RayUDFError
-
-
-def _preview(row: Any) -> str:
-    text = repr(row.tolist() if hasattr(row, "tolist") else row)
-    return text if len(text) <= _ROW_PREVIEW_CHARS else text[: _ROW_PREVIEW_CHARS - 3] + "..."
 
 
 class Dispatcher:
@@ -114,6 +79,7 @@ class Dispatcher:
         self._paused: dict[str, float] = {}  # workers Ray could not reach, and until when they get no batches
         self._replacing: set[str] = set()  # dead workers whose replacement is starting
         self._dead: set[str] = set()  # every worker known dead: never back in the pool
+        self._died_together: set[str] = set()  # workers that died with others (their master's death): no batch's fault
         self._replace_error: BaseException | None = None  # why the last replacement failed
         self._cond = threading.Condition()
 
@@ -130,59 +96,51 @@ class Dispatcher:
         A batch the model failed on gives a :class:`Partial` (``on_error="null"``) or
         raises a ModelError naming its first failing row and where it is in this call.
         """
-        outcomes = self._run(batches)
-        results = []
-        offset = 0
-        total = sum(len(b) for b in batches)
-        for batch, outcome in zip(batches, outcomes, strict=True):
-            if isinstance(outcome, _Failed):
-                outcome = self._isolate(batch) if self._on_error == "null" else self._raise_located(batch, outcome, offset, total)
-            results.append(outcome)
-            offset += len(batch)
-        return results
+        return resolve(batches, self._run(batches), self._run, self._on_error)
 
-    # -- what the model fails on ------------------------------------------------------
+    def scan(self, tasks: Sequence[Any]) -> Iterator[Any]:
+        """Run each task on some worker (``worker.scan(task)``: it reads and scores its own rows);
+        results are yielded in task order as they arrive. A task whose worker dies runs again
+        on another, and its result is taken once: no task is lost or counted twice."""
+        arrived: dict[int, Any] = {}
+        following = 0
+        for index, outcome in self._outcomes(tasks, "scan"):
+            if isinstance(outcome, Failed):
+                raise outcome.error
+            arrived[index] = outcome
+            while following in arrived:
+                yield arrived.pop(following)
+                following += 1
 
-    def _raise_located(self, batch: Any, failed: _Failed, offset: int, total: int) -> None:
-        """Raise the model's error as a RowError naming the first row of ``batch`` it fails on alone."""
-        start, part, error = 0, batch, failed.error
-        while len(part) > 1:
-            half = len(part) // 2
-            first, second = self._run([part[:half], part[half:]])
-            if isinstance(first, _Failed):
-                part, error = part[:half], first.error
-            elif isinstance(second, _Failed):
-                start, part, error = start + half, part[half:], second.error
-            else:
-                raise ModelError(f"{failed.error} (on a batch of {len(batch)} rows, though on no part of it alone)")
-        raise RowError(str(error), row=offset + start, rows=total, values=_preview(part[0]))
-
-    def _isolate(self, batch: Any) -> Partial:
-        """Score a batch the model failed on in halves, down to the single rows it fails on."""
-        if len(batch) == 1:
-            (outcome,) = self._run([batch])
-            if isinstance(outcome, _Failed):
-                return Partial([(1, None)], str(outcome.error))
-            return Partial([(1, outcome)])
-        half = len(batch) // 2
-        pieces = [batch[:half], batch[half:]]
-        result = Partial()
-        for piece, outcome in zip(pieces, self._run(pieces), strict=True):
-            if isinstance(outcome, _Failed):
-                inner = self._isolate(piece)
-                result.parts.extend(inner.parts)
-                result.error = result.error or inner.error
-            else:
-                result.parts.append((len(piece), outcome))
-        return result
+    def ask_all(self, method: str, *args: Any) -> list[Any]:
+        """The answers to a control call (``can_read``, ``stats``) of the workers that answer; one
+        Ray says is dead leaves the pool (and is replaced), one it cannot reach is left out."""
+        asked = {getattr(handle, method).remote(*args): worker_id for worker_id, handle in self.workers()}
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=_SWEEP_TIMEOUT_S)
+        answers = []
+        for ref in answered:
+            try:
+                answers.append(ray.get(ref))
+            except ray.exceptions.ActorUnavailableError:
+                continue
+            except ray.exceptions.RayActorError:
+                self._worker_died(asked[ref], sweep=False)
+        return answers
 
     # -- sending batches -------------------------------------------------------------
 
     def _run(self, batches: Sequence[Any]) -> list[Any]:
-        """Each batch's output, or _Failed where the model raised; worker deaths are retried."""
+        """Each batch's output, or Failed where the model raised; worker deaths are retried."""
         results: list[Any] = [None] * len(batches)
+        for index, outcome in self._outcomes(batches, "apply"):
+            results[index] = outcome
+        return results
+
+    def _outcomes(self, batches: Sequence[Any], method: str) -> Iterator[tuple[int, Any]]:
+        """(index, output or Failed) for each batch as ``worker.<method>(batch)`` returns it; worker deaths are retried."""
         retries = [0] * len(batches)
         unreachable = [0] * len(batches)
+        blamed: set[str] = set()  # dead workers whose death a batch has been blamed for
         todo = deque(range(len(batches)))
         pending: dict[ray.ObjectRef, tuple[int, str, float]] = {}  # ref -> (batch index, worker, sent at)
         try:
@@ -193,7 +151,7 @@ class Dispatcher:
                         break
                     worker_id, handle = slot
                     index = todo.popleft()
-                    pending[handle.apply.remote(batches[index])] = (index, worker_id, time.monotonic())
+                    pending[getattr(handle, method).remote(batches[index])] = (index, worker_id, time.monotonic())
                 if not pending:
                     self._wait_for_free()
                     continue
@@ -202,9 +160,9 @@ class Dispatcher:
                     self._fail_hung(pending)
                     continue
                 for ref in done:
-                    index, worker_id, _ = pending.pop(ref)
+                    index, worker_id, sent = pending.pop(ref)
                     try:
-                        results[index] = ray.get(ref)
+                        outcome = ray.get(ref)
                     except ray.exceptions.ActorUnavailableError:
                         self._pause(worker_id)  # not dead (Ray has not said so), only unreachable for now
                         unreachable[index] += 1
@@ -216,7 +174,12 @@ class Dispatcher:
                         continue
                     except ray.exceptions.RayActorError:
                         self._worker_died(worker_id)
-                        retries[index] += 1
+                        if worker_id not in blamed and worker_id not in self._died_together:
+                            # A poison batch kills the worker running it, alone: the batch sent to it first (a worker
+                            # runs its batches in turn) takes the blame, not the one queued behind it.
+                            blamed.add(worker_id)
+                            queued = [(t, i) for i, w, t in pending.values() if w == worker_id]
+                            retries[min([(sent, index), *queued])[1]] += 1
                         if retries[index] > self._max_retries:
                             raise WorkerError(
                                 f"function {self._function}: a batch of {len(batches[index])} rows lost its worker "
@@ -227,13 +190,13 @@ class Dispatcher:
                         continue
                     except ray.exceptions.RayTaskError as err:
                         self._release(worker_id, finished=True)
-                        results[index] = _Failed(user_error(err, self._function))
+                        yield index, Failed(user_error(err, self._function))
                         continue
                     self._release(worker_id, finished=True)
+                    yield index, outcome
         finally:
             for _, worker_id, _ in pending.values():
                 self._release(worker_id)
-        return results
 
     def _wait_s(self, pending: dict) -> float | None:
         """How long to wait for a result before checking for a hung batch (None: no limit)."""
@@ -318,19 +281,17 @@ class Dispatcher:
             self._replacing.add(worker_id)
         threading.Thread(target=self._replace, args=(worker_id,), daemon=True).start()
         if sweep:
+            with self._cond:
+                known = set(self._dead)
             self._sweep()
+            with self._cond:
+                others = self._dead - known
+                if others:
+                    self._died_together |= others | {worker_id}
 
     def _sweep(self) -> None:
         """Drop every worker Ray says is dead, asking each with a control call."""
-        asked = {handle.stats.remote(): worker_id for worker_id, handle in self.workers()}
-        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=_SWEEP_TIMEOUT_S)
-        for ref in answered:
-            try:
-                ray.get(ref)
-            except ray.exceptions.ActorUnavailableError:
-                continue
-            except ray.exceptions.RayActorError:
-                self._worker_died(asked[ref], sweep=False)
+        self.ask_all("stats")
 
     def _replace(self, dead_id: str) -> None:
         """Get the dead worker's replacement, then the master's whole list: after the master

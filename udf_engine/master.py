@@ -220,7 +220,7 @@ class UDFMaster:
     def _row(self, index: int, worker_id: str | None, **known: Any) -> dict:
         """A stats row with every field, before the worker's own counters fill it in."""
         row = {"function": self._function, "slot": index, "worker": worker_id, "replaced": 0, "alive": True, "last_error": ""}
-        row.update(node=None, pid=None, gpu_ids=[], threads=None, batches=0, rows=0, busy_s=0.0, errors=0, batch_running_s=None)
+        row.update(node=None, pid=None, gpu_ids=[], threads=None, batches=0, scans=0, rows=0, busy_s=0.0, errors=0, batch_running_s=None)
         row.update(known)
         return row
 

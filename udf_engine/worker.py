@@ -24,6 +24,7 @@ import ray
 from threadpoolctl import threadpool_limits
 
 from udf_engine.builtin_funcs import MATH_THREADS, RowWiseApply, input_width, load_info
+from udf_engine.failures import Failed, resolve, user_error
 
 # Control calls get one thread of their own beside the one that runs batches.
 CONTROL = "control"
@@ -85,6 +86,8 @@ class UDFWorker:
         self._rows = 0  # rows in those batches
         self._busy_s = 0.0  # wall time spent inside apply_func
         self._errors = 0  # apply() calls that raised
+        self._scans = 0  # shares of a file source this worker read and scored itself (scan())
+        self._on_error = str(conf.get("on_error") or "raise")  # what scan() does with rows the model raises on
         self._batch_started: float | None = None  # when the batch now running began (None: idle)
         self._init_error: BaseException | None = None  # re-raised by ready()
         self._model: Any = None
@@ -110,18 +113,53 @@ class UDFWorker:
 
     def apply(self, batch: Any) -> Any:
         """Score one batch and count it."""
+        result = self._busy(self._apply_func, self._model, batch)
+        self._batches += 1
+        self._rows += len(batch)
+        return result
+
+    def scan(self, task: Any) -> Any:
+        """Read and score one share of a query's file source in this process: ``task.run(score)``,
+        where ``score(batches)`` gives each batch's output as ``apply`` does, with rows the model
+        raises on handled by ``on_error`` here (see arrow_bridge.share_scan)."""
+        result = self._busy(task.run, lambda batches: self._score(batches, task.function))
+        self._scans += 1
+        self._rows += result.rows
+        return result
+
+    def _busy(self, work: Callable, *args: Any) -> Any:
+        """``work(*args)``, timed as the running batch (``batch_running_s``, ``busy_s``), counted if it raises."""
         started = self._batch_started = time.perf_counter()
         try:
-            result = self._apply_func(self._model, batch)
+            return work(*args)
         except BaseException:
             self._errors += 1
             raise
         finally:
             self._batch_started = None
             self._busy_s += time.perf_counter() - started
-        self._batches += 1
-        self._rows += len(batch)
-        return result
+
+    def _score(self, batches: Sequence[Any], function: str) -> list[Any]:
+        self._batches += len(batches)
+
+        def run(parts: Sequence[Any]) -> list[Any]:
+            outcomes = []
+            for part in parts:
+                try:
+                    outcomes.append(self._apply_func(self._model, part))
+                except Exception as err:  # noqa: BLE001 - what the model raised, handled as on_error says
+                    outcomes.append(Failed(user_error(err, function)))
+            return outcomes
+
+        return resolve(batches, run(batches), run, self._on_error)
+
+    @ray.method(concurrency_group=CONTROL)
+    def can_read(self, files: Sequence[tuple[str, int]]) -> bool:
+        """Whether every (path, size) is a file of that size here: the driver saw the same file."""
+        try:
+            return all(os.path.getsize(path) == size for path, size in files)
+        except OSError:
+            return False
 
     def probe(self, batch: Any) -> Any:
         """Score a sample batch without counting it (used to infer the return type)."""
@@ -138,6 +176,7 @@ class UDFWorker:
             "gpu_ids": self._gpu_ids,
             "threads": self._threads,
             "batches": self._batches,
+            "scans": self._scans,
             "rows": self._rows,
             "busy_s": self._busy_s,
             "batch_running_s": None if started is None else time.perf_counter() - started,
