@@ -47,6 +47,7 @@ from udf_engine.mlflow_model import URI_SCHEMES as MLFLOW_URIS
 from udf_engine.mlflow_model import is_mlflow_dir
 from udf_engine.mlflow_model import resolve as resolve_mlflow
 from udf_engine.model_store import DEFAULT_VERSION, detect_format, model_meta, model_rows, read_model_rows, rows_from_table
+from udf_engine.warm_pool import start_pool, stop_pool
 
 # `register model.`path``: the kind is the model's own format, read from the path or the table.
 DETECTED_KIND = "model"
@@ -101,6 +102,8 @@ class FunctionRegistry:
         self._lock = threading.Lock()  # guards _functions, _registrations, _attempts and _unbusy
         self._changes = threading.RLock()  # one registration or removal at a time; taken before Database.exclusive
         self._scored = RowCounter()  # rows scored by every model function of this registry
+        self._pool_name = f"rayudf.{session_id}.pool"  # the session's warm pool (udf_engine.warm_pool)
+        self._pool: Any = None  # its handle, once started
         self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising
 
     # -- what is registered -------------------------------------------------------------
@@ -239,8 +242,16 @@ class FunctionRegistry:
             model_refs=put_model(rows),
             actor_prefix=f"{self.actor_prefix(function)}.r{self._next_registration(function)}",
             runtime=self.runtime,
+            warm_pool=self._warm_pool(),
             row_wise=row_wise,
         )
+
+    def _warm_pool(self) -> str:
+        """The name of this session's warm pool, started with the first registration (Ray stops an
+        actor nobody holds a handle of, so the registry holds one)."""
+        if self._pool is None:  # once: a second start would hand back a handle that does not own it
+            self._pool = start_pool(self._pool_name)
+        return self._pool_name
 
     def add_udf(
         self, function: str, udf: RemoteUDF, *, kind: str, path: str, options: dict, rows: Sequence[dict] = ()
@@ -348,6 +359,8 @@ class FunctionRegistry:
                 self._retire(function)
             except Exception as err:  # noqa: BLE001 - the other functions' workers must stop all the same
                 failures.append(f"{function.name}: {err}")
+        stop_pool(self._pool_name)
+        self._pool = None
         if failures:
             raise WorkerError("could not stop the workers of " + "; ".join(failures))
 

@@ -130,7 +130,7 @@ def test_closing_a_session_stops_its_actors(ray_cluster, sklearn_model):
     with Session() as own:
         own.register_model("short_lived", path, workers=1, num_cpus=0.5)
         prefix = own.registry.actor_prefix("")
-        assert len(named_actors(prefix, timeout_s=0)) == 2  # the master and its worker
+        assert len(named_actors(prefix, timeout_s=0)) == 3  # the master, its worker and the session's warm pool
     assert named_actors(prefix) == []
     assert ray_cluster.is_initialized()  # the session joined Ray, so it leaves it running
 

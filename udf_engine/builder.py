@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from udf_engine.builtin_funcs import RowWiseApply
+from udf_engine.builtin_funcs import WARM_IMPORTS, RowWiseApply
 from udf_engine.dispatcher import Dispatcher
 from udf_engine.errors import RayUDFError, ResourceError, WorkerError, remote_cause
 from udf_engine.failures import user_error
@@ -26,6 +26,7 @@ from udf_engine.master import UDFMaster
 from udf_engine.ray_context import RayContext
 from udf_engine.ray_runtime import NAMESPACE, cluster_can_grow
 from udf_engine.settings import UDFConf
+from udf_engine.warm_pool import WorkerKind, find_pool
 
 # How long a master gets to kill its workers itself before it is killed: killing actors
 # is a few calls to the GCS, so 10 s only runs out for a master that is stuck or gone.
@@ -82,9 +83,10 @@ def _needs(settings: UDFConf) -> dict[str, float]:
     return {k: v * settings.workers for k, v in per_worker.items() if v}
 
 
-def _shortage(settings: UDFConf) -> str:
-    """What the workers ask and what is free, e.g. "asked CPU=0.5, free CPU=0" ("" when it fits)."""
-    needs = _needs(settings)
+def _shortage(settings: UDFConf, spares: int = 0) -> str:
+    """What the workers ask and what is free, e.g. "asked CPU=0.5, free CPU=0" ("" when it fits);
+    ``spares`` of them start on warm spares, whose resources are reserved already."""
+    needs = {k: v * max(0, settings.workers - spares) / settings.workers for k, v in _needs(settings).items()}
     free = ray.available_resources()
     if all(free.get(k, 0.0) + 1e-9 >= v for k, v in needs.items()):
         return ""
@@ -93,7 +95,7 @@ def _shortage(settings: UDFConf) -> str:
     return f"asked {asked}, free {have}"
 
 
-def _wait_for_resources(function: str, settings: UDFConf) -> bool:
+def _wait_for_resources(function: str, settings: UDFConf, spares: int = 0) -> bool:
     """Return once the workers fit the free resources (True: they do not, but the cluster can grow).
 
     On a cluster that cannot grow, fail at once, naming what is asked and what is free:
@@ -101,12 +103,12 @@ def _wait_for_resources(function: str, settings: UDFConf) -> bool:
     grace period lets a replaced UDF's workers release theirs. On a cluster with an
     autoscaler, the workers are started anyway: their demand is what makes it add nodes.
     """
-    if not _shortage(settings):
+    if not _shortage(settings, spares):
         return False
     if cluster_can_grow():
         return True
     deadline = time.monotonic() + RESOURCES_GRACE_S
-    while shortage := _shortage(settings):
+    while shortage := _shortage(settings, spares):
         if time.monotonic() > deadline:
             raise ResourceError(
                 f"function {function}: not enough free Ray resources for {settings.workers} worker(s): {shortage}; "
@@ -114,6 +116,19 @@ def _wait_for_resources(function: str, settings: UDFConf) -> bool:
             )
         time.sleep(RESOURCES_POLL_S)
     return False
+
+
+def _make_room(pool_name: str, settings: UDFConf, imports: tuple[str, ...]) -> int:
+    """How many warm spares of the workers' kind wait in the session's pool (none without ``imports``:
+    spares are kept for frameworks only); spares of other kinds are stopped when the workers do not
+    fit beside them."""
+    pool = find_pool(pool_name) if pool_name else None
+    if pool is None:
+        return 0
+    waiting = ray.get(pool.waiting.remote(WorkerKind.of(settings, imports)))
+    if _shortage(settings, waiting):
+        ray.get(pool.drop.remote(keep=WorkerKind.of(settings, imports)))
+    return waiting
 
 
 def _await_start(function: str, start: ray.ObjectRef, settings: UDFConf, growing: bool) -> dict:
@@ -192,13 +207,15 @@ class UDFBuilder:
             apply_func = RowWiseApply(apply_func)
         name = _master_name(ray_context)
         _stop_existing(name)
-        growing = _wait_for_resources(ray_context.function, settings)
+        imports = WARM_IMPORTS.get(init_func, ())
+        spares = _make_room(ray_context.warm_pool, settings, imports)
+        growing = _wait_for_resources(ray_context.function, settings, spares)
         master = (
             ray.remote(UDFMaster)
             # Ray restarts a master that dies, and holds calls to it (a dispatcher asking
             # for a replacement) until it is back: see udf_engine.master.
             .options(name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_task_retries=-1)
-            .remote(ray_context.function, ray_context.actor_prefix, init_func, apply_func, settings)
+            .remote(ray_context.function, ray_context.actor_prefix, init_func, apply_func, settings, imports, ray_context.warm_pool)
         )
         try:
             info = _await_start(ray_context.function, master.start.remote(ray_context.model_refs), settings, growing)

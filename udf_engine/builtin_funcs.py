@@ -196,6 +196,13 @@ LOADERS: dict[str, Callable[[Sequence[Any], dict], Any]] = {
 }
 # The model kinds a user may name, and the format a file of that kind is read as when its
 # suffix does not tell. A kind accepts any model its format's loader loads (keras: SavedModels too).
+# What a warm spare of a loader's workers imports while it waits (udf_engine.warm_pool): the
+# frameworks whose import costs seconds. Loaders not named here start workers as they are needed.
+WARM_IMPORTS: dict[Callable, tuple[str, ...]] = {
+    UDFBuildInFunc.init_tf: ("tensorflow", "keras"),
+    UDFBuildInFunc.init_onnx: ("onnxruntime",),
+}
+
 MODEL_KINDS: dict[str, str] = {
     "keras": "keras", "tf": "keras", "savedmodel": "savedmodel", "sklearn": "pickle", "pickle": "pickle",
     "onnx": "onnx", "xgboost": "xgboost", "lightgbm": "lightgbm", "mlflow": "mlflow",

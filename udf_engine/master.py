@@ -36,7 +36,7 @@ import ray
 from udf_engine.errors import ModelError, WorkerError, remote_cause
 from udf_engine.ray_runtime import NAMESPACE
 from udf_engine.settings import UDFConf
-from udf_engine.worker import CONCURRENCY_GROUPS, UDFWorker
+from udf_engine.warm_pool import WorkerKind, find_pool, worker_actor
 
 # How often the master looks at its workers on its own; dispatchers report deaths sooner.
 WATCH_INTERVAL_S = 2.0
@@ -54,6 +54,7 @@ class _Slot:
     index: int
     worker_id: str
     handle: Any
+    ready: Any = None  # what the worker answers once it has loaded the model (ready(), or a spare's load())
     replaced: int = 0  # how many times this slot's worker has been replaced
     last_error: str = ""  # why the last replacement of this slot's worker failed ("" if none did)
 
@@ -78,6 +79,8 @@ class UDFMaster:
         init_func: Callable,
         apply_func: Callable,
         conf: UDFConf,
+        imports: Sequence[str] = (),
+        pool: str = "",
     ) -> None:
         self._function = function  # the SQL name, for messages
         self._prefix = actor_prefix  # worker actors are named f"{prefix}.w{slot}.{token}"
@@ -89,30 +92,30 @@ class UDFMaster:
         self._info: dict = {}  # what the first worker said of the model (input width, ...)
         self._lock = asyncio.Lock()  # one start or replace at a time
         self._watch: asyncio.Task | None = None
+        self._kind = WorkerKind.of(conf, tuple(imports))
+        # the session's warm pool (udf_engine.warm_pool), for a kind of worker worth keeping warm
+        self._pool = find_pool(pool) if pool and imports else None
+        if self._pool is not None:
+            self._pool.release.remote(self._prefix)  # spares lent to a previous life of this master
 
-    def _new_worker(self, index: int) -> _Slot:
-        conf = self._conf
+    async def _new_worker(self, index: int) -> _Slot:
+        """A worker loading the model: a warm spare if the pool has one, else a new process."""
         worker_id = f"{self._prefix}.w{index}.{secrets.token_hex(3)}"
-        handle = (
-            ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(UDFWorker)
-            .options(
-                name=worker_id,
-                namespace=NAMESPACE,
-                num_cpus=conf.num_cpus,
-                num_gpus=conf.num_gpus,
-                resources=conf.resources or None,
-                max_concurrency=1,
-                # workers of one UDF on different nodes when there are several: a node lost takes fewer
-                scheduling_strategy="SPREAD",
-                runtime_env={"env_vars": {k: str(v) for k, v in conf.env.items()}} if conf.env else None,
-            )
-            .remote(worker_id, self._init_func, self._apply_func, self._model_refs, conf.as_conf())
-        )
-        return _Slot(index, worker_id, handle)
+        args = (worker_id, self._init_func, self._apply_func, self._model_refs, self._conf.as_conf())
+        spare = None
+        if self._pool is not None:
+            try:
+                spare = await self._pool.take.remote(self._kind, self._prefix)
+            except ray.exceptions.RayError:  # the pool is gone (the session closing): a new process then
+                self._pool = None
+        if spare is not None:
+            return _Slot(index, worker_id, spare, spare.load.remote(*args))
+        handle = worker_actor(self._kind, name=worker_id, namespace=NAMESPACE).remote(*args)
+        return _Slot(index, worker_id, handle, handle.ready.remote())
 
     async def _await_ready(self, slots: list[_Slot]) -> None:
         """Wait for every worker to load the model; on any failure kill them all and raise."""
-        waits = [asyncio.ensure_future(asyncio.wait_for(s.handle.ready.remote(), self._conf.startup_timeout_s)) for s in slots]
+        waits = [asyncio.ensure_future(asyncio.wait_for(s.ready, self._conf.startup_timeout_s)) for s in slots]
         try:
             infos = await asyncio.gather(*waits)
         except BaseException as err:  # noqa: BLE001 - whatever failed, no half-started worker may stay
@@ -144,9 +147,11 @@ class UDFMaster:
         """Start the workers if there are none (called holding the lock)."""
         if self._slots:
             return
-        slots = [self._new_worker(i) for i in range(self._conf.workers)]
+        slots = [await self._new_worker(i) for i in range(self._conf.workers)]
         await self._await_ready(slots)
         self._slots = slots
+        if self._pool is not None:  # the next function of this kind starts on spares
+            self._pool.refill.remote(self._kind, self._conf.workers)
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_loop())
 
@@ -174,7 +179,7 @@ class UDFMaster:
 
     async def _respawn(self, slot: _Slot) -> tuple[str, Any]:
         ray.kill(slot.handle)
-        fresh = self._new_worker(slot.index)
+        fresh = await self._new_worker(slot.index)
         await self._await_ready([fresh])
         fresh.replaced = slot.replaced + 1
         self._slots[slot.index] = fresh
@@ -231,3 +236,5 @@ class UDFMaster:
         for slot in self._slots:
             ray.kill(slot.handle)
         self._slots = []
+        if self._pool is not None:
+            self._pool.release.remote(self._prefix)

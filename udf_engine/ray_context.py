@@ -81,6 +81,7 @@ class RayContext:
     model_refs: list = field(default_factory=list)
     actor_prefix: str = ""
     runtime: RayRuntime | None = None
+    warm_pool: str = ""  # the name of the session's warm pool actor (udf_engine.warm_pool), "" for none
     row_wise: bool = False  # apply_func is written for one row (MLSQL); build() wraps it
     udf: Any = None  # the RemoteUDF that build() made
     input_table: pa.Table | None = None

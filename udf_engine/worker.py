@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import time
@@ -67,39 +68,57 @@ def limit_math_threads(threads: int) -> None:
 
 
 class UDFWorker:
-    """Holds one loaded model; ``apply`` scores a batch, ``stats`` reports its counters."""
+    """Holds one loaded model; ``apply`` scores a batch, ``stats`` reports its counters.
+
+    Started without a model (``init_func`` None) it is a warm spare (udf_engine.warm_pool):
+    it imports ``imports`` (the model's framework) at once, and ``load`` gives it its model later.
+    """
 
     def __init__(
         self,
-        worker_id: str,
-        init_func: Callable[[Sequence[Any], dict], Any],
-        apply_func: Callable[[Any, Any], Any],
-        model_refs: Sequence[Any],
-        conf: dict,
+        worker_id: str = "",
+        init_func: Callable[[Sequence[Any], dict], Any] | None = None,
+        apply_func: Callable[[Any, Any], Any] | None = None,
+        model_refs: Sequence[Any] = (),
+        conf: dict | None = None,
+        *,
+        imports: Sequence[str] = (),
     ) -> None:
-        self._id = worker_id  # stable name of this worker in stats and errors
-        self._apply_func = apply_func
-        cores = len(os.sched_getaffinity(0))
-        self._threads = math_threads(float(conf.get("num_cpus") or 0), int(conf.get("workers") or 1), cores)
-        limit_math_threads(self._threads)
         self._batches = 0  # batches scored by apply()
         self._rows = 0  # rows in those batches
         self._busy_s = 0.0  # wall time spent inside apply_func
         self._errors = 0  # apply() calls that raised
         self._scans = 0  # shares of a file source this worker read and scored itself (scan())
-        self._on_error = str(conf.get("on_error") or "raise")  # what scan() does with rows the model raises on
         self._batch_started: float | None = None  # when the batch now running began (None: idle)
         self._init_error: BaseException | None = None  # re-raised by ready()
         self._model: Any = None
+        self._id, self._apply_func, self._threads, self._load_s, self._on_error = worker_id, apply_func, None, 0.0, "raise"
+        for module in imports:
+            importlib.import_module(module)
+        ctx = ray.get_runtime_context()
+        self._node = ctx.get_node_id()
+        self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if init_func is not None:
+            self._load(worker_id, init_func, apply_func, model_refs, conf or {})
+
+    def load(self, worker_id: str, init_func: Callable, apply_func: Callable, model_refs: Sequence[Any], conf: dict) -> dict:
+        """Give a warm spare its model; answers as ``ready`` does."""
+        self._load(worker_id, init_func, apply_func, model_refs, conf)
+        return self.ready()
+
+    def _load(self, worker_id: str, init_func: Callable, apply_func: Callable, model_refs: Sequence[Any], conf: dict) -> None:
+        self._id = worker_id  # stable name of this worker in stats and errors
+        self._apply_func = apply_func
+        cores = len(os.sched_getaffinity(0))
+        self._threads = math_threads(float(conf.get("num_cpus") or 0), int(conf.get("workers") or 1), cores)
+        limit_math_threads(self._threads)
+        self._on_error = str(conf.get("on_error") or "raise")  # what scan() does with rows the model raises on
         started = time.perf_counter()
         try:
             self._model = init_func(model_refs, {**conf, MATH_THREADS: self._threads})
         except BaseException as err:  # noqa: BLE001 - reported by ready(), so the master sees the real cause
             self._init_error = err
         self._load_s = time.perf_counter() - started
-        ctx = ray.get_runtime_context()
-        self._node = ctx.get_node_id()
-        self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
 
     @ray.method(concurrency_group=CONTROL)
     def ready(self) -> dict:

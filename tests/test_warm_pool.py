@@ -1,0 +1,84 @@
+"""Warm pools: a second Keras model starts on processes that imported TensorFlow while they waited.
+
+Spares are real Ray actors of the session's pool; tests find them by pid and check that the next
+registration of the same kind loads its model into them, that a master's restart stops what it
+was lent, and that spares give their resources up to a registration that needs them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from conftest import WORKER_CPUS, save_pickled
+
+
+def pool_of(session):
+    from udf_engine.warm_pool import find_pool
+
+    return find_pool(f"rayudf.{session.registry._session_id}.pool")
+
+
+def spare_pids(session, count: int, timeout_s: float = 120.0) -> list[int]:
+    """The pids of the pool's spares, once ``count`` wait and have imported their framework."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        spares = ray.get(pool_of(session).spares.remote())
+        if len(spares) >= count:
+            return [s["pid"] for s in ray.get([h.stats.remote() for h in spares])]  # answered once imports are done
+        time.sleep(0.5)
+    raise AssertionError(f"no {count} spares after {timeout_s:.0f} s")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def gone(pid: int, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not alive(pid)
+
+
+def test_a_second_model_of_a_kind_loads_into_warm_spares(session, register, keras_model, digits, digits_parquet):
+    model, path = keras_model
+    pixels, _ = digits
+    register("warm_first", path, workers=1, num_cpus=WORKER_CPUS)
+    (spare,) = spare_pids(session, 1)  # the first registration asked for one spare of its kind
+    second = register("warm_second", path, workers=1, num_cpus=WORKER_CPUS)
+    assert [s["pid"] for s in second.udf.stats()] == [spare]  # loaded where TensorFlow was imported already
+    scored = session.sql(f"select warm_second(pixels) as p from '{digits_parquet}' order by id")["p"]
+    np.testing.assert_allclose(np.stack(scored.to_numpy()), model.predict(pixels, verbose=0), rtol=1e-5, atol=1e-6)
+
+    # a master that restarts has the pool stop what it lent to its previous life
+    from test_faults import pid_of
+
+    os.kill(pid_of(second.udf.master), signal.SIGKILL)
+    assert gone(spare)
+    again = session.sql(f"select count(warm_second(pixels)) as n from '{digits_parquet}'")
+    assert again["n"][0] == len(pixels)  # the restarted master started a worker again
+    assert spare not in [s["pid"] for s in second.udf.stats()]
+
+
+def test_spares_give_their_resources_to_a_registration_that_needs_them(session, register, keras_model, model_dir):
+    from test_faults import Weighted
+
+    _, path = keras_model
+    register("warm_owner", path, workers=1, num_cpus=WORKER_CPUS)
+    (spare,) = spare_pids(session, 1)
+    time.sleep(1.0)  # Ray's view of free resources catches up with the spare's reservation
+    free = ray.available_resources().get("CPU", 0.0)
+    # this worker fits only if the spare (holding WORKER_CPUS) is stopped
+    register("needs_room", save_pickled(model_dir / "room.pkl", Weighted()), workers=1, num_cpus=free + WORKER_CPUS / 2)
+    assert gone(spare)
+    assert session.sql("select needs_room(1.0, 2.0) as y from range(1)")["y"][0] == pytest.approx(21.0)
