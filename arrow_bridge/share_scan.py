@@ -85,9 +85,11 @@ class ShareScan:
         """The rows of the share (before filters), as a batch's length counts its rows."""
         return self.rows[1] - self.rows[0] + 1
 
-    def run(self, score: Callable[[list], list[Any]]) -> ShareResult:
-        """Read the share, score each model call's arguments with ``score(batches)``, return the result."""
+    def run(self, score: Callable[[list], list[Any]], threads: int = 1) -> ShareResult:
+        """Read the share with DuckDB (``threads`` of it: the worker's share of the cores), score each
+        model call's arguments with ``score(batches)``, return the result."""
         con = _duckdb()
+        con.execute(f"SET threads = {int(threads)}")
         first, last = self.rows
         con.execute(
             f"CREATE OR REPLACE TEMP VIEW {SHARE_VIEW} AS SELECT * FROM read_parquet({quote_literal(self.file)}, "

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     c.register_in_process(in_process, "g_local", c.OnnxModel(onnx_path), bs)
     session.register_model("g2", onnx_path, workers=2, batch_size=bs)
     q_onnx_local, q_onnx = c.scoring_query("g_local", table), c.scoring_query("g2", table)
+    results["spare_mb"] = _idle_spare_mb(session)
     for query, con in ((q_local, in_process), (q1, session.con), (q2, session.con), (q_onnx_local, in_process), (q_onnx, session.con)):
         c.fetch(con, query)  # warm: TF graphs traced, files cached
 
@@ -183,6 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()
     _report(args, command, t, results, memory, table)
     return 0
+
+
+def _idle_spare_mb(session, timeout_s: float = 120.0) -> tuple[float, float]:
+    """(RSS, private) MiB of an idle warm spare of the session's pool (TensorFlow imported, no model)."""
+    import psutil
+    import ray
+
+    from udf_engine.warm_pool import find_pool
+
+    pool = find_pool(f"rayudf.{session.registry._session_id}.pool")
+    deadline = time.monotonic() + timeout_s
+    while not (spares := ray.get(pool.spares.remote())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    info = psutil.Process(ray.get(spares[0].stats.remote())["pid"]).memory_info()  # stats answers once imports are done
+    return info.rss / 2**20, (info.rss - info.shared) / 2**20
 
 
 ROW_GROUPS = (1_000, 10_000, 100_000)
@@ -288,6 +304,8 @@ def _report(args, command, t: Timings, results, memory, table) -> None:
                 )
     lines += [
         f"| (e) register to first row, first model of a session, 2 workers | {m('e_first_register_to_first_row'):.2f} s | | | | |",
+        f"| (i) an idle warm spare (TensorFlow imported, no model): memory | {results['spare_mb'][0]:,.0f} MiB RSS "
+        f"({results['spare_mb'][1]:,.0f} private) | | | | |",
         f"| (e) register to first row, a model in a session that served others, 2 workers | {m('e_register_to_first_row'):.2f} s | "
         "| | | <= 2 s |",
         f"| (b)+(e) rayudf cold, end to end | {cold_total:.2f} s | {rows / cold_total:,.0f} | "

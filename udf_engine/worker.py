@@ -138,10 +138,11 @@ class UDFWorker:
         return result
 
     def scan(self, task: Any) -> Any:
-        """Read and score one share of a query's file source in this process: ``task.run(score)``,
+        """Read and score one share of a query's file source in this process: ``task.run(score, threads)``,
         where ``score(batches)`` gives each batch's output as ``apply`` does, with rows the model
-        raises on handled by ``on_error`` here (see arrow_bridge.share_scan)."""
-        result = self._busy(task.run, lambda batches: self._score(batches, task.function))
+        raises on handled by ``on_error`` here (see arrow_bridge.share_scan), and ``threads`` are
+        this worker's math threads."""
+        result = self._busy(task.run, lambda batches: self._score(batches, task.function), self._threads)
         self._scans += 1
         self._rows += result.rows
         return result
