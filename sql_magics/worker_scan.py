@@ -229,7 +229,16 @@ class _Call:
 
 
 class _Catalog:
-    """What DuckDB says of function names: aggregates and volatile ones."""
+    """What DuckDB says of its function names: aggregates and volatile ones (read once: DuckDB's own
+    functions do not change, and asking costs ~15 ms, more than a small query)."""
+
+    _known: _Catalog | None = None
+
+    @classmethod
+    def of(cls, con: duckdb.DuckDBPyConnection) -> _Catalog:
+        if cls._known is None:
+            cls._known = cls(con)
+        return cls._known
 
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
         rows = con.execute(
@@ -438,7 +447,7 @@ def plan(con: duckdb.DuckDBPyConnection, sql: str, functions: Mapping[str, Model
         return driver("not a query DuckDB's parser describes")
     try:
         _inline_views(con, node, models)
-        catalog = _Catalog(con)
+        catalog = _Catalog.of(con)
         calls = _calls(node, models, catalog)
         if not calls:
             return driver("no model function call")

@@ -103,10 +103,29 @@ def random_table(path: Path, *, rows: int, columns: str, seed: int, row_group_si
 
 
 def save_pickled(path: Path, model) -> Path:
-    """cloudpickle ``model`` to ``path``, its class by value: workers cannot import the test modules."""
-    cloudpickle.register_pickle_by_value(sys.modules[type(model).__module__])
+    """cloudpickle ``model`` to ``path``, its class and base classes by value: workers cannot import the test modules."""
+    for cls in type(model).__mro__[:-1]:
+        cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
     path.write_bytes(cloudpickle.dumps(model))
     return path
+
+
+class Weighted:
+    """x @ weights, after ``pause_s`` per batch; raises on the poison value x[:, 0] == -1, hangs below it."""
+
+    def __init__(self, weights=(1.0, 10.0), pause_s: float = 0.0) -> None:
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.n_features_in_ = self.weights.shape[0]
+        self.pause_s = pause_s
+
+    def predict(self, batch):
+        x = np.asarray(batch, dtype=np.float64)
+        if (x[:, 0] == -1.0).any():
+            raise ValueError("poison row (a = -1)")
+        if (x[:, 0] < -1.0).any():
+            time.sleep(3600)  # a hung batch
+        time.sleep(self.pause_s)
+        return x @ self.weights
 
 
 @pytest.fixture(scope="session")

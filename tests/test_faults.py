@@ -19,7 +19,7 @@ import ray
 
 from sql_magics import ExecutionError
 
-from conftest import random_table, save_pickled
+from conftest import Weighted, random_table, save_pickled
 
 WEIGHTS = np.array([1.0, 10.0])
 
@@ -44,29 +44,11 @@ def rows_parquet(tmp_path_factory):
     return path, random_table(path, rows=200_000, columns="ab", seed=7, row_group_size=4096) @ WEIGHTS
 
 
-class Weighted:
-    """a + 10 b, after ``pause_s`` per batch; raises on the poison value a == -1."""
-
-    n_features_in_ = 2
-
-    def __init__(self, pause_s: float = 0.0) -> None:
-        self.pause_s = pause_s
-
-    def predict(self, batch):
-        x = np.asarray(batch, dtype=np.float64)
-        if (x[:, 0] == -1.0).any():
-            raise ValueError("poison row (a = -1)")
-        if (x[:, 0] < -1.0).any():
-            time.sleep(3600)  # a hung batch
-        time.sleep(self.pause_s)
-        return x @ WEIGHTS
-
-
 def test_a_batch_longer_than_every_health_timeout_is_not_a_death(session, register, model_dir):
     from udf_engine.master import STATS_TIMEOUT_S, WATCH_INTERVAL_S
 
     pause_s = STATS_TIMEOUT_S + WATCH_INTERVAL_S
-    registered = register("sleepy", pickled(model_dir, "sleepy", Weighted(pause_s)), workers=1)
+    registered = register("sleepy", pickled(model_dir, "sleepy", Weighted(pause_s=pause_s)), workers=1)
     with ThreadPoolExecutor(1) as pool:
         query = pool.submit(session.sql, "select sleepy(2.0, 3.0) as y from range(1)")
         deadline = time.monotonic() + 30
@@ -83,7 +65,7 @@ def test_a_batch_longer_than_every_health_timeout_is_not_a_death(session, regist
 
 def test_the_masters_death_mid_query_loses_no_row(session, register, model_dir, rows_parquet):
     path, expected = rows_parquet
-    registered = register("orphan", pickled(model_dir, "orphan", Weighted(0.02)), workers=2)
+    registered = register("orphan", pickled(model_dir, "orphan", Weighted(pause_s=0.02)), workers=2)
     master_pid = pid_of(registered.udf.master)
     with ThreadPoolExecutor(1) as pool:
         query = pool.submit(session.sql, f"select id, orphan(a, b) as y from '{path}' order by id")
@@ -141,7 +123,7 @@ def test_a_hung_batch_fails_the_query_naming_the_timeout_and_the_function_recove
 def test_chaos_random_kills_of_workers_and_the_master(session, register, model_dir, rows_parquet):
     """SIGKILLs at random moments, of a worker or of the master, during a 200,000-row query."""
     path, expected = rows_parquet
-    registered = register("chaos", pickled(model_dir, "chaos", Weighted(0.03)), workers=2)
+    registered = register("chaos", pickled(model_dir, "chaos", Weighted(pause_s=0.03)), workers=2)
     rng = random.Random(11)
     plan = ["worker", "master", "worker", "worker", "master", "worker", "master", "worker"]
     kills = []
@@ -187,7 +169,7 @@ def test_registering_again_during_a_query_is_a_rolling_swap(session, register, m
     from conftest import named_actors
 
     path, expected = rows_parquet
-    register("roll", pickled(model_dir, "roll_v1", Weighted(0.2)), workers=2)  # the query takes ~10 s
+    register("roll", pickled(model_dir, "roll_v1", Weighted(pause_s=0.2)), workers=2)  # the query takes ~10 s
     first_version = session.registry.functions["roll"].udf
     with ThreadPoolExecutor(1) as pool:
         query = pool.submit(session.sql, f"select id, roll(a, b) as y from '{path}' order by id")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import WORKER_CPUS, save_pickled
+from conftest import WORKER_CPUS, Weighted, save_pickled
 
 
 def pool_of(session):
@@ -71,8 +71,6 @@ def test_a_second_model_of_a_kind_loads_into_warm_spares(session, register, kera
 
 
 def test_spares_give_their_resources_to_a_registration_that_needs_them(session, register, keras_model, model_dir):
-    from test_faults import Weighted
-
     _, path = keras_model
     register("warm_owner", path, workers=1, num_cpus=WORKER_CPUS)
     (spare,) = spare_pids(session, 1)

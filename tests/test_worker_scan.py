@@ -19,25 +19,14 @@ import pytest
 
 from sql_magics import ExecutionError
 
-from conftest import random_table, save_pickled
+from conftest import Weighted, random_table, save_pickled
 
 WEIGHTS = np.array([[1.0, 0.5], [10.0, -1.0], [100.0, 2.0]])
 
 
-class Linear:
-    """[a, b, c] @ WEIGHTS, after ``pause_s`` per batch; raises on the poison value a == -1."""
-
-    n_features_in_ = 3
-
-    def __init__(self, pause_s: float = 0.0) -> None:
-        self.pause_s = pause_s
-
-    def predict(self, batch):
-        x = np.asarray(batch, dtype=np.float64)
-        if (x[:, 0] == -1.0).any():
-            raise ValueError("poison row (a = -1)")
-        time.sleep(self.pause_s)
-        return x @ WEIGHTS
+def linear_model(pause_s: float = 0.0) -> Weighted:
+    """[a, b, c] @ WEIGHTS: two scores a row."""
+    return Weighted(WEIGHTS, pause_s)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +44,7 @@ def files(tmp_path_factory):
 def linear(session, ray_cluster, model_dir):
     from conftest import WORKER_CPUS
 
-    model = save_pickled(model_dir / "linear.pkl", Linear())
+    model = save_pickled(model_dir / "linear.pkl", linear_model())
     session.register_model("lin", model, workers=2, num_cpus=WORKER_CPUS, returns="DOUBLE[2]")
     yield session.functions["lin"]
     session.unregister("lin")
@@ -102,12 +91,12 @@ def test_scores_equal_the_model_in_process_in_file_order(session, linear, files)
     root, values = files
     result = session.sql(SHAPES["fetch all, file order"].format(root=root))
     assert result["id"].tolist() == [*range(6000), *range(2500)]  # no ORDER BY: the files' order, as DuckDB reads them
-    np.testing.assert_array_equal(np.stack(result["p"].to_numpy()), Linear().predict(values))
+    np.testing.assert_array_equal(np.stack(result["p"].to_numpy()), linear_model().predict(values))
 
 
 def test_copy_create_table_and_a_loaded_view_run_on_the_workers(session, linear, files, tmp_path):
     root, values = files
-    expected = Linear().predict(values)
+    expected = linear_model().predict(values)
     query = f"select id, lin(a, b, c) as p from read_parquet('{root}/*.parquet')"
     out = tmp_path / "scores.parquet"
     assert plan_of(session, f"COPY ({query}) TO '{out}' (FORMAT parquet)")["path"] == "workers"
@@ -169,7 +158,7 @@ def test_workers_check_they_see_the_files_the_driver_sees(linear, files):
 
 def test_model_errors_on_the_workers_name_the_file_row(session, register, model_dir, files):
     root, values = files
-    model = save_pickled(model_dir / "linear_poisoned.pkl", Linear())
+    model = save_pickled(model_dir / "linear_poisoned.pkl", linear_model())
     query = "select id, {f}(case when id = 4321 then -1 else a end, b, c) as p from '" + str(root / "part-0.parquet") + "'"
     register("strict_scan", model, workers=2)
     assert plan_of(session, query.format(f="strict_scan"))["path"] == "workers"
@@ -183,12 +172,12 @@ def test_model_errors_on_the_workers_name_the_file_row(session, register, model_
     assert scores.isna().sum() == 1 and pd.isna(scores[4321])
     assert "1 row NULL" in result.warnings[0]
     kept = np.arange(6000) != 4321
-    np.testing.assert_array_equal(np.stack(scores[kept].to_numpy()), Linear().predict(values[:6000][kept]))
+    np.testing.assert_array_equal(np.stack(scores[kept].to_numpy()), linear_model().predict(values[:6000][kept]))
 
 
 def test_a_worker_killed_during_a_worker_scan_loses_no_row(session, register, model_dir, tmp_path):
     values = random_table(tmp_path / "rows.parquet", rows=60_000, columns="abc", seed=3, row_group_size=2000)
-    registered = register("killed_scan", save_pickled(model_dir / "linear_slow.pkl", Linear(0.05)), workers=2, batch_size=500)
+    registered = register("killed_scan", save_pickled(model_dir / "linear_slow.pkl", linear_model(0.05)), workers=2, batch_size=500)
     query = f"select id, killed_scan(a, b, c) as p from '{tmp_path / 'rows.parquet'}'"
     assert plan_of(session, query)["path"] == "workers"
     with ThreadPoolExecutor(1) as pool:
@@ -201,6 +190,6 @@ def test_a_worker_killed_during_a_worker_scan_loses_no_row(session, register, mo
         os.kill(victim, signal.SIGKILL)
         result = running.result(timeout=300)
     assert result["id"].tolist() == list(range(60_000))  # every row once, in file order
-    np.testing.assert_array_equal(np.stack(result["p"].to_numpy()), Linear().predict(values))
+    np.testing.assert_array_equal(np.stack(result["p"].to_numpy()), linear_model().predict(values))
     stats = registered.udf.stats()
     assert sum(s["replaced"] for s in stats) >= 1 and victim not in [s["pid"] for s in stats]

@@ -125,9 +125,10 @@ def _make_room(pool_name: str, settings: UDFConf, imports: tuple[str, ...]) -> i
     pool = find_pool(pool_name) if pool_name else None
     if pool is None:
         return 0
-    waiting = ray.get(pool.waiting.remote(WorkerKind.of(settings, imports)))
+    kind = WorkerKind.of(settings, imports)
+    waiting = ray.get(pool.waiting.remote(kind)) if kind.kept_warm else 0
     if _shortage(settings, waiting):
-        ray.get(pool.drop.remote(keep=WorkerKind.of(settings, imports)))
+        ray.get(pool.drop.remote(keep=kind))
     return waiting
 
 

@@ -94,7 +94,7 @@ class UDFMaster:
         self._watch: asyncio.Task | None = None
         self._kind = WorkerKind.of(conf, tuple(imports))
         # the session's warm pool (udf_engine.warm_pool), for a kind of worker worth keeping warm
-        self._pool = find_pool(pool) if pool and imports else None
+        self._pool = find_pool(pool) if pool and self._kind.kept_warm else None
         if self._pool is not None:
             self._pool.release.remote(self._prefix)  # spares lent to a previous life of this master
 
@@ -151,7 +151,8 @@ class UDFMaster:
         await self._await_ready(slots)
         self._slots = slots
         if self._pool is not None:  # the next function of this kind starts on spares
-            self._pool.refill.remote(self._kind, self._conf.workers)
+            # awaited (the spares are placed, not yet imported): a registration that follows sees them
+            await self._pool.refill.remote(self._kind, self._conf.workers)
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_loop())
 

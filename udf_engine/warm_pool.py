@@ -6,9 +6,9 @@ small model costs well under a second. One pool per session (an actor, owned by 
 session's process) keeps spares per :class:`WorkerKind` (framework, CPUs, GPUs, resources,
 environment): after a function's workers are ready, its master asks for as many spares of
 their kind as it has workers, and the next function of that kind takes them. Spares reserve
-the resources a worker of their kind reserves; a registration that finds too few free
-resources has the spares stopped first. Spares unused for ``IDLE_S`` are stopped (an idle
-TensorFlow process holds ~350 MB).
+the resources a worker of their kind reserves (no kind that asks for GPUs is kept warm); a
+registration that finds too few free resources has the spares stopped first. Spares unused
+for ``IDLE_S`` are stopped (an idle TensorFlow process holds ~700 MB, ~310 MB of it private).
 
 A spare lent to a master is owned by the pool, not by the master: a master that restarts
 asks the pool to stop what it lent to its previous life (:meth:`WarmPool.release`), so
@@ -50,6 +50,12 @@ class WorkerKind:
     num_gpus: float = 0.0
     resources: tuple[tuple[str, float], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def kept_warm(self) -> bool:
+        """Whether spares of this kind are kept: for a framework worth importing ahead, and never
+        holding a GPU (scarce: an idle spare would keep it from other work for IDLE_S)."""
+        return bool(self.imports) and not self.num_gpus
 
     @classmethod
     def of(cls, conf: Any, imports: tuple[str, ...]) -> WorkerKind:
