@@ -116,6 +116,8 @@ class Dispatcher:
         """The answers to a control call (``can_read``, ``stats``) of the workers that answer; one
         Ray says is dead leaves the pool (and is replaced), one it cannot reach is left out."""
         asked = {getattr(handle, method).remote(*args): worker_id for worker_id, handle in self.workers()}
+        if not asked:
+            return []
         answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=_SWEEP_TIMEOUT_S)
         answers = []
         for ref in answered:

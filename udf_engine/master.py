@@ -151,8 +151,10 @@ class UDFMaster:
         await self._await_ready(slots)
         self._slots = slots
         if self._pool is not None:  # the next function of this kind starts on spares
-            # awaited (the spares are placed, not yet imported): a registration that follows sees them
-            await self._pool.refill.remote(self._kind, self._conf.workers)
+            try:  # awaited (the spares are placed, not yet imported): a registration that follows sees them
+                await self._pool.refill.remote(self._kind, self._conf.workers)
+            except ray.exceptions.RayError:  # the pool is gone (the session closing): no spares, no harm
+                self._pool = None
         if self._watch is None:
             self._watch = asyncio.ensure_future(self._watch_loop())
 
