@@ -91,7 +91,7 @@ def fetch_planned(session: Any, query: str) -> pa.Table:
 
 def copy_planned(session: Any, query: str, out: Path) -> None:
     with session.registry.statement():
-        session.db.run(copy_sql(query, out))
+        session.db.query(copy_sql(query, out))
 
 
 class RayDataPredictor:

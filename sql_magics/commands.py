@@ -91,7 +91,9 @@ _COMMANDS: dict[str, Callable[[FunctionRegistry, ScriptState, list[str]], pd.Dat
     "models": lambda registry, state, args: models_frame(registry),
     "delta": lambda registry, state, args: lake.command(args, root=state.variables.get(lake.ROOT_VARIABLE)),
 }
-COMMANDS = tuple(_COMMANDS)
+# Commands the executor runs itself: `!ray` runs code on a table, `!plan` plans a query on the session's database.
+EXECUTOR_COMMANDS = ("ray", "plan")
+COMMANDS = (*_COMMANDS, *EXECUTOR_COMMANDS)
 
 
 def run_command(name: str, args: list[str], *, registry: FunctionRegistry, state: ScriptState) -> pd.DataFrame | None:

@@ -68,15 +68,6 @@ class Database:
             with self.planner(self.con, sql) as statement:
                 return self._query(statement, sql, None)
 
-    def run(self, sql: str) -> None:
-        """Run one DuckDB statement whose rows, if any, nobody reads (COPY, CREATE TABLE AS, INSERT)."""
-        with self._turn, self.planner(self.con, sql) as statement:
-            try:
-                self.con.execute(statement).fetchall()
-            except duckdb.Error as err:
-                self._wait_until_idle()
-                raise ExecutionError(clean_duckdb_error(err), statement=sql) from None
-
     def _query(self, statement: str, sql: str, parameters: Any) -> pd.DataFrame | None:
         try:
             cursor = self.con.execute(statement, parameters) if parameters else self.con.execute(statement)

@@ -262,8 +262,10 @@ class Executor:
         """``!plan '''<query>'''``: the path the query would take now (driver or workers), and why."""
         if len(args) != 1:
             raise ExecutionError("!plan: expected !plan '''<query>'''")
+        if not isinstance(self.db.planner, WorkerScans):
+            raise ExecutionError("!plan: this database runs every statement as written (no worker scans are installed)")
         with self.db.exclusive():
-            planned = WorkerScans(self.registry.model_functions, self.state.worker_scans).explain(self.db.con, self._to_duckdb(args[0]))
+            planned = self.db.planner.explain(self.db.con, self._to_duckdb(args[0]))
         return pd.DataFrame([planned.describe()], columns=PLAN_COLUMNS)
 
     def run_et(self, stmt: Run, **_: object) -> pd.DataFrame | None:

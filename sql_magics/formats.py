@@ -113,7 +113,7 @@ def copy_to(
 ) -> None:
     """``COPY (query) TO path`` (on the worker path when the query qualifies)."""
     extra = ", APPEND" if append else ""
-    db.run(f"COPY ({query}) TO {quote_literal(str(path))} ({_copy_options(fmt, options, partition_by)}{extra})")
+    db.query(f"COPY ({query}) TO {quote_literal(str(path))} ({_copy_options(fmt, options, partition_by)}{extra})")
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -140,6 +140,6 @@ def save_table(db: Database, table: str, name: str, mode: str) -> None:
     if exists and mode == "ignore":
         return
     if exists and mode == "append":
-        db.run(f"INSERT INTO {quote_identifier(name)} BY NAME {source}")
+        db.query(f"INSERT INTO {quote_identifier(name)} BY NAME {source}")
         return
-    db.run(f"CREATE OR REPLACE TABLE {quote_identifier(name)} AS {source}")
+    db.query(f"CREATE OR REPLACE TABLE {quote_identifier(name)} AS {source}")

@@ -78,15 +78,16 @@ def _stop_existing(name: str) -> None:
     raise WorkerError(f"the old UDF master {name} did not stop within {NAME_RELEASE_TIMEOUT_S:.0f} s")
 
 
-def _needs(settings: UDFConf) -> dict[str, float]:
+def _needs(settings: UDFConf, workers: int) -> dict[str, float]:
+    """The resources ``workers`` workers of these settings reserve."""
     per_worker = {"CPU": settings.num_cpus, "GPU": settings.num_gpus, **settings.resources}
-    return {k: v * settings.workers for k, v in per_worker.items() if v}
+    return {k: v * workers for k, v in per_worker.items() if v}
 
 
 def _shortage(settings: UDFConf, spares: int = 0) -> str:
     """What the workers ask and what is free, e.g. "asked CPU=0.5, free CPU=0" ("" when it fits);
     ``spares`` of them start on warm spares, whose resources are reserved already."""
-    needs = {k: v * max(0, settings.workers - spares) / settings.workers for k, v in _needs(settings).items()}
+    needs = _needs(settings, max(0, settings.workers - spares))
     free = ray.available_resources()
     if all(free.get(k, 0.0) + 1e-9 >= v for k, v in needs.items()):
         return ""
