@@ -1,7 +1,7 @@
 """One worker's share of a query's Parquet source: read it with DuckDB, score it with the model
 in the same process, and hand back only what the query needs.
 
-The driver (``sql_magics.worker_scan``) cuts the files into shares of whole row groups and
+The driver (``sql_magics.planner``) cuts the files into shares of whole row groups and
 sends one :class:`ShareScan` per share to a model worker, whose ``scan`` calls :meth:`ShareScan.run`
 with the model's batch scorer. The result holds the columns the query reads besides the model
 calls, and one score column per model call: a few bytes a row instead of the model's input.
@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from arrow_bridge.function import score_columns
 from arrow_bridge.quoting import quote_literal
+from arrow_bridge.scoring import score_columns
 from arrow_bridge.types import arrow_type
 from udf_engine.errors import ModelError, RowError
 
@@ -56,14 +57,16 @@ class ShareResult:
     reason: str = ""  # what the model raised on the latest of those
 
 
-_connection: duckdb.DuckDBPyConnection | None = None  # one per worker process: its scans run one at a time
+# One DuckDB connection per thread: a connection runs one query at a time, and a share's view
+# (SHARE_VIEW) must not be replaced by another thread's share while its query reads it.
+_local = threading.local()
 
 
 def _duckdb() -> duckdb.DuckDBPyConnection:
-    global _connection
-    if _connection is None:
-        _connection = duckdb.connect()
-    return _connection
+    con = getattr(_local, "connection", None)
+    if con is None:
+        con = _local.connection = duckdb.connect()
+    return con
 
 
 @dataclass(frozen=True)

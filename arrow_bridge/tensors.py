@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.types as pat
 
 from arrow_bridge.types import sql_type_name
+from udf_engine.actors.failures import Partial
 from udf_engine.errors import InputError, ModelError
-from udf_engine.failures import Partial
 
 _LIST_TYPES = (pat.is_fixed_size_list, pat.is_list, pat.is_large_list)
 _TEXT_TYPES = (pat.is_string, pat.is_large_string, pat.is_string_view)

@@ -191,7 +191,7 @@ def _idle_spare_mb(session, timeout_s: float = 120.0) -> tuple[float, float]:
     import psutil
     import ray
 
-    from udf_engine.warm_pool import find_pool
+    from udf_engine.actors.warm_pool import find_pool
 
     pool = find_pool(f"rayudf.{session.registry._session_id}.pool")
     deadline = time.monotonic() + timeout_s

@@ -9,7 +9,7 @@ Example:
 
 from sql_magics.errors import ExecutionError, ParseError
 from sql_magics.executor import ScriptResult
-from sql_magics.registry import RegisteredFunction
+from sql_magics.models.registry import RegisteredFunction
 from sql_magics.session import Session
 
 __all__ = [
@@ -19,7 +19,7 @@ __all__ = [
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext sql_magics``: register %sql / %%sql."""
-    from sql_magics.magics import SqlMagic
+    from sql_magics.front.magics import SqlMagic
 
     ipython.register_magics(SqlMagic)
 

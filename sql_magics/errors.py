@@ -65,13 +65,31 @@ class ExecutionError(RayUDFError):
 
 
 _WRAPPED_UDF_ERROR = "Python exception occurred while executing the UDF:"
-_OWN_ERROR_PREFIX = re.compile(r"^(RayUDFError|ConfigError|ModelError|WorkerError|InputError|ExecutionError): ")
+_ERROR_NAME = re.compile(r"^(\w+): ")
+
+
+def _own_error_names() -> set[str]:
+    """The class names of every project error (RayUDFError and its subclasses, however deep)."""
+    names, todo = set(), [RayUDFError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
 
 
 def clean_duckdb_error(err: Exception) -> str:
-    """DuckDB's message in one line, without the wrapper it puts around a Python UDF's exception."""
+    """DuckDB's message in one line, without the wrapper it puts around a Python UDF's exception.
+
+    Example:
+        >>> clean_duckdb_error(Exception("Invalid Input Error: Python exception occurred while executing the UDF: "
+        ...                              "RowError: function f: the model raised ValueError: bad (row 3 of ...)"))
+        'function f: the model raised ValueError: bad (row 3 of ...)'
+    """
     text = str(err)
     if _WRAPPED_UDF_ERROR in text:
-        # our own errors already say what went wrong; their class name adds nothing
-        text = _OWN_ERROR_PREFIX.sub("", text.split(_WRAPPED_UDF_ERROR, 1)[1].strip(), count=1)
+        text = text.split(_WRAPPED_UDF_ERROR, 1)[1].strip()
+        name = _ERROR_NAME.match(text)
+        if name and name.group(1) in _own_error_names():  # our errors say what went wrong; their class name adds nothing
+            text = text[name.end() :]
     return text.strip().splitlines()[0] if text.strip() else type(err).__name__

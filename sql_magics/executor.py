@@ -28,23 +28,25 @@ import duckdb
 import pandas as pd
 
 from arrow_bridge.quoting import quote_identifier
-from sql_magics import byzer_python, formats, lake, registration, statements
-from sql_magics.catalog import column_count, replace_relation, table_from_arrow
+from sql_magics.byzer import run_python
 from sql_magics.commands import run_command
-from sql_magics.database import Database
-from sql_magics.dialect import check_dialect, to_duckdb
 from sql_magics.errors import ExecutionError, ParseError, clean_duckdb_error
-from sql_magics.parser import parse
-from sql_magics.registry import FunctionRegistry
-from sql_magics.script_state import WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState
-from sql_magics.statements import Command, Include, Load, Register, Run, Save, Select, Set, Sql, Statement, Unregister
-from sql_magics.variables import parameter_names, substitute, substitute_options
-from sql_magics.worker_scan import PLAN_COLUMNS, WorkerScans
+from sql_magics.language import statements
+from sql_magics.language.dialect import check_dialect, to_duckdb
+from sql_magics.language.parser import parse
+from sql_magics.language.variables import parameter_names, substitute, substitute_options
+from sql_magics.models import kinds
+from sql_magics.models.registry import FunctionRegistry
+from sql_magics.state import WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState
+from sql_magics.tables import formats, lake
+from sql_magics.tables.catalog import column_count, replace_relation, table_from_arrow
+from sql_magics.tables.database import Database
 from udf_engine.errors import RayUDFError
 
 # Byzer's `set` types: "conf" is a setting (assigned like text: DuckDB's settings apply), and
 # "defaultParam" a value used only when the variable has none yet (from `rayudf run --set`, say).
 SET_TYPES = ("text", "sql", "shell", "conf", "defaultParam")
+_SET_TYPE_NAMES = {t.lower(): t for t in SET_TYPES}  # as scripts may write them
 # Statements that run SQL on the session's connection: they take turns with other threads'
 # statements, and each runs on the model versions current when it starts. The others
 # (commands, register, include's own statements) take the connection only if they need it.
@@ -55,12 +57,8 @@ _INCLUDE_FORMATS = ("local", "project")
 _LIB_SUFFIXES = ("mlsql", "byzer", "byz", "by")
 # Byzer statements that run Spark ML algorithms; there is no Spark here.
 UNSUPPORTED_BYZER = ("train", "predict")
-# The ET of `run ... as <ET>` that runs here: Byzer-python (the others are Spark's).
-RUN_ET = "Ray"
 # Byzer's `run t as TableRepartition.`` where partitionNum="4" as t2`: here a view of the same rows.
 REPARTITION_ET = "TableRepartition"
-# The table a named select shows its rows under (MLSQL's convention).
-OUTPUT_TABLE = statements.OUTPUT_TABLE
 # How much of a failed `set ... where type="shell"` command's stderr the error quotes:
 # enough for its message, not a whole usage text.
 _SHELL_ERROR_CHARS = 200
@@ -91,10 +89,10 @@ class Executor:
         self._notice: str | None = None  # what the statement that ran last says when it yields no rows
         self._warnings: list[str] = []  # for the whole script, included files too
 
-    def run(self, statements: list[Statement], *, base_dir: Path, source_name: str = "") -> ScriptResult:
-        """Run statements in order."""
+    def run(self, script: list[statements.Statement], *, base_dir: Path, source_name: str = "") -> ScriptResult:
+        """Run a script's statements in order."""
         frame = None
-        for statement in statements:
+        for statement in script:
             self._notice = None
             nulled_before = self._nulled()
             try:
@@ -133,7 +131,7 @@ class Executor:
     # -- helpers ---------------------------------------------------------------------
 
     @contextmanager
-    def _turn(self, statement: Statement) -> Iterator[None]:
+    def _turn(self, statement: statements.Statement) -> Iterator[None]:
         """For a statement that runs SQL: the connection to itself, and the model versions pinned."""
         if statement.kind not in _RUNS_SQL:
             yield
@@ -145,7 +143,7 @@ class Executor:
         """Rows each model function has left NULL so far."""
         return {name: f.model_function.nulled.value for name, f in self.registry.functions.items() if f.model_function}
 
-    def _warn_nulled(self, before: dict[str, int], statement: Statement, source_name: str) -> None:
+    def _warn_nulled(self, before: dict[str, int], statement: statements.Statement, source_name: str) -> None:
         where = (f"{source_name}: " if source_name else "") + f"line {statement.line}"
         for name, fn in self.registry.functions.items():
             rows = fn.model_function.nulled.value - before.get(name, 0) if fn.model_function else 0
@@ -153,12 +151,13 @@ class Executor:
                 plural = "" if rows == 1 else "s"
                 self._warnings.append(f'{where}: {rows:,} row{plural} NULL (on_error="null"): {fn.model_function.null_reason}')
 
-    def _substitute(self, text: str) -> str:
+    def substituted(self, text: str) -> str:
+        """Statement text with its ${key} variables substituted."""
         return substitute(text, self.state.variables)
 
-    def _to_duckdb(self, text: str) -> str:
+    def as_duckdb(self, text: str) -> str:
         """Statement text as DuckDB SQL: ${key} substituted, translated from the script's dialect."""
-        return to_duckdb(self._substitute(text), self.state.dialect)
+        return to_duckdb(self.substituted(text), self.state.dialect)
 
     def _bound(self, query: str) -> dict | None:
         """The parameters a query refers to as $name (None when it refers to none)."""
@@ -170,11 +169,11 @@ class Executor:
 
     # -- one handler per statement kind ------------------------------------------------
 
-    def load(self, stmt: Load, **_: object) -> None:
-        path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
-        fmt, table = stmt.format.lower(), self._substitute(stmt.table)
+    def load(self, stmt: statements.Load, **_: object) -> None:
+        path, options = self.substituted(stmt.path), substitute_options(stmt.options, self.state.variables)
+        fmt, table = stmt.format.lower(), self.substituted(stmt.table)
         con = self.db.con
-        if fmt == "jsonstr":
+        if fmt == formats.JSON_LINES_FORMAT.lower():
             self._load_json_lines(table, path)
         elif fmt in formats.TABLE_FORMATS:
             replace_relation(con, table, f"SELECT * FROM {quote_identifier(path)}")
@@ -195,22 +194,22 @@ class Executor:
             raise ExecutionError(f"load jsonStr: variable {variable} is not JSON lines: {err}") from None
         table_from_arrow(self.db.con, table, arrow)
 
-    def select(self, stmt: Select, **_: object) -> pd.DataFrame | None:
-        query = self._to_duckdb(stmt.sql)
-        table = self._substitute(stmt.table)  # Byzer's `select ... as `${name}``
+    def select(self, stmt: statements.Select, **_: object) -> pd.DataFrame | None:
+        query = self.as_duckdb(stmt.sql)
+        table = self.substituted(stmt.table)  # Byzer's `select ... as `${name}``
         kind = replace_relation(self.db.con, table, query, self._bound(query))
-        if table == OUTPUT_TABLE:
+        if table == statements.OUTPUT_TABLE:
             return self._frame(f"SELECT * FROM {quote_identifier(table)}")
         self._notice = self._created(kind, table)
         return None
 
     def _created(self, kind: str, name: str) -> str:
         columns = column_count(self.db.con, name)
-        return f"{kind} {name} created: {columns} column{'' if columns == 1 else 's'}; end with 'as {OUTPUT_TABLE}' to see rows"
+        return f"{kind} {name} created: {columns} column{'' if columns == 1 else 's'}; end with 'as {statements.OUTPUT_TABLE}' to see rows"
 
-    def save(self, stmt: Save, **_: object) -> None:
-        path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
-        fmt, table = stmt.format.lower(), self._substitute(stmt.table)
+    def save(self, stmt: statements.Save, **_: object) -> None:
+        path, options = self.substituted(stmt.path), substitute_options(stmt.options, self.state.variables)
+        fmt, table = stmt.format.lower(), self.substituted(stmt.table)
         if fmt in formats.TABLE_FORMATS:
             formats.save_table(self.db, table, path, stmt.mode)
         elif fmt == formats.LAKE_FORMAT:
@@ -219,17 +218,20 @@ class Executor:
         else:
             formats.save_file(self.db, table, fmt, path, stmt.mode, options, stmt.partition_by)
 
-    def register(self, stmt: Register, **_: object) -> None:
-        path, options = self._substitute(stmt.path), substitute_options(stmt.options, self.state.variables)
-        registration.register(self.registry, self.state, stmt.model_kind, path, stmt.function, options)
+    def register(self, stmt: statements.Register, **_: object) -> None:
+        path, options = self.substituted(stmt.path), substitute_options(stmt.options, self.state.variables)
+        kinds.register(self.registry, self.state, stmt.model_kind, path, stmt.function, options)
 
-    def unregister(self, stmt: Unregister, **_: object) -> None:
+    def unregister(self, stmt: statements.Unregister, **_: object) -> None:
         self.registry.unregister(stmt.function)
 
-    def set(self, stmt: Set, **_: object) -> None:
-        value = self._substitute(stmt.value)
-        kind = stmt.options.get("type", "text").lower()
-        if kind == "defaultparam" and stmt.key in self.state.variables:
+    def set(self, stmt: statements.Set, **_: object) -> None:
+        value = self.substituted(stmt.value)
+        given = stmt.options.get("type", "text")
+        kind = _SET_TYPE_NAMES.get(given.lower())
+        if kind is None:
+            raise ExecutionError(f"set {stmt.key}: type {given.lower()!r} is not supported (supported: {', '.join(SET_TYPES)})")
+        if kind == "defaultParam" and stmt.key in self.state.variables:
             return
         if kind == "sql":
             rows = self.db.con.execute(to_duckdb(value, self.state.dialect)).fetchall()
@@ -240,70 +242,48 @@ class Executor:
                 stderr = done.stderr.strip()[:_SHELL_ERROR_CHARS]
                 raise ExecutionError(f"set {stmt.key}: shell command exited {done.returncode}: {stderr}")
             value = done.stdout.strip()
-        elif kind not in ("text", "conf", "defaultparam"):
-            raise ExecutionError(f"set {stmt.key}: type {kind!r} is not supported (supported: {', '.join(SET_TYPES)})")
         self.assign(stmt.key, value)
 
-    def command(self, stmt: Command, **_: object) -> pd.DataFrame | None:
-        if stmt.name == "ray":
-            return self._ray_command(stmt.args)
-        if stmt.name == "plan":
-            return self._plan_command(stmt.args)
-        return run_command(stmt.name, stmt.args, registry=self.registry, state=self.state)
+    def command(self, stmt: statements.Command, **_: object) -> pd.DataFrame | None:
+        return run_command(self, stmt.name, stmt.args)
 
-    def _ray_command(self, args: list[str]) -> pd.DataFrame | None:
-        """Byzer's ``!ray on <table> '''code''' named <output>``: ``run`` in short."""
-        if len(args) != 5 or args[0].lower() != "on" or args[3].lower() != "named":
-            raise ExecutionError("!ray: expected !ray on <table> '''<code>''' named <output>")
-        _, table, code, _, output = args
-        return self._run_python(self._substitute(table), self._substitute(output), {"code": code})
-
-    def _plan_command(self, args: list[str]) -> pd.DataFrame:
-        """``!plan '''<query>'''``: the path the query would take now (driver or workers), and why."""
-        if len(args) != 1:
-            raise ExecutionError("!plan: expected !plan '''<query>'''")
-        if not isinstance(self.db.planner, WorkerScans):
-            raise ExecutionError("!plan: this database runs every statement as written (no worker scans are installed)")
-        with self.db.exclusive():
-            planned = self.db.planner.explain(self.db.con, self._to_duckdb(args[0]))
-        return pd.DataFrame([planned.describe()], columns=PLAN_COLUMNS)
-
-    def run_et(self, stmt: Run, **_: object) -> pd.DataFrame | None:
+    def run_et(self, stmt: statements.Run, **_: object) -> pd.DataFrame | None:
         options = substitute_options(stmt.options, self.state.variables)
         if stmt.et.lower() == REPARTITION_ET.lower():  # DuckDB has no partitions to change: the rows, as they are
-            output = self._substitute(stmt.output)
-            kind = replace_relation(self.db.con, output, f"SELECT * FROM {quote_identifier(self._substitute(stmt.table))}")
+            output = self.substituted(stmt.output)
+            kind = replace_relation(self.db.con, output, f"SELECT * FROM {quote_identifier(self.substituted(stmt.table))}")
             self._notice = self._created(kind, output)
             return None
-        if stmt.et.lower() != RUN_ET.lower():
+        if stmt.et.lower() != statements.RAY.lower():
             raise ExecutionError(
                 f"run {stmt.table} as {stmt.et}: Byzer's {stmt.et} runs on Spark and is not supported here; "
-                f"Python on Ray runs with run command as {RUN_ET}.`` where code='''...'''"
+                f"Python on Ray runs with run command as {statements.RAY}.`` where code='''...'''"
             )
-        output = self._substitute(options.get("outputTable") or stmt.output)
-        return self._run_python(self._substitute(options.get("inputTable") or stmt.table), output, options)
+        output = self.substituted(options.get("outputTable") or stmt.output)
+        return self.run_python(self.substituted(options.get("inputTable") or stmt.table), output, options)
 
-    def _run_python(self, input_table: str, output: str, options: dict[str, str]) -> pd.DataFrame | None:
+    def run_python(self, input_table: str, output: str, options: dict[str, str]) -> pd.DataFrame | None:
+        """Byzer-python: the code in ``options`` over ``input_table``; its output becomes table ``output``."""
         state = self.state
-        conf = {k: v for k, v in options.items() if k not in byzer_python.STATEMENT_OPTIONS}
+        conf = {k: v for k, v in options.items() if k not in run_python.STATEMENT_OPTIONS}
         conf = {**({"env": dict(state.python_env)} if state.python_env else {}), **state.python_conf, **conf}
         # Not a turn on the connection for the whole run: training may take hours, and the
         # session's other statements (and model versions draining) need not wait for it.
-        byzer_python.run_python(
+        run_python.run_python(
             self.db, self.registry.runtime, conf, code=options.get("code", ""), input_table=input_table, output_table=output
         )
-        if byzer_python.PYTHON_ENV in options:
+        if statements.PYTHON_ENV in options:
             self._warnings.append(
-                f"run {output}: {byzer_python.PYTHON_ENV} (#%env) is ignored: the code runs in this process's Python; "
+                f"run {output}: {statements.PYTHON_ENV} (#%env) is ignored: the code runs in this process's Python; "
                 '!python env "K=V" sets environment variables of the Ray workers'
             )
-        if output == OUTPUT_TABLE:
+        if output == statements.OUTPUT_TABLE:
             return self._frame(f"SELECT * FROM {quote_identifier(output)}")
         with self.db.exclusive():
             self._notice = self._created("table", output)
         return None
 
-    def include(self, stmt: Include, *, base_dir: Path, **_: object) -> pd.DataFrame | None:
+    def include(self, stmt: statements.Include, *, base_dir: Path, **_: object) -> pd.DataFrame | None:
         """``include local|project.`<file>```, ``include lib.`<site/user/repo>` where alias="a"``.
 
         A file's options are set as variables before it runs (as Byzer's ``include local``
@@ -312,7 +292,7 @@ class Executor:
         ``include local.`<alias>.udf.hello``` runs its ``udf/hello.mlsql`` (Byzer's layout;
         a last part ``byzer``/``byz``/``by``/``mlsql`` is the file's suffix instead).
         """
-        fmt, name = stmt.format.lower(), self._substitute(stmt.path)
+        fmt, name = stmt.format.lower(), self.substituted(stmt.path)
         options = substitute_options(stmt.options, self.state.variables)
         if fmt == "lib":
             self._include_lib(name, options, base_dir)
@@ -362,14 +342,14 @@ class Executor:
             return None
         return Path(root, *parts[:-1], f"{parts[-1]}.{suffix}")
 
-    def sql(self, stmt: Sql, **_: object) -> pd.DataFrame | None:
+    def sql(self, stmt: statements.Sql, **_: object) -> pd.DataFrame | None:
         first = stmt.text.split(None, 1)[0].lower() if stmt.text.strip() else ""
         if first in UNSUPPORTED_BYZER:
             raise ExecutionError(
                 f"{first}: Byzer's {'/'.join(UNSUPPORTED_BYZER)} statements need Spark ML and are not supported; "
                 "train the model in Python and register it (register keras|sklearn|Ray ...)"
             )
-        return self._frame(self._to_duckdb(stmt.text))
+        return self._frame(self.as_duckdb(stmt.text))
 
 
 _HANDLERS: dict[str, Callable[..., pd.DataFrame | None]] = {

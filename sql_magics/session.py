@@ -1,7 +1,7 @@
-"""Session: the public front that wires a DuckDB connection, a function registry and a script state.
+"""Session: the public front that wires a DuckDB connection, its planner, a function registry and a script state.
 
-The executor runs statements on those three; the Session only builds them, hands them
-over, and offers the Python twins of the statements.
+The executor runs statements on those; the Session only builds them, hands them over, and
+offers the Python twins of the statements.
 
 Example:
     >>> from sql_magics import Session
@@ -19,14 +19,15 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from sql_magics.database import Database
 from sql_magics.executor import Executor, ScriptResult
 from sql_magics.handoff import on_waiting_thread
-from sql_magics.parser import parse
-from sql_magics.registry import FunctionRegistry, RegisteredFunction
-from sql_magics.script_state import ScriptState
-from sql_magics.statements import Statement
-from sql_magics.worker_scan import WorkerScans
+from sql_magics.language.parser import parse
+from sql_magics.language.statements import Statement
+from sql_magics.models.kinds import register_model
+from sql_magics.models.registry import FunctionRegistry, RegisteredFunction
+from sql_magics.planner.scans import WorkerScans
+from sql_magics.state import ScriptState
+from sql_magics.tables.database import Database
 from udf_engine import RayRuntime
 
 
@@ -45,11 +46,12 @@ class Session:
         ray_address: str | None = None,
         ray_init: dict | None = None,
     ) -> None:
-        self.db = Database(database)
         self.state = ScriptState(dialect)
+        # The planner reads the registry's model functions as each statement starts; the registry is made next.
+        planner = WorkerScans(lambda: self.registry.model_functions(), enabled=self.state.worker_scans)
+        self.db = Database(database, planner=planner)
         runtime = RayRuntime(ray_address, starter=on_waiting_thread, **(ray_init or {}))  # started on first registration
         self.registry = FunctionRegistry(self.db, runtime, session_id=secrets.token_hex(3), worker_env=self.state.python_env)
-        self.db.planner = WorkerScans(self.registry.model_functions, enabled=self.state.worker_scans)
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -113,7 +115,7 @@ class Session:
         ``batch_size``, ``num_cpus``, ``num_gpus``, ``resources``, ``returns``, ``version``,
         ``method`` (``predict_proba``), and for ONNX ``inputs``/``output``.
         """
-        return self.registry.register_model(function, path, kind=format, **options)
+        return register_model(self.registry, function, path, kind=format, **options)
 
     def unregister(self, function: str) -> None:
         """Remove a function from SQL and stop its workers."""

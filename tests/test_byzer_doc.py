@@ -32,8 +32,8 @@ import pandas as pd
 import pytest
 
 from sql_magics import ExecutionError, Session
-from sql_magics.parser import parse
-from sql_magics.tokens import tokenize
+from sql_magics.language.parser import parse
+from sql_magics.language.tokens import tokenize
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "byzer_doc").glob("*.sql"))
 # Statements a Byzer reader knows by their first word, and DuckDB's own forms of two of them.

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sql_magics import ExecutionError, Session
-from sql_magics.demo import write_mnist_like
+from sql_magics.front.demo import write_mnist_like
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -49,7 +49,7 @@ def test_seed_script_trains_on_ray_saves_to_the_lake_and_scores(s, tmp_path):
     # The same model, read back from the lake and run in this process, gives the same classes.
     import deltalake
 
-    from udf_engine.builtin_funcs import UDFBuildInFunc
+    from udf_engine.models.loaders import UDFBuildInFunc
 
     chunks = deltalake.DeltaTable(str(tmp_path / "lake" / "ai_model" / "mnist_model")).to_pyarrow_table().to_pylist()
     model = UDFBuildInFunc.init_tf(chunks, {})
@@ -183,7 +183,7 @@ def test_connect_to_another_cluster_is_refused_while_on_this_one(s):
 
 
 def test_tar_rows_of_a_keras_file_register_as_a_model(s, keras_model, tmp_path):
-    from udf_engine.streaming_tar import build_rows_from_file
+    from udf_engine.models.streaming_tar import build_rows_from_file
 
     model, path = keras_model
     pq.write_table(pa.Table.from_pylist(list(build_rows_from_file(path))), tmp_path / "chunks.parquet")

@@ -60,7 +60,7 @@ def test_byzer_example_runs_unchanged(ray_address, keras_model, digits, digits_p
 def test_byzer_train_to_score_example_runs_unchanged(ray_address, tmp_path):
     from deltalake import DeltaTable
 
-    from sql_magics.demo import write_mnist_like
+    from sql_magics.front.demo import write_mnist_like
 
     mnist = write_mnist_like(tmp_path / "mnist")
     done = rayudf(

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sql_magics.commands import COMMANDS, MODEL_COLUMNS, WORKER_COLUMNS
-from sql_magics.registration import REGISTER_KINDS
-from sql_magics.statements import STATEMENT_TYPES
+from sql_magics.language.statements import STATEMENT_TYPES
+from sql_magics.models.kinds import REGISTER_KINDS
 from udf_engine.settings import OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_readme_starts_with_the_two_commands():
 
 
 def test_every_magic_option_is_documented():
-    from sql_magics.magics import SqlMagic
+    from sql_magics.front.magics import SqlMagic
 
     jupyter_doc = (ROOT / "docs" / "jupyter.md").read_text()
     options = SqlMagic.class_own_traits(config=True)

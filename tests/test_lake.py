@@ -1,4 +1,4 @@
-"""The Delta lake (sql_magics.lake) driven through Session.sql: real DuckDB, real delta-rs, no Ray."""
+"""The Delta lake (sql_magics.tables.lake) driven through Session.sql: real DuckDB, real delta-rs, no Ray."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from sql_magics import ExecutionError, Session
-from sql_magics.lake import HISTORY_COLUMNS, TABLE_COLUMNS
-from udf_engine.model_store import save_model
+from sql_magics.tables.lake import HISTORY_COLUMNS, TABLE_COLUMNS
+from udf_engine.models.store import save_model
 
 # A query that fails half way: DuckDB has produced rows (several Arrow batches) before the error.
 FAILING = "select case when i > 500000 then error('boom') else i end as {col} from range(1000000) t(i)"

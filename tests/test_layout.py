@@ -1,5 +1,5 @@
-"""The layout's dependency rules (README "Layout"): each package imports only the ones below it,
-and inside sql_magics the executor and what it calls never reach back into the Session."""
+"""The layout's dependency rules (README "Layout"): each package imports only the ones below it, each
+wing only the wings below it, nothing imports the fronts, and no modules import each other in a circle."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("udf_engine", "arrow_bridge", "sql_magics")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -27,6 +36,27 @@ def imports_any(path: Path, forbidden: tuple[str, ...]) -> list[str]:
     return sorted(n for n in imported_modules(path) if any(n == f or n.startswith(f + ".") for f in forbidden))
 
 
+def project_imports(path: Path) -> set[str]:
+    """The project modules a file imports: ``from a.b import c`` is a.b.c when that is a module, else a.b."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name in MODULES)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                target = f"{node.module}.{alias.name}"
+                found.add(target if target in MODULES else node.module)
+    return found & set(MODULES)
+
+
+def files(*prefixes: str, but: tuple[str, ...] = ()) -> list[Path]:
+    """The files of the modules named by ``prefixes`` (a package, a wing, a module), less those ``but`` names."""
+    def within(name: str, names: tuple[str, ...]) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in names)
+
+    return [path for name, path in MODULES.items() if within(name, prefixes) and not within(name, but)]
+
+
 @pytest.mark.parametrize(
     ("package", "forbidden"),
     [
@@ -35,15 +65,64 @@ def imports_any(path: Path, forbidden: tuple[str, ...]) -> list[str]:
     ],
 )
 def test_packages_depend_one_way(package, forbidden):
-    offenders = {p.name: imports_any(p, forbidden) for p in sorted((ROOT / package).glob("*.py"))}
+    offenders = {p.name: imports_any(p, forbidden) for p in files(package)}
     assert {name: found for name, found in offenders.items() if found} == {}
 
 
-# The surface (session, magics, cli, demo) calls these; they never import it.
-BELOW_THE_SURFACE = ["executor", "registration", "commands", "registry", "database", "script_state", "formats", "catalog"]
+SQL = "sql_magics"
+# The surface calls these; they never import it: the executor side never reaches back into the Session.
+SURFACE = (f"{SQL}.session", f"{SQL}.front")
+TOP = (f"{SQL}.executor", f"{SQL}.commands", *SURFACE)
+WING_RULES = {
+    # each wing, lowest first, and what it must not import: the wings above it and the top
+    f"{SQL}.language": (f"{SQL}.state", f"{SQL}.tables", f"{SQL}.models", f"{SQL}.planner", f"{SQL}.byzer", *TOP),
+    f"{SQL}.tables": (f"{SQL}.models", f"{SQL}.planner", f"{SQL}.byzer", *TOP),
+    f"{SQL}.planner": (f"{SQL}.models", f"{SQL}.byzer", *TOP),
+    f"{SQL}.byzer": (f"{SQL}.models", f"{SQL}.planner", *TOP),
+    f"{SQL}.models": (f"{SQL}.planner", *TOP),
+    f"{SQL}.executor": SURFACE,
+    f"{SQL}.commands": (f"{SQL}.executor", *SURFACE),
+    "udf_engine.models": ("udf_engine.actors", "udf_engine.byzer"),
+    "udf_engine.actors": ("udf_engine.byzer",),
+    **{f"udf_engine.{base}": ("udf_engine.models", "udf_engine.actors", "udf_engine.byzer") for base in
+       ("errors", "settings", "ray_runtime", "resources")},
+}
 
 
-@pytest.mark.parametrize("module", BELOW_THE_SURFACE)
-def test_the_executor_side_never_imports_the_session(module):
-    surface = ("sql_magics.Session", "sql_magics.session", "sql_magics.magics", "sql_magics.cli", "sql_magics.demo")
-    assert imports_any(ROOT / "sql_magics" / f"{module}.py", surface) == []
+@pytest.mark.parametrize("wing", WING_RULES)
+def test_wings_import_only_the_wings_below_them(wing):
+    offenders = {module_name(p): imports_any(p, WING_RULES[wing]) for p in files(wing)}
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_nothing_imports_the_fronts():
+    # IPython finds load_ipython_extension in the package itself: its __init__ hands on to the magics.
+    offenders = {module_name(p): imports_any(p, (f"{SQL}.front",)) for p in files(*PACKAGES, but=(f"{SQL}.front", SQL))}
+    assert {name: found for name, found in offenders.items() if found} == {}
+    assert imports_any(MODULES[SQL], (f"{SQL}.front",)) == [f"{SQL}.front.magics", f"{SQL}.front.magics.SqlMagic"]
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    graph = {name: project_imports(path) - {name} for name, path in MODULES.items()}
+    done: set[str] = set()
+
+    def circle_from(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return [*path[path.index(name):], name]
+        if name in done:
+            return None
+        for target in sorted(graph[name]):
+            if found := circle_from(target, [*path, name]):
+                return found
+        done.add(name)
+        return None
+
+    circles = [c for name in sorted(graph) if (c := circle_from(name, []))]
+    assert circles == []
+
+
+def test_every_wing_is_a_package_with_a_docstring():
+    wings = [p for package in PACKAGES for p in (ROOT / package).iterdir() if p.is_dir() and p.name != "__pycache__"]
+    assert wings  # the packages have wings
+    for wing in wings:
+        assert ast.get_docstring(ast.parse((wing / "__init__.py").read_text())), wing

@@ -9,7 +9,7 @@ import pytest
 
 from sql_magics.errors import ExecutionError
 from udf_engine import ModelError, detect_format
-from udf_engine.devices import CPU_PROVIDER, CUDA_PROVIDER, onnx_providers, xgboost_device
+from udf_engine.models.devices import CPU_PROVIDER, CUDA_PROVIDER, onnx_providers, xgboost_device
 
 from conftest import WORKER_CPUS
 

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from udf_engine import ModelError, UDFBuildInFunc, detect_format, materialize, model_meta, read_model_rows, save_model
-from udf_engine.model_store import SCHEMA
+from udf_engine.models.store import SCHEMA
 
 
 def test_keras_file_round_trips_and_loads(keras_model, digits, tmp_path):

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sql_magics.errors import ParseError
-from sql_magics.parser import parse
-from sql_magics.statements import (
+from sql_magics.language.parser import parse
+from sql_magics.language.statements import (
     STATEMENT_TYPES,
     Command,
     Include,
@@ -21,7 +21,7 @@ from sql_magics.statements import (
     Sql,
     Unregister,
 )
-from sql_magics.tokens import BACKQUOTE, NUMBER, OP, STRING, TRIPLE, WORD, tokenize
+from sql_magics.language.tokens import BACKQUOTE, NUMBER, OP, STRING, TRIPLE, WORD, tokenize
 
 BYZER = '''!python conf "runIn=driver";
 set sql.dialect="spark";

@@ -13,7 +13,7 @@ import pytest
 
 from sql_magics import ExecutionError, Session
 from udf_engine import ModelError, WorkerError, read_model_rows, save_model
-from udf_engine.model_store import SCHEMA
+from udf_engine.models.store import SCHEMA
 
 from conftest import named_actors, random_table
 
@@ -180,3 +180,32 @@ def test_worker_output_and_raylet_notices_stay_out_of_the_driver(ray_cluster, mo
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == [f"TOTAL {float(sum(range(40000)) + 40000)}"]  # every row, once
     assert "NOISE" not in done.stderr and "(raylet)" not in done.stderr, done.stderr[-2000:]
+
+
+# Every error class of the project, as DuckDB names it when one of them leaves a model function.
+PROJECT_ERRORS = [
+    "RayUDFError", "ConfigError", "ModelError", "RowError", "WorkerError", "ResourceError", "InputError",
+    "ParseError", "ExecutionError", "SchemaError",
+]
+
+
+@pytest.mark.parametrize("name", PROJECT_ERRORS)
+def test_duckdb_wrapping_and_the_class_name_of_any_project_error_are_stripped(name):
+    import duckdb
+
+    from sql_magics.byzer.schemas import SchemaError  # noqa: F401 - the last of the project's errors, loaded
+    from sql_magics.errors import clean_duckdb_error
+
+    wrapped = duckdb.InvalidInputException(
+        f"Invalid Input Error: Python exception occurred while executing the UDF: {name}: function f: the model raised ValueError: bad"
+    )
+    assert clean_duckdb_error(wrapped) == "function f: the model raised ValueError: bad"
+
+
+def test_other_exception_names_stay_in_the_message():
+    import duckdb
+
+    from sql_magics.errors import clean_duckdb_error
+
+    wrapped = duckdb.InvalidInputException("Invalid Input Error: Python exception occurred while executing the UDF: ValueError: bad")
+    assert clean_duckdb_error(wrapped) == "ValueError: bad"

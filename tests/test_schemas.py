@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from arrow_bridge.schemas import FILE_SCHEMA, SchemaError, parse_schema, table_from_rows
+from sql_magics.byzer.schemas import FILE_SCHEMA, SchemaError, parse_schema, table_from_rows
 from udf_engine.errors import RayUDFError
 
 

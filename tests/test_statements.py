@@ -100,6 +100,13 @@ def test_variables_in_sql_and_options_and_types(s, tmp_path):
     assert frame.to_dict("records") == [{"s": 3, "n": 42, "who": "shell-value"}]
 
 
+def test_set_types_are_read_whatever_their_case(s):
+    s.sql('set kept = "given"; set kept = "default" where type="DEFAULTPARAM"; set fresh = "default" where type="defaultparam"')
+    assert s.sql("select '${kept}' as kept, '${fresh}' as fresh as output").to_dict("records") == [{"kept": "given", "fresh": "default"}]
+    with pytest.raises(ExecutionError, match=r"set x: type 'bash' is not supported \(supported: text, sql, shell, conf, defaultParam\)"):
+        s.sql('set x = "1" where type="bash"')
+
+
 def test_unknown_variable_names_it_and_the_line(s):
     with pytest.raises(ExecutionError, match=r"line 2: unknown variable \$\{nope\}"):
         s.sql("select 1;\nselect ${nope}")

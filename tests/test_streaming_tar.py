@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from udf_engine import ModelError, UDFBuildInFunc
-from udf_engine.model_store import CHUNK_BYTES, model_meta
-from udf_engine.streaming_tar import build_rows_from_file, member_names, save_rows_as_file
+from udf_engine.models.store import CHUNK_BYTES, model_meta
+from udf_engine.models.streaming_tar import build_rows_from_file, member_names, save_rows_as_file
 
 
 def _tree(root):

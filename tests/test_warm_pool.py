@@ -19,7 +19,7 @@ from conftest import WORKER_CPUS, Weighted, save_pickled
 
 
 def pool_of(session):
-    from udf_engine.warm_pool import find_pool
+    from udf_engine.actors.warm_pool import find_pool
 
     return find_pool(f"rayudf.{session.registry._session_id}.pool")
 

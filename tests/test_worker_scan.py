@@ -163,7 +163,7 @@ def test_model_errors_on_the_workers_name_the_file_row(session, register, model_
     register("strict_scan", model, workers=2)
     assert plan_of(session, query.format(f="strict_scan"))["path"] == "workers"
     where = r"\(row 4322 of .*part-0.parquet: \[-1.0, "  # the row's place in its file, and its values
-    with pytest.raises(ExecutionError, match=r"the model raised ValueError: poison row \(a = -1\) " + where):
+    with pytest.raises(ExecutionError, match=r"^line 1: function strict_scan: the model raised ValueError: poison row \(a = -1\) " + where):
         session.sql(query.format(f="strict_scan"))
 
     register("lenient_scan", model, workers=2, on_error="null", returns="DOUBLE[2]")
@@ -193,3 +193,99 @@ def test_a_worker_killed_during_a_worker_scan_loses_no_row(session, register, mo
     np.testing.assert_array_equal(np.stack(result["p"].to_numpy()), linear_model().predict(values))
     stats = registered.udf.stats()
     assert sum(s["replaced"] for s in stats) >= 1 and victim not in [s["pid"] for s in stats]
+
+
+def test_a_parse_tree_of_another_shape_runs_as_written_and_says_why(session, linear, files):
+    """A DuckDB release that reshapes its parse trees must not fail model queries: they take the driver path."""
+    from sql_magics.planner.plan import FunctionCatalog, plan_query
+    from sql_magics.planner.tree import parse
+
+    root, _ = files
+    con, functions, catalog = session.con, session.registry.model_functions(), FunctionCatalog(session.con)
+    query = SHAPES["group by"].format(root=root)
+    assert plan_query(con, parse(con, query), functions, catalog).path == "workers"
+
+    renamed = parse(con, query)
+    renamed["grouping_expressions"] = renamed.pop("group_expressions")  # as if DuckDB had renamed the key
+    planned = plan_query(con, renamed, functions, catalog)
+    assert planned.path == "driver"
+    assert "parse tree has a shape this planner does not read (KeyError: 'group_expressions')" in planned.reason
+
+    listed = parse(con, query)
+    listed["from_table"] = [listed["from_table"]]  # a list where a dict was
+    assert plan_query(con, listed, functions, catalog).path == "driver"
+
+    unknown = parse(con, SHAPES["projection and filter"].format(root=root))
+    unknown["where_clause"]["children"][0]["type"] = "COMPARE_NOT_KNOWN_TO_DUCKDB"  # one DuckDB will not print back
+    planned = plan_query(con, unknown, functions, catalog)
+    assert planned.path == "driver" and "DuckDB does not print the rewritten statement back" in planned.reason
+
+
+def test_the_statement_splitter_leaves_what_the_tokenizer_refuses_to_duckdb_and_nothing_else():
+    from sql_magics.planner.plan import split_statement
+
+    assert split_statement("select 'unterminated from t") == ("select 'unterminated from t", "", "")
+    with pytest.raises(TypeError):  # a fault of ours is not taken for a statement DuckDB should judge
+        split_statement(None)
+
+
+def test_a_query_with_parameters_runs_on_the_driver_and_plan_says_so(session, linear, files):
+    root, values = files
+    query = f"select id, lin(a, b, c) as p from '{root}/part-0.parquet' where id < $n"
+    planned = plan_of(session, query)
+    assert planned["path"] == "driver" and "$parameters" in planned["reason"], planned
+    before = sum(s["scans"] for s in linear.udf.stats())
+    result = session.sql(query, parameters={"n": 10})
+    assert sum(s["scans"] for s in linear.udf.stats()) == before  # as !plan said: the driver called the model
+    assert result["id"].tolist() == list(range(10))
+    np.testing.assert_array_equal(np.stack(result["p"].to_numpy()), linear_model().predict(values[:10]))
+
+
+def test_functions_only_the_session_has_stay_with_the_driver(session, linear, files):
+    """Macros and Python functions made on the session's connection are unknown to a worker's DuckDB:
+    arguments calling them keep the query on the driver, filters calling them are not pushed to the workers."""
+    root, values = files
+    path = f"{root}/part-0.parquet"
+    assert plan_of(session, f"select lin(a, b, c) from '{path}'")["path"] == "workers"  # the catalog is read now
+    session.sql("create or replace macro twice(x) as 2 * x")
+    session.sql("register ScriptUDF.`` as halve where lang=\"python\" and returns=\"DOUBLE\" and code='''def apply(x): return x / 2'''")
+    try:
+        a, b, c = values[:6000].T
+        for call, first in (("twice(a)", 2 * a), ("halve(a)", a / 2)):
+            query = f"select id, lin({call}, b, c) as p from '{path}'"
+            planned = plan_of(session, query)
+            name = call.split("(")[0]
+            assert planned["path"] == "driver" and f"calls {name}(), which only this session's DuckDB has" in planned["reason"]
+            result = session.sql(query)
+            np.testing.assert_allclose(np.stack(result["p"].to_numpy()), linear_model().predict(np.column_stack([first, b, c])))
+
+        filtered = f"select id, lin(a, b, c) as p from '{path}' where halve(a) > 0.25"
+        assert plan_of(session, filtered)["path"] == "workers"  # the filter stays in the driver's statement
+        result = session.sql(filtered)
+        assert result["id"].tolist() == np.flatnonzero(a / 2 > 0.25).tolist()
+        np.testing.assert_array_equal(np.stack(result["p"].to_numpy()), linear_model().predict(values[:6000][a / 2 > 0.25]))
+    finally:
+        session.sql("drop macro twice")
+        session.unregister("halve")
+
+
+def test_share_scans_on_two_threads_each_read_their_own_share(files):
+    import pyarrow as pa
+
+    from arrow_bridge.share_scan import ROW_COLUMN, SHARE_VIEW, ShareScan, arg_column
+
+    root, values = files
+    query = f"SELECT a AS {arg_column(0, 0)}, file_row_number AS {ROW_COLUMN} FROM {SHARE_VIEW}"
+
+    def scan(file: str, rows: int) -> np.ndarray:
+        task = ShareScan(
+            function="f", returns="DOUBLE", query=query, schema=pa.schema([(arg_column(0, 0), pa.float64())]), passthrough=(),
+            call_args=(1,), file=str(root / file), rows=(0, rows - 1), width=None, batch_size=100,
+        )
+        return task.run(lambda batches: [b[:, 0] for b in batches]).table.column(0).to_numpy()
+
+    with ThreadPoolExecutor(2) as pool:
+        rounds = [(pool.submit(scan, "part-0.parquet", 6000), pool.submit(scan, "part-1.parquet", 2500)) for _ in range(10)]
+        for first, second in rounds:
+            np.testing.assert_array_equal(first.result(), values[:6000, 0])
+            np.testing.assert_array_equal(second.result(), values[6000:, 0])

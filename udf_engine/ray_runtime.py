@@ -24,6 +24,18 @@ from udf_engine.errors import ConfigError
 # Every rayudf actor lives in this namespace; names inside it carry a per-session
 # token, so two sessions on one cluster never replace each other's UDFs.
 NAMESPACE = "rayudf"
+
+
+def actor_name(*parts: str) -> str:
+    """The name of a rayudf actor: ``rayudf.<session>.<function>...``, inside :data:`NAMESPACE`.
+
+    Example:
+        >>> actor_name("ab12", "digits", "r1")
+        'rayudf.ab12.digits.r1'
+    """
+    return ".".join((NAMESPACE, *parts))
+
+
 # Whether we start Ray or join it: workers' output (TensorFlow's and absl's start-up
 # lines) stays in their log files under Ray's session directory instead of filling the
 # notebook or the terminal. Errors still reach the caller: Ray raises them from the call

@@ -51,6 +51,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("on_error", "raise", str, 'when the model raises on some rows: "raise" fails the query, "null" gives NULL for those rows'),
 )
 ON_ERROR = ("raise", "null")
+# The model method an apply_func calls unless the registration names another (method="predict_proba").
+DEFAULT_METHOD = "predict"
 
 _BY_NAME = {alias: opt for opt in OPTIONS for alias in (opt.name, *opt.aliases)}
 

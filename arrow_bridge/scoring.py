@@ -1,0 +1,95 @@
+"""Scoring a call's argument columns with a model: NULL rows set aside, the rest in batches, one Arrow array back.
+
+Both paths score this way: DuckDB's calls of a model function in the driver
+(``arrow_bridge.function``), and a worker scoring its own share of a file (``arrow_bridge.share_scan``).
+
+Example:
+    >>> double = lambda batches: [b * 2 for b in batches]
+    >>> score_columns([pa.array([1.0, None, 3.0])], function="f", width=1, batch_size=1,
+    ...               arrow_type=pa.float64(), map_batches=double).array.to_pylist()
+    [2.0, None, 6.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from arrow_bridge.tensors import features, to_arrow
+from udf_engine.actors.failures import Partial
+from udf_engine.errors import RowError
+
+
+@dataclass
+class Scored:
+    """One call's result: ``array`` has a value per row; ``rows`` went to the model, ``nulled`` of
+    them came back NULL because the model raised on them (on_error="null": ``reason`` says why)."""
+
+    array: pa.Array
+    rows: int = 0
+    nulled: int = 0
+    reason: str = ""
+
+
+def score_columns(
+    cols: Sequence[Any], *, function: str, width: int | None, batch_size: int, arrow_type: pa.DataType,
+    map_batches: Callable[[list], list],
+) -> Scored:
+    """Score argument columns with a model: rows with a NULL argument stay NULL, the others go to
+    ``map_batches`` in ``batch_size`` pieces; the outputs become one Arrow array of ``arrow_type``.
+    A RowError names its row among the call's rows, NULL rows included."""
+    rows = len(cols[0]) if cols else 0
+    valid = valid_rows(cols) if rows else None
+    kept = [c.filter(pa.array(valid)) for c in cols] if valid is not None else cols
+    count = rows if valid is None else int(valid.sum())
+    outputs: list = []
+    if count == 0:
+        array = pa.array([], type=arrow_type)
+    else:
+        try:
+            matrix = features(kept, function=function, width=width)
+            outputs = map_batches([matrix[i : i + batch_size] for i in range(0, count, batch_size)])
+        except RowError as err:  # placed among the rows scored: place it among the call's rows
+            if valid is None:
+                raise
+            raise err.at(int(np.flatnonzero(valid)[err.row]), rows) from None
+        array = to_arrow(outputs, arrow_type, count)
+    scored = Scored(array if valid is None else with_null_rows(array, valid), count)
+    for output in outputs:
+        if isinstance(output, Partial) and output.nulled:
+            scored.nulled += output.nulled
+            scored.reason = output.error
+    return scored
+
+
+def valid_rows(cols: Sequence[Any]) -> np.ndarray | None:
+    """Which rows have no NULL argument (a boolean mask), or None when all of them.
+
+    Example:
+        >>> valid_rows([pa.array([1.0, None, 3.0]), pa.array([1, 2, None])])
+        array([ True, False, False])
+        >>> valid_rows([pa.array([1.0, 2.0])]) is None
+        True
+    """
+    if not any(c.null_count for c in cols):
+        return None
+    valid = np.ones(len(cols[0]), dtype=bool)
+    for col in cols:
+        if col.null_count:
+            valid &= col.is_valid().to_numpy(zero_copy_only=False)
+    return valid
+
+
+def with_null_rows(values: pa.Array, valid: np.ndarray) -> pa.Array:
+    """``values`` (one per valid row) spread over all rows, NULL where ``valid`` is False.
+
+    Example:
+        >>> with_null_rows(pa.array([10, 30]), np.array([True, False, True])).to_pylist()
+        [10, None, 30]
+    """
+    positions = np.cumsum(valid) - 1
+    return values.take(pa.array(positions, mask=~valid))

@@ -1,0 +1,2 @@
+"""The Ray actors of a UDF and their caller side: the builder, the master (control plane), the
+workers, the dispatcher (data plane), the warm pool of spare workers, and failure bisection."""

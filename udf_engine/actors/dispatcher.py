@@ -1,0 +1,330 @@
+"""The data plane: spreads batches over a UDF's workers from the caller's side.
+
+Many threads (DuckDB calls a function from several at once) share one
+Dispatcher. Each ``map`` call sends its batches to the least-loaded workers,
+never more than ``max_in_flight`` per worker, retries a batch whose worker died
+on another worker (while the master replaces the dead one) and returns the
+results in input order. The master is only contacted when a worker dies.
+
+What the model raises is never retried as a worker death. ``on_error="raise"``
+fails the call naming the first row the model fails on (found by splitting the
+batch); ``on_error="null"`` splits the batch until the failing rows stand alone
+and returns a :class:`Partial` result with None for them.
+
+Example:
+    >>> d = Dispatcher(master, ray.get(master.workers.remote()), UDFConf(), model_refs=refs, function="digits")  # doctest: +SKIP
+    >>> [r.shape for r in d.map([np.zeros((4, 64)), np.zeros((2, 64))])]              # doctest: +SKIP
+    [(4, 10), (2, 10)]
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ray
+
+from udf_engine.actors.failures import Failed, resolve, user_error
+from udf_engine.actors.worker import CONTROL_TIMEOUT_S
+from udf_engine.errors import WorkerError, remote_cause
+from udf_engine.settings import UDFConf
+
+# One batch running and one queued behind it: the worker starts the next batch the
+# moment it finishes one, without waiting a round trip for it, while a slow worker
+# never hoards more than one batch that a faster worker could have taken.
+MAX_IN_FLIGHT_PER_WORKER = 2
+
+# How long a thread with nothing in flight sleeps before it checks again for a
+# free worker or a finished replacement (it is also woken as soon as either happens).
+_WAIT_TICK_S = 0.5
+# How long a worker Ray cannot reach (its node gone silent) gets no batches. It is not
+# dead until Ray says so, which for a lost node takes the GCS's missed heartbeats (~15 s);
+# meanwhile the other workers take its batches, and it is tried again after this pause.
+_UNREACHABLE_PAUSE_S = 5.0
+# How often one batch may find its worker unreachable before the query fails: ten pauses
+# is nearly a minute of a node that neither answers nor is declared dead.
+_MAX_UNREACHABLE = 10
+
+
+class Dispatcher:
+    """A thread-safe pool of worker handles with per-worker in-flight bounds."""
+
+    def __init__(
+        self,
+        master: Any,
+        workers: Sequence[tuple[str, Any]],
+        settings: UDFConf,
+        *,
+        model_refs: Sequence[Any] = (),
+        function: str = "",
+        master_life: str = "",
+        max_in_flight: int = MAX_IN_FLIGHT_PER_WORKER,
+    ) -> None:
+        self._master = master  # asked for a replacement when a worker dies
+        self._master_life = master_life  # the master's life() when last asked: another means it restarted
+        self._model_refs = list(model_refs)  # the model, handed to the master with each replacement (it may have restarted)
+        self._function = function  # the SQL name, for messages
+        self._max_retries = settings.max_retries  # times one batch may be resent after its worker died
+        self._max_in_flight = max_in_flight  # bound on batches in flight per worker
+        self._batch_timeout_s = settings.batch_timeout_s  # how long a worker may go without finishing a batch it holds
+        self._on_error = settings.on_error  # "raise" or "null": what a model error on some rows does
+        self._handles: dict[str, Any] = dict(workers)  # live workers by id; a dead one never returns
+        self._in_flight: dict[str, int] = {w: 0 for w in self._handles}  # batches sent, not yet back
+        self._sent: dict[str, int] = {w: 0 for w in self._handles}  # all batches ever sent (tie-break)
+        self._progress: dict[str, float] = {}  # when each worker last finished a batch (for batch_timeout_s)
+        self._paused: dict[str, float] = {}  # workers Ray could not reach, and until when they get no batches
+        self._replacing: set[str] = set()  # dead workers whose replacement is starting
+        self._dead: set[str] = set()  # every worker known dead: never back in the pool
+        self._died_together: set[str] = set()  # workers that died with others (their master's death): no batch's fault
+        self._replace_error: BaseException | None = None  # why the last replacement failed
+        self._cond = threading.Condition()
+
+    # -- public verbs -------------------------------------------------------------
+
+    def workers(self) -> list[tuple[str, Any]]:
+        """The live workers as (worker_id, handle) pairs."""
+        with self._cond:
+            return list(self._handles.items())
+
+    def map(self, batches: Sequence[Any]) -> list[Any]:
+        """Score every batch on some worker; results come back in input order.
+
+        A batch the model failed on gives a :class:`Partial` (``on_error="null"``) or
+        raises a ModelError naming its first failing row and where it is in this call.
+        """
+        return resolve(batches, self._run(batches), self._run, self._on_error)
+
+    def scan(self, tasks: Sequence[Any]) -> Iterator[Any]:
+        """Run each task on some worker (``worker.scan(task)``: it reads and scores its own rows);
+        results are yielded in task order as they arrive. A task whose worker dies runs again
+        on another, and its result is taken once: no task is lost or counted twice."""
+        arrived: dict[int, Any] = {}
+        following = 0
+        for index, outcome in self._outcomes(tasks, "scan"):
+            if isinstance(outcome, Failed):
+                raise outcome.error
+            arrived[index] = outcome
+            while following in arrived:
+                yield arrived.pop(following)
+                following += 1
+
+    def ask_all(self, method: str, *args: Any) -> list[Any]:
+        """The answers to a control call (``can_read``, ``stats``) of the workers that answer; one
+        Ray says is dead leaves the pool (and is replaced), one it cannot reach is left out."""
+        asked = {getattr(handle, method).remote(*args): worker_id for worker_id, handle in self.workers()}
+        if not asked:
+            return []
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=CONTROL_TIMEOUT_S)
+        answers = []
+        for ref in answered:
+            try:
+                answers.append(ray.get(ref))
+            except ray.exceptions.ActorUnavailableError:
+                continue
+            except ray.exceptions.RayActorError:
+                self._worker_died(asked[ref], sweep=False)
+        return answers
+
+    # -- sending batches -------------------------------------------------------------
+
+    def _run(self, batches: Sequence[Any]) -> list[Any]:
+        """Each batch's output, or Failed where the model raised; worker deaths are retried."""
+        results: list[Any] = [None] * len(batches)
+        for index, outcome in self._outcomes(batches, "apply"):
+            results[index] = outcome
+        return results
+
+    def _outcomes(self, batches: Sequence[Any], method: str) -> Iterator[tuple[int, Any]]:
+        """(index, output or Failed) for each batch as ``worker.<method>(batch)`` returns it; worker deaths are retried."""
+        retries = [0] * len(batches)
+        unreachable = [0] * len(batches)
+        blamed: set[str] = set()  # dead workers whose death a batch has been blamed for
+        todo = deque(range(len(batches)))
+        pending: dict[ray.ObjectRef, tuple[int, str, float]] = {}  # ref -> (batch index, worker, sent at)
+        try:
+            while todo or pending:
+                while todo:
+                    slot = self._acquire()
+                    if slot is None:
+                        break
+                    worker_id, handle = slot
+                    index = todo.popleft()
+                    pending[getattr(handle, method).remote(batches[index])] = (index, worker_id, time.monotonic())
+                if not pending:
+                    self._wait_for_free()
+                    continue
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=self._wait_s(pending))
+                if not done:
+                    self._fail_hung(pending)
+                    continue
+                for ref in done:
+                    index, worker_id, sent = pending.pop(ref)
+                    try:
+                        outcome = ray.get(ref)
+                    except ray.exceptions.ActorUnavailableError:
+                        self._pause(worker_id)  # not dead (Ray has not said so), only unreachable for now
+                        unreachable[index] += 1
+                        if unreachable[index] > _MAX_UNREACHABLE:
+                            raise WorkerError(
+                                f"function {self._function}: a batch found its worker unreachable {unreachable[index]} times"
+                            ) from None
+                        todo.appendleft(index)
+                        continue
+                    except ray.exceptions.RayActorError:
+                        self._worker_died(worker_id)
+                        if worker_id not in blamed and worker_id not in self._died_together:
+                            # A poison batch kills the worker running it, alone: the batch sent to it first (a worker
+                            # runs its batches in turn) takes the blame, not the one queued behind it.
+                            blamed.add(worker_id)
+                            queued = [(t, i) for i, w, t in pending.values() if w == worker_id]
+                            retries[min([(sent, index), *queued])[1]] += 1
+                        if (lost := retries[index]) > self._max_retries:
+                            raise WorkerError(
+                                f"function {self._function}: a batch of {len(batches[index])} rows lost its worker "
+                                f"{lost} time{'' if lost == 1 else 's'} (max_retries={self._max_retries}): a poison batch that kills "
+                                "the worker scoring it, or workers dying for another reason (see !workers)"
+                            ) from None
+                        todo.appendleft(index)
+                        continue
+                    except ray.exceptions.RayTaskError as err:
+                        self._release(worker_id, finished=True)
+                        yield index, Failed(user_error(err, self._function))
+                        continue
+                    self._release(worker_id, finished=True)
+                    yield index, outcome
+        finally:
+            for _, worker_id, _ in pending.values():
+                self._release(worker_id)
+
+    def _wait_s(self, pending: dict) -> float | None:
+        """How long to wait for a result before checking for a hung batch (None: no limit)."""
+        if self._batch_timeout_s is None:
+            return None
+        now = time.monotonic()
+        return max(0.0, min(self._deadline(w, sent) for _, w, sent in pending.values()) - now)
+
+    def _deadline(self, worker_id: str, sent: float) -> float:
+        """When a batch sent at ``sent`` counts as hung: its worker finished nothing since then for too long."""
+        with self._cond:
+            last = self._progress.get(worker_id, sent)
+        return max(sent, last) + self._batch_timeout_s
+
+    def _fail_hung(self, pending: dict) -> None:
+        """Raise for a batch past its deadline, after killing its worker (which gets replaced)."""
+        now = time.monotonic()
+        for _, worker_id, sent in pending.values():
+            if self._deadline(worker_id, sent) <= now:
+                handle = self._handles.get(worker_id)
+                if handle is not None:
+                    ray.kill(handle)
+                    self._worker_died(worker_id)  # out of the pool now, and replaced
+                raise WorkerError(
+                    f"function {self._function}: a batch ran longer than batch_timeout_s={self._batch_timeout_s:g} s "
+                    f"on worker {worker_id}; the worker was stopped and will be replaced"
+                )
+
+    # -- the pool ----------------------------------------------------------------------
+
+    def _acquire(self) -> tuple[str, Any] | None:
+        """Take a slot on the least-loaded worker, or None when all are full (or paused)."""
+        with self._cond:
+            free = [w for w in self._usable() if self._in_flight[w] < self._max_in_flight]
+            if not free:
+                return None
+            worker_id = min(free, key=lambda w: (self._in_flight[w], self._sent[w]))
+            self._in_flight[worker_id] += 1
+            self._sent[worker_id] += 1
+            return worker_id, self._handles[worker_id]
+
+    def _release(self, worker_id: str, *, finished: bool = False) -> None:
+        with self._cond:
+            if finished:
+                self._progress[worker_id] = time.monotonic()
+            if worker_id in self._in_flight:
+                self._in_flight[worker_id] -= 1
+                self._cond.notify_all()
+
+    def _usable(self) -> list[str]:
+        """The workers that may get batches now (called holding the lock)."""
+        now = time.monotonic()
+        return [w for w in self._in_flight if self._paused.get(w, 0.0) <= now]
+
+    def _pause(self, worker_id: str) -> None:
+        with self._cond:
+            self._paused[worker_id] = time.monotonic() + _UNREACHABLE_PAUSE_S
+        self._release(worker_id)
+
+    def _wait_for_free(self) -> None:
+        """Block until a worker has a free slot; fail when none is left or coming."""
+        with self._cond:
+            while not any(self._in_flight[w] < self._max_in_flight for w in self._usable()):
+                if not self._handles and not self._replacing:
+                    raise WorkerError(
+                        f"function {self._function}: every worker died and none could be replaced"
+                        + (f": {self._replace_error}" if self._replace_error else "")
+                    )
+                self._cond.wait(_WAIT_TICK_S)
+
+    def _worker_died(self, worker_id: str, *, sweep: bool = True) -> None:
+        """Drop a dead worker from the pool and ask the master for a replacement (once).
+
+        Workers die together when their master does: the master is asked whether it restarted
+        and the other workers whether they live, so that no batch takes the blame for their
+        deaths (a batch is not sent to each dead one in turn, using up its retries), even when
+        the master held only this one worker at the time.
+        """
+        with self._cond:
+            if worker_id not in self._handles:
+                return
+            del self._handles[worker_id], self._in_flight[worker_id], self._sent[worker_id]
+            self._dead.add(worker_id)
+            self._replacing.add(worker_id)
+        threading.Thread(target=self._replace, args=(worker_id,), daemon=True).start()
+        if sweep:
+            with self._cond:
+                known = set(self._dead)
+            restarted = self._master_restarted()
+            self._sweep()
+            with self._cond:
+                others = self._dead - known
+                if others or restarted:
+                    self._died_together |= others | {worker_id}
+
+    def _master_restarted(self) -> bool:
+        """Whether the master has restarted since it was last asked (Ray holds the call while it restarts)."""
+        try:
+            life = ray.get(self._master.life.remote(), timeout=CONTROL_TIMEOUT_S)
+        except ray.exceptions.RayError:  # gone for good, or not back in time: its workers went with it
+            return True
+        with self._cond:
+            restarted, self._master_life = life != self._master_life, life
+        return restarted
+
+    def _sweep(self) -> None:
+        """Drop every worker Ray says is dead, asking each with a control call."""
+        self.ask_all("stats")
+
+    def _replace(self, dead_id: str) -> None:
+        """Get the dead worker's replacement, then the master's whole list: after the master
+        itself restarted, every worker it had is gone and the list holds their successors."""
+        try:
+            ray.get(self._master.replace.remote(dead_id, self._model_refs))
+            current = dict(ray.get(self._master.workers.remote()))
+            error = None
+        except BaseException as err:  # noqa: BLE001 - reported to the waiting threads (SystemExit: Ray shut down)
+            current, error = None, remote_cause(err)
+        with self._cond:
+            self._replacing.discard(dead_id)
+            self._replace_error = error  # the latest attempt's outcome: None once one succeeds
+            if current is not None:
+                for gone in set(self._handles) - set(current):
+                    del self._handles[gone], self._in_flight[gone], self._sent[gone]
+                for worker_id, handle in current.items():
+                    if worker_id not in self._handles and worker_id not in self._dead:
+                        self._handles[worker_id] = handle
+                        self._in_flight[worker_id] = 0
+                        self._sent[worker_id] = 0
+            self._cond.notify_all()

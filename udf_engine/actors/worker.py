@@ -1,0 +1,213 @@
+"""UDFWorker: the Ray actor that loads a model once and scores batches with it.
+
+Its control calls (``ready``, ``stats``) run in a concurrency group of their own, so they
+are answered while a batch runs: a busy worker is never mistaken for a dead one.
+
+Example:
+    >>> Worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(UDFWorker)  # doctest: +SKIP
+    >>> w = Worker.remote("w0", init, apply, model_refs, conf)               # doctest: +SKIP
+    >>> ray.get(w.ready.remote())["input_width"]                # doctest: +SKIP
+    64
+    >>> ray.get(w.apply.remote(np.zeros((4, 64)))).shape        # doctest: +SKIP
+    (4, 10)
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from threadpoolctl import threadpool_limits
+
+from udf_engine.actors.failures import Failed, resolve, user_error
+from udf_engine.models.loaders import MATH_THREADS, RowWiseApply, input_width, load_info
+from udf_engine.settings import UDFConf
+
+# Control calls get one thread of their own beside the one that runs batches.
+CONTROL = "control"
+CONCURRENCY_GROUPS = {CONTROL: 1}
+# How long to wait for a worker's answer to a control call (stats, can_read). A live worker answers
+# at once, as the call runs beside any batch; a worker just killed gets Ray's verdict (an actor
+# error) within a second or two, more on a loaded machine, and that verdict is what tells a death
+# (its own, or its siblings' when their master died) from a worker that is only slow. One that
+# neither answers nor errs in time is reported as not answering, never taken for dead.
+CONTROL_TIMEOUT_S = 10.0
+
+_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+)
+# TensorFlow given a single intra-op thread runs its kernels inline, about 25% slower
+# per core than with a pool of two, even when both threads share one core
+# (Keras MLP 784->512->10 pinned to one core: 1.37 s against 1.07 s per 100k rows).
+_TF_MIN_INTRAOP_THREADS = 2
+
+
+def math_threads(num_cpus: float, workers: int, cores: int) -> int:
+    """The threads a worker's math libraries get: the node's cores shared among the UDF's
+    workers, and never fewer than the CPUs it reserved.
+
+    The reservation (``num_cpus``) may be a small fraction, so that idle workers of
+    several models fit on a laptop; a worker that scores still uses its share of the cores.
+    Two workers on a 2-core machine each get one thread: more would oversubscribe the
+    cores and run slower than one worker.
+
+    Example:
+        >>> math_threads(0.25, workers=2, cores=2), math_threads(0.25, workers=1, cores=2), math_threads(4, workers=2, cores=2)
+        (1, 2, 4)
+    """
+    return max(1, math.ceil(num_cpus), cores // max(workers, 1))
+
+
+def limit_math_threads(threads: int) -> None:
+    """Cap BLAS/OpenMP/TF thread pools at ``threads`` (TensorFlow keeps a pool of two)."""
+    for name in _THREAD_ENV:
+        os.environ[name] = str(threads)
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(max(_TF_MIN_INTRAOP_THREADS, threads))
+    threadpool_limits(threads)  # pools numpy already started ignore the env vars
+
+
+class UDFWorker:
+    """Holds one loaded model; ``apply`` scores a batch, ``stats`` reports its counters.
+
+    Started without a model (``init_func`` None) it is a warm spare (udf_engine.actors.warm_pool):
+    it imports ``imports`` (the model's framework) at once, and ``load`` gives it its model later.
+    """
+
+    def __init__(
+        self,
+        worker_id: str = "",
+        init_func: Callable[[Sequence[Any], dict], Any] | None = None,
+        apply_func: Callable[[Any, Any], Any] | None = None,
+        model_refs: Sequence[Any] = (),
+        conf: dict | None = None,
+        *,
+        imports: Sequence[str] = (),
+    ) -> None:
+        self._batches = 0  # batches scored by apply()
+        self._rows = 0  # rows in those batches
+        self._busy_s = 0.0  # wall time spent inside apply_func
+        self._errors = 0  # apply() calls that raised
+        self._scans = 0  # shares of a file source this worker read and scored itself (scan())
+        self._batch_started: float | None = None  # when the batch now running began (None: idle)
+        self._init_error: BaseException | None = None  # re-raised by ready()
+        self._model: Any = None
+        self._id, self._apply_func, self._threads, self._load_s = worker_id, apply_func, None, 0.0
+        self._on_error = UDFConf().on_error  # what scan() does with rows the model raises on
+        for module in imports:
+            importlib.import_module(module)
+        ctx = ray.get_runtime_context()
+        self._node = ctx.get_node_id()
+        self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if init_func is not None:
+            self._load(worker_id, init_func, apply_func, model_refs, conf or {})
+
+    def load(self, worker_id: str, init_func: Callable, apply_func: Callable, model_refs: Sequence[Any], conf: dict) -> dict:
+        """Give a warm spare its model; answers as ``ready`` does."""
+        self._load(worker_id, init_func, apply_func, model_refs, conf)
+        return self.ready()
+
+    def _load(self, worker_id: str, init_func: Callable, apply_func: Callable, model_refs: Sequence[Any], conf: dict) -> None:
+        self._id = worker_id  # stable name of this worker in stats and errors
+        self._apply_func = apply_func
+        settings = UDFConf.from_options(conf)
+        self._threads = math_threads(settings.num_cpus, settings.workers, len(os.sched_getaffinity(0)))
+        limit_math_threads(self._threads)
+        self._on_error = settings.on_error
+        started = time.perf_counter()
+        try:
+            self._model = init_func(model_refs, {**conf, MATH_THREADS: self._threads})
+        except BaseException as err:  # noqa: BLE001 - reported by ready(), so the master sees the real cause
+            self._init_error = err
+        self._load_s = time.perf_counter() - started
+
+    @ray.method(concurrency_group=CONTROL)
+    def ready(self) -> dict:
+        """Raise the model's load error, or describe the loaded model (``model``: what its loader
+        recorded, e.g. the ONNX providers chosen)."""
+        if self._init_error is not None:
+            raise self._init_error
+        # a row-wise function takes whatever one row holds, so no width is promised
+        width = None if isinstance(self._apply_func, RowWiseApply) else input_width(self._model)
+        return {"worker": self._id, "input_width": width, "load_s": self._load_s, "model": load_info(self._model)}
+
+    def apply(self, batch: Any) -> Any:
+        """Score one batch and count it."""
+        result = self._busy(self._apply_func, self._model, batch)
+        self._batches += 1
+        self._rows += len(batch)
+        return result
+
+    def scan(self, task: Any) -> Any:
+        """Read and score one share of a query's file source in this process: ``task.run(score, threads)``,
+        where ``score(batches)`` gives each batch's output as ``apply`` does, with rows the model
+        raises on handled by ``on_error`` here (see arrow_bridge.share_scan), and ``threads`` are
+        this worker's math threads."""
+        result = self._busy(task.run, lambda batches: self._score(batches, task.function), self._threads)
+        self._scans += 1
+        self._rows += result.rows
+        return result
+
+    def _busy(self, work: Callable, *args: Any) -> Any:
+        """``work(*args)``, timed as the running batch (``batch_running_s``, ``busy_s``), counted if it raises."""
+        started = self._batch_started = time.perf_counter()
+        try:
+            return work(*args)
+        except BaseException:
+            self._errors += 1
+            raise
+        finally:
+            self._batch_started = None
+            self._busy_s += time.perf_counter() - started
+
+    def _score(self, batches: Sequence[Any], function: str) -> list[Any]:
+        self._batches += len(batches)
+
+        def run(parts: Sequence[Any]) -> list[Any]:
+            outcomes = []
+            for part in parts:
+                try:
+                    outcomes.append(self._apply_func(self._model, part))
+                except Exception as err:  # noqa: BLE001 - what the model raised, handled as on_error says
+                    outcomes.append(Failed(user_error(err, function)))
+            return outcomes
+
+        return resolve(batches, run(batches), run, self._on_error)
+
+    @ray.method(concurrency_group=CONTROL)
+    def can_read(self, files: Sequence[tuple[str, int]]) -> bool:
+        """Whether every (path, size) is a file of that size here: the driver saw the same file."""
+        try:
+            return all(os.path.getsize(path) == size for path, size in files)
+        except OSError:
+            return False
+
+    def probe(self, batch: Any) -> Any:
+        """Score a sample batch without counting it (used to infer the return type)."""
+        return self._apply_func(self._model, batch)
+
+    @ray.method(concurrency_group=CONTROL)
+    def stats(self) -> dict:
+        """This worker's counters, node and GPU ids, and how long the batch it runs has run."""
+        started = self._batch_started
+        return {
+            "worker": self._id,
+            "node": self._node,
+            "pid": os.getpid(),
+            "gpu_ids": self._gpu_ids,
+            "threads": self._threads,
+            "batches": self._batches,
+            "scans": self._scans,
+            "rows": self._rows,
+            "busy_s": self._busy_s,
+            "batch_running_s": None if started is None else time.perf_counter() - started,
+            "errors": self._errors,
+            "load_s": self._load_s,
+        }
