@@ -29,8 +29,10 @@ from arrow_bridge.scoring import score_columns
 from arrow_bridge.types import arrow_type
 from udf_engine.errors import ModelError, RowError
 
-# What a worker's query reads from: the share's rows of one file, with their row numbers in it.
+# What a worker's query reads from: the share's rows of one file, with their row numbers in it
+# (DuckDB's own column, FILE_ROW, which read_parquet gives when asked).
 SHARE_VIEW = "__rayudf_share"
+FILE_ROW = "file_row_number"
 # The row number (in its file) of each row read, to name a row the model fails on.
 ROW_COLUMN = "__rayudf_row"
 # Names no user column takes: ours start with this.
@@ -96,7 +98,7 @@ class ShareScan:
         first, last = self.rows
         con.execute(
             f"CREATE OR REPLACE TEMP VIEW {SHARE_VIEW} AS SELECT * FROM read_parquet({quote_literal(self.file)}, "
-            f"file_row_number = true) WHERE file_row_number BETWEEN {int(first)} AND {int(last)}"
+            f"{FILE_ROW} = true) WHERE {FILE_ROW} BETWEEN {int(first)} AND {int(last)}"
         )
         read = con.sql(self.query).to_arrow_table()
         row_numbers = read[ROW_COLUMN]

@@ -193,7 +193,7 @@ def _idle_spare_mb(session, timeout_s: float = 120.0) -> tuple[float, float]:
 
     from udf_engine.actors.warm_pool import find_pool
 
-    pool = find_pool(f"rayudf.{session.registry._session_id}.pool")
+    pool = find_pool(session.registry.pool_name)
     deadline = time.monotonic() + timeout_s
     while not (spares := ray.get(pool.spares.remote())) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -54,7 +54,7 @@ class Context(Protocol):
         """Statement text as DuckDB SQL (substituted, translated from the script's dialect)."""
         ...
 
-    def run_python(self, input_table: str, output: str, options: dict[str, str]) -> pd.DataFrame | None:
+    def run_byzer_python(self, input_table: str, output: str, options: dict[str, str]) -> pd.DataFrame | None:
         """Byzer-python over a table, its output a table."""
         ...
 
@@ -122,7 +122,7 @@ def ray(context: Context, args: list[str]) -> pd.DataFrame | None:
     if len(args) != 5 or args[0].lower() != "on" or args[3].lower() != "named":
         raise ExecutionError("!ray: expected !ray on <table> '''<code>''' named <output>")
     _, table, code, _, output = args
-    return context.run_python(context.substituted(table), context.substituted(output), {"code": code})
+    return context.run_byzer_python(context.substituted(table), context.substituted(output), {"code": code})
 
 
 def plan(context: Context, args: list[str]) -> pd.DataFrame:

@@ -28,7 +28,7 @@ import duckdb
 import pandas as pd
 
 from arrow_bridge.quoting import quote_identifier
-from sql_magics.byzer import run_python
+from sql_magics.byzer.run_python import STATEMENT_OPTIONS, run_python
 from sql_magics.commands import run_command
 from sql_magics.errors import ExecutionError, ParseError, clean_duckdb_error
 from sql_magics.language import statements
@@ -260,16 +260,16 @@ class Executor:
                 f"Python on Ray runs with run command as {statements.RAY}.`` where code='''...'''"
             )
         output = self.substituted(options.get("outputTable") or stmt.output)
-        return self.run_python(self.substituted(options.get("inputTable") or stmt.table), output, options)
+        return self.run_byzer_python(self.substituted(options.get("inputTable") or stmt.table), output, options)
 
-    def run_python(self, input_table: str, output: str, options: dict[str, str]) -> pd.DataFrame | None:
+    def run_byzer_python(self, input_table: str, output: str, options: dict[str, str]) -> pd.DataFrame | None:
         """Byzer-python: the code in ``options`` over ``input_table``; its output becomes table ``output``."""
         state = self.state
-        conf = {k: v for k, v in options.items() if k not in run_python.STATEMENT_OPTIONS}
+        conf = {k: v for k, v in options.items() if k not in STATEMENT_OPTIONS}
         conf = {**({"env": dict(state.python_env)} if state.python_env else {}), **state.python_conf, **conf}
         # Not a turn on the connection for the whole run: training may take hours, and the
         # session's other statements (and model versions draining) need not wait for it.
-        run_python.run_python(
+        run_python(
             self.db, self.registry.runtime, conf, code=options.get("code", ""), input_table=input_table, output_table=output
         )
         if statements.PYTHON_ENV in options:

@@ -4,6 +4,8 @@ wing only the wings below it, nothing imports the fronts, and no modules import 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,7 +67,7 @@ def files(*prefixes: str, but: tuple[str, ...] = ()) -> list[Path]:
     ],
 )
 def test_packages_depend_one_way(package, forbidden):
-    offenders = {p.name: imports_any(p, forbidden) for p in files(package)}
+    offenders = {module_name(p): imports_any(p, forbidden) for p in files(package)}
     assert {name: found for name, found in offenders.items() if found} == {}
 
 
@@ -73,7 +75,12 @@ SQL = "sql_magics"
 # The surface calls these; they never import it: the executor side never reaches back into the Session.
 SURFACE = (f"{SQL}.session", f"{SQL}.front")
 TOP = (f"{SQL}.executor", f"{SQL}.commands", *SURFACE)
+WINGS = tuple(f"{SQL}.{wing}" for wing in ("language", "tables", "models", "planner", "byzer", "front"))
 WING_RULES = {
+    # the ground every wing may stand on
+    f"{SQL}.errors": (*WINGS, f"{SQL}.state", f"{SQL}.handoff", *TOP),
+    f"{SQL}.handoff": (*WINGS, f"{SQL}.state", f"{SQL}.errors", *TOP),
+    f"{SQL}.state": (*(w for w in WINGS if w != f"{SQL}.language"), *TOP),
     # each wing, lowest first, and what it must not import: the wings above it and the top
     f"{SQL}.language": (f"{SQL}.state", f"{SQL}.tables", f"{SQL}.models", f"{SQL}.planner", f"{SQL}.byzer", *TOP),
     f"{SQL}.tables": (f"{SQL}.models", f"{SQL}.planner", f"{SQL}.byzer", *TOP),
@@ -93,6 +100,14 @@ WING_RULES = {
 def test_wings_import_only_the_wings_below_them(wing):
     offenders = {module_name(p): imports_any(p, WING_RULES[wing]) for p in files(wing)}
     assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_a_share_scan_in_a_worker_imports_no_function_lifecycle_nor_dispatcher():
+    """A worker reading its share imports what scoring needs, not the registration side."""
+    code = "import sys, arrow_bridge.share_scan; print(' '.join(sorted(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
+    unwanted = ("arrow_bridge.function", "udf_engine.actors.dispatcher", "udf_engine.actors.builder", "udf_engine.actors.master")
+    assert "arrow_bridge.scoring" in loaded and [m for m in unwanted if m in loaded] == []
 
 
 def test_nothing_imports_the_fronts():

@@ -21,7 +21,7 @@ from conftest import WORKER_CPUS, Weighted, save_pickled
 def pool_of(session):
     from udf_engine.actors.warm_pool import find_pool
 
-    return find_pool(f"rayudf.{session.registry._session_id}.pool")
+    return find_pool(session.registry.pool_name)
 
 
 def spare_pids(session, count: int, timeout_s: float = 120.0) -> list[int]:

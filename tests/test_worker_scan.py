@@ -195,38 +195,70 @@ def test_a_worker_killed_during_a_worker_scan_loses_no_row(session, register, mo
     assert sum(s["replaced"] for s in stats) >= 1 and victim not in [s["pid"] for s in stats]
 
 
+class ReshapedTrees:
+    """A DuckDB connection whose json_serialize_sql answers in another shape, as another release might."""
+
+    def __init__(self, con) -> None:
+        self._con = con
+
+    def execute(self, sql, *args):
+        if "json_serialize_sql" in sql:
+            return self._con.execute("""SELECT '{"error": false, "stmts": []}'""")
+        return self._con.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+
+
 def test_a_parse_tree_of_another_shape_runs_as_written_and_says_why(session, linear, files):
     """A DuckDB release that reshapes its parse trees must not fail model queries: they take the driver path."""
-    from sql_magics.planner.plan import FunctionCatalog, plan_query
+    from sql_magics.planner.plan import plan, plan_query
     from sql_magics.planner.tree import parse
 
     root, _ = files
-    con, functions, catalog = session.con, session.registry.model_functions(), FunctionCatalog(session.con)
+    con, functions = session.con, session.registry.model_functions()
     query = SHAPES["group by"].format(root=root)
-    assert plan_query(con, parse(con, query), functions, catalog).path == "workers"
+    assert plan_query(con, parse(con, query), functions).path == "workers"
+
+    planned = plan(ReshapedTrees(con), query, functions)  # the statement list renamed
+    assert planned.path == "driver" and "parse tree has a shape this planner does not read (KeyError: 'statements')" in planned.reason
 
     renamed = parse(con, query)
-    renamed["grouping_expressions"] = renamed.pop("group_expressions")  # as if DuckDB had renamed the key
-    planned = plan_query(con, renamed, functions, catalog)
+    renamed["grouping_expressions"] = renamed.pop("group_expressions")  # a key renamed
+    planned = plan_query(con, renamed, functions)
     assert planned.path == "driver"
     assert "parse tree has a shape this planner does not read (KeyError: 'group_expressions')" in planned.reason
 
     listed = parse(con, query)
     listed["from_table"] = [listed["from_table"]]  # a list where a dict was
-    assert plan_query(con, listed, functions, catalog).path == "driver"
+    assert plan_query(con, listed, functions).path == "driver"
 
     unknown = parse(con, SHAPES["projection and filter"].format(root=root))
     unknown["where_clause"]["children"][0]["type"] = "COMPARE_NOT_KNOWN_TO_DUCKDB"  # one DuckDB will not print back
-    planned = plan_query(con, unknown, functions, catalog)
+    planned = plan_query(con, unknown, functions)
     assert planned.path == "driver" and "DuckDB does not print the rewritten statement back" in planned.reason
 
 
-def test_the_statement_splitter_leaves_what_the_tokenizer_refuses_to_duckdb_and_nothing_else():
-    from sql_magics.planner.plan import split_statement
+def test_a_source_duckdb_cannot_describe_runs_as_written_and_duckdb_says_why(session, linear, tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    query = f"select lin(a, b, c) as p from '{bad}'"
+    planned = plan_of(session, query)
+    assert planned["path"] == "driver" and "DuckDB refused a question of the planner" in planned["reason"], planned
+    with pytest.raises(ExecutionError, match=r"^line 1: .*bad\.parquet"):
+        session.sql(query)
 
-    assert split_statement("select 'unterminated from t") == ("select 'unterminated from t", "", "")
+
+def test_the_statement_splitter_leaves_what_the_tokenizer_refuses_to_duckdb_and_nothing_else(session, linear):
+    from sql_magics.planner.plan import split_statement
+    from sql_magics.planner.tree import NotEligible
+
+    with pytest.raises(NotEligible, match="our tokenizer does not read it"):
+        split_statement("select 'unterminated from t")
     with pytest.raises(TypeError):  # a fault of ours is not taken for a statement DuckDB should judge
         split_statement(None)
+    planned = plan_of(session, "select lin(a, b, c) from 'x.parquet' where a = \"unterminated")
+    assert planned["path"] == "driver" and "our tokenizer does not read it" in planned["reason"]
 
 
 def test_a_query_with_parameters_runs_on_the_driver_and_plan_says_so(session, linear, files):
@@ -246,8 +278,8 @@ def test_functions_only_the_session_has_stay_with_the_driver(session, linear, fi
     arguments calling them keep the query on the driver, filters calling them are not pushed to the workers."""
     root, values = files
     path = f"{root}/part-0.parquet"
-    assert plan_of(session, f"select lin(a, b, c) from '{path}'")["path"] == "workers"  # the catalog is read now
-    session.sql("create or replace macro twice(x) as 2 * x")
+    assert plan_of(session, f"select lin(a, b, c) from '{path}'")["path"] == "workers"
+    session.con.execute("create or replace macro twice(x) as 2 * x")  # made on the connection directly, past the session
     session.sql("register ScriptUDF.`` as halve where lang=\"python\" and returns=\"DOUBLE\" and code='''def apply(x): return x / 2'''")
     try:
         a, b, c = values[:6000].T
@@ -265,7 +297,7 @@ def test_functions_only_the_session_has_stay_with_the_driver(session, linear, fi
         assert result["id"].tolist() == np.flatnonzero(a / 2 > 0.25).tolist()
         np.testing.assert_array_equal(np.stack(result["p"].to_numpy()), linear_model().predict(values[:6000][a / 2 > 0.25]))
     finally:
-        session.sql("drop macro twice")
+        session.con.execute("drop macro twice")
         session.unregister("halve")
 
 

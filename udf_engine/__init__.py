@@ -7,26 +7,47 @@ builder, master, workers, dispatcher and warm pool) and ``byzer/`` (MLSQL's ``Ra
 and the ``pyjava`` import names); beside them ``errors``, ``settings``, ``ray_runtime`` and
 ``resources``, which every wing may use.
 
+The names below are imported when first asked for: a process that needs one module (a worker
+scanning its share, say) does not import the builder, the dispatcher and the rest with it.
+
 Example:
     >>> from udf_engine import RayContext, UDFBuilder, UDFBuildInFunc, model_rows, put_model
     >>> ctx = RayContext("digits", {"workers": 2}, model_refs=put_model(model_rows("m.keras")))  # doctest: +SKIP
     >>> udf = UDFBuilder.build(ctx, UDFBuildInFunc.init_tf, UDFBuildInFunc.predict)              # doctest: +SKIP
 """
 
-from udf_engine.actors.builder import RemoteUDF, UDFBuilder, put_model
-from udf_engine.actors.dispatcher import Dispatcher
-from udf_engine.actors.master import UDFMaster
-from udf_engine.actors.worker import UDFWorker
-from udf_engine.byzer.ray_context import DataServer, PythonContext, RayContext
-from udf_engine.errors import ConfigError, InputError, ModelError, RayUDFError, ResourceError, RowError, WorkerError
-from udf_engine.models.loaders import UDFBuildInFunc
-from udf_engine.models.store import detect_format, materialize, model_meta, model_rows, read_model_rows, save_model
-from udf_engine.ray_runtime import NAMESPACE, RayRuntime
-from udf_engine.settings import OPTIONS, UDFConf
+from __future__ import annotations
 
-__all__ = [
-    "ConfigError", "DataServer", "Dispatcher", "InputError", "ModelError", "NAMESPACE", "OPTIONS",
-    "PythonContext", "RayContext", "RayRuntime", "RayUDFError", "RemoteUDF", "ResourceError", "RowError",
-    "UDFBuildInFunc", "UDFBuilder", "UDFConf", "UDFMaster", "UDFWorker", "WorkerError", "detect_format",
-    "materialize", "model_meta", "model_rows", "put_model", "read_model_rows", "save_model",
-]
+import importlib
+from typing import Any
+
+# The public names, and the module each lives in.
+_EXPORTS = {
+    **dict.fromkeys(("RemoteUDF", "UDFBuilder", "put_model"), "udf_engine.actors.builder"),
+    "Dispatcher": "udf_engine.actors.dispatcher",
+    "UDFMaster": "udf_engine.actors.master",
+    "UDFWorker": "udf_engine.actors.worker",
+    **dict.fromkeys(("DataServer", "PythonContext", "RayContext"), "udf_engine.byzer.ray_context"),
+    **dict.fromkeys(
+        ("ConfigError", "InputError", "ModelError", "RayUDFError", "ResourceError", "RowError", "WorkerError"), "udf_engine.errors"
+    ),
+    "UDFBuildInFunc": "udf_engine.models.loaders",
+    **dict.fromkeys(
+        ("detect_format", "materialize", "model_meta", "model_rows", "read_model_rows", "save_model"), "udf_engine.models.store"
+    ),
+    **dict.fromkeys(("NAMESPACE", "RayRuntime"), "udf_engine.ray_runtime"),
+    **dict.fromkeys(("OPTIONS", "UDFConf"), "udf_engine.settings"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'udf_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # asked once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

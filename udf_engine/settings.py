@@ -31,6 +31,9 @@ class Option:
     aliases: tuple[str, ...] = ()
 
 
+# What a model error on some rows does: fail the query (the default), or leave those rows NULL.
+ON_ERROR = (RAISE, NULL) = ("raise", "null")
+
 OPTIONS: tuple[Option, ...] = (
     Option("workers", 2, int, "number of UDFWorker actors holding the model", ("maxConcurrency",)),
     Option(
@@ -48,9 +51,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("startup_timeout_s", 300.0, float, "seconds to wait for workers to load the model"),
     Option("batch_timeout_s", None, float, "seconds a batch may run before the query fails naming it (none: no limit)"),
-    Option("on_error", "raise", str, 'when the model raises on some rows: "raise" fails the query, "null" gives NULL for those rows'),
+    Option("on_error", RAISE, str, f'when the model raises on some rows: "{RAISE}" fails the query, "{NULL}" gives NULL for those rows'),
 )
-ON_ERROR = ("raise", "null")
 # The model method an apply_func calls unless the registration names another (method="predict_proba").
 DEFAULT_METHOD = "predict"
 

@@ -17,7 +17,8 @@ from typing import ClassVar
 
 SAVE_MODES = ("overwrite", "append", "errorIfExists", "ignore")
 """The modes of ``save``, as written in scripts (matched without regard to case)."""
-DEFAULT_SAVE_MODE = "errorIfExists"
+OVERWRITE, APPEND, ERROR_IF_EXISTS, IGNORE = SAVE_MODES
+DEFAULT_SAVE_MODE = ERROR_IF_EXISTS
 OUTPUT_TABLE = "output"
 """The table a script shows the rows of, Byzer's way (``select ... as output``)."""
 RAY = "Ray"

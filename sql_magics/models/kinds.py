@@ -99,7 +99,8 @@ def register_ray(registry: FunctionRegistry, state: ScriptState, function: str, 
     conf = {**state.python_conf, **{k: v for k, v in options.items() if k not in _CODE_OPTIONS}}
 
     def build() -> RemoteUDF:
-        context = registry.ray_context(function, conf, rows, row_wise=True)
+        # MLSQL's apply_func is written for one row; foreach/map_iter tasks of the code see the pyjava names
+        context = registry.ray_context(function, conf, rows, row_wise=True, names=pyjava_modules)
         namespace = {"__name__": f"__rayudf_register_{function}__", "context": context}
         try:
             with pyjava_modules():

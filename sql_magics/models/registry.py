@@ -93,7 +93,7 @@ class FunctionRegistry:
         self._lock = threading.Lock()  # guards _functions, _registrations, _attempts and _unbusy
         self._changes = threading.RLock()  # one registration or removal at a time; taken before Database.exclusive
         self._scored = RowCounter()  # rows scored by every model function of this registry
-        self._pool_name = actor_name(session_id, "pool")  # the session's warm pool (udf_engine.actors.warm_pool)
+        self.pool_name = actor_name(session_id, "pool")  # the session's warm pool (udf_engine.actors.warm_pool)
         self._pool: Any = None  # its handle, once started
         self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising
 
@@ -168,9 +168,9 @@ class FunctionRegistry:
                 return add(build())
         return add(udf)
 
-    def ray_context(self, function: str, conf: dict, rows: list[dict], *, row_wise: bool = False) -> RayContext:
+    def ray_context(self, function: str, conf: dict, rows: list[dict], **more: Any) -> RayContext:
         """The context to build ``function`` in: this registry's Ray and actor names, the model rows in
-        the object store, and the workers' environment."""
+        the object store, and the workers' environment; ``more`` are RayContext's other fields (``row_wise``, ``names``)."""
         self.runtime.ensure()
         return RayContext(
             function,
@@ -179,15 +179,15 @@ class FunctionRegistry:
             actor_prefix=f"{self.actor_prefix(function)}.r{self._next_registration(function)}",
             runtime=self.runtime,
             warm_pool=self._warm_pool(),
-            row_wise=row_wise,
+            **more,
         )
 
     def _warm_pool(self) -> str:
         """The name of this session's warm pool, started with the first registration (Ray stops an
         actor nobody holds a handle of, so the registry holds one)."""
         if self._pool is None:  # once: a second start would hand back a handle that does not own it
-            self._pool = start_pool(self._pool_name)
-        return self._pool_name
+            self._pool = start_pool(self.pool_name)
+        return self.pool_name
 
     def add_udf(self, function: str, udf: RemoteUDF, *, kind: str, path: str, options: dict) -> RegisteredFunction:
         """Make a built UDF callable from SQL, as a new version if the name exists; on failure its workers stop."""
@@ -251,7 +251,6 @@ class FunctionRegistry:
             except duckdb.Error as err:  # e.g. a function of that name made on the connection directly
                 raise ExecutionError(f"register {function}: {clean_duckdb_error(err)}") from None
             finally:
-                self.db.functions_changed()
                 if old is not None:
                     self._retire(old)
             self._add(registered)
@@ -284,7 +283,6 @@ class FunctionRegistry:
             try:
                 self.db.con.remove_function(function)
             finally:
-                self.db.functions_changed()
                 self._retire(registered)
 
     def close(self) -> None:
@@ -297,7 +295,7 @@ class FunctionRegistry:
                 self._retire(function)
             except Exception as err:  # noqa: BLE001 - the other functions' workers must stop all the same
                 failures.append(f"{function.name}: {err}")
-        stop_pool(self._pool_name)
+        stop_pool(self.pool_name)
         self._pool = None
         if failures:
             raise WorkerError("could not stop the workers of " + "; ".join(failures))

@@ -13,10 +13,10 @@ the driver calling the model; :attr:`Plan.reason` says why, and ``!plan '''<quer
 
 Example:
     >>> con = duckdb.connect()
-    >>> plan(con, "select 42", {}, FunctionCatalog(con)).reason
+    >>> plan(con, "select 42", {}).reason
     'no model function call'
-    >>> planned = plan(con, "select id, f(image) as p from read_parquet('t/*.parquet') where id > 5", functions, catalog)  # doctest: +SKIP
-    >>> planned.path, planned.statement                                                                                     # doctest: +SKIP
+    >>> planned = plan(con, "select id, f(image) as p from read_parquet('t/*.parquet') where id > 5", functions)  # doctest: +SKIP
+    >>> planned.path, planned.statement                                                                            # doctest: +SKIP
     ('workers', 'SELECT id, __rayudf_s0 AS p FROM __rayudf_scan_1f2e3d WHERE (id > 5)')
 """
 
@@ -35,11 +35,11 @@ import pyarrow as pa
 
 from arrow_bridge.function import ModelFunction
 from arrow_bridge.quoting import quote_literal
-from arrow_bridge.share_scan import PREFIX, ROW_COLUMN, SHARE_VIEW, arg_column, score_column
+from arrow_bridge.share_scan import FILE_ROW, PREFIX, ROW_COLUMN, SHARE_VIEW, arg_column, score_column
 from sql_magics.errors import ParseError
 from sql_magics.language.tokens import OP, WORD, tokenize
+from sql_magics.planner.parquet import files_of, inline_views, parquet_source
 from sql_magics.planner.shares import Share, shares_of
-from sql_magics.planner.sources import files_of, inline_views, parquet_source
 from sql_magics.planner.tree import (
     SHAPE_ERRORS,
     NotEligible,
@@ -59,6 +59,7 @@ from sql_magics.planner.tree import (
 
 WORKERS = "workers"
 DRIVER = "driver"
+NO_CALL = "no model function call"
 PLAN_COLUMNS = ["path", "reason", "function", "files", "shares", "rows", "statement"]
 
 
@@ -91,26 +92,27 @@ def driver(reason: str) -> Plan:
     return Plan(DRIVER, reason)
 
 
+@dataclass(frozen=True)
+class BuiltinFunctions:
+    """What a new DuckDB connection, such as a worker's, says of its functions (lower-case names)."""
+
+    names: frozenset[str]  # every function it has: a name not here was made on the session's connection
+    aggregates: frozenset[str]
+    volatile: frozenset[str]  # other values each call: random(), uuid(), ...
+
+
 @functools.cache
-def _fresh_function_names() -> frozenset[str]:
-    """The functions a new DuckDB connection has: those a worker's DuckDB can run."""
+def builtin_functions() -> BuiltinFunctions:
+    """Read once per process (asking costs ~12 ms, more than a small query): DuckDB's own functions do
+    not change, and the functions a session makes (macros, Python functions) are simply the names
+    missing here, which a worker's DuckDB lacks, so arguments and filters that call them stay with the driver."""
     with duckdb.connect() as fresh:
-        return frozenset(name.lower() for (name,) in fresh.execute("SELECT DISTINCT function_name FROM duckdb_functions()").fetchall())
-
-
-class FunctionCatalog:
-    """What one connection's DuckDB says of its function names (read once: asking costs ~15 ms, more
-    than a small query; read again when functions are created, see ``WorkerScans.functions_changed``).
-
-    ``local`` are the functions only this connection has (Python functions, macros): a worker's
-    DuckDB does not, so arguments and filters that call them stay with the driver.
-    """
-
-    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
-        rows = con.execute("SELECT DISTINCT lower(function_name), function_type, stability FROM duckdb_functions()").fetchall()
-        self.aggregates = {name for name, kind, _ in rows if kind == "aggregate"}
-        self.volatile = {name for name, _, stability in rows if stability == "VOLATILE"}
-        self.local = {name for name, _, _ in rows} - _fresh_function_names()
+        rows = fresh.execute("SELECT DISTINCT lower(function_name), function_type, stability FROM duckdb_functions()").fetchall()
+    return BuiltinFunctions(
+        frozenset(name for name, _, _ in rows),
+        frozenset(name for name, kind, _ in rows if kind == "aggregate"),
+        frozenset(name for name, _, stability in rows if stability == "VOLATILE"),
+    )
 
 
 # -- the statement around the query --------------------------------------------------------
@@ -123,15 +125,16 @@ def split_statement(sql: str) -> tuple[str, str, str]:
     Example:
         >>> split_statement("COPY (select f(x) from t) TO 'o.parquet' (FORMAT parquet)")
         ('COPY (', 'select f(x) from t', ") TO 'o.parquet' (FORMAT parquet)")
-        >>> split_statement("create or replace table s as select 1")[1]
-        'select 1'
-        >>> split_statement("create view v as select 1")[1], split_statement("select 'unterminated")[1]
-        ('', '')
+        >>> split_statement("create or replace table s as select 1")[1], split_statement("create view v as select 1")[1]
+        ('select 1', '')
+        >>> split_statement("select 'unterminated")
+        Traceback (most recent call last):
+        sql_magics.planner.tree.NotEligible: our tokenizer does not read it (line 1, col 8: unterminated string); DuckDB says what is wrong
     """
     try:
         tokens = tokenize(sql)
-    except ParseError:  # a text our tokenizer refuses is left to DuckDB, which says what is wrong
-        return sql, "", ""
+    except ParseError as err:  # left to DuckDB, which says what is wrong in its own words
+        raise NotEligible(f"our tokenizer does not read it ({err}); DuckDB says what is wrong") from None
     words = [t.value.lower() if t.kind == WORD else t.value for t in tokens]
     if not tokens:
         return sql, "", ""
@@ -172,7 +175,7 @@ class _Call:
         return json.dumps([without_locations(a["expression"]) for a in self.node["arguments"]], sort_keys=True)
 
 
-def _calls(node: dict, models: set[str], catalog: FunctionCatalog) -> list[_Call]:
+def _calls(node: dict, models: set[str], builtin: BuiltinFunctions) -> list[_Call]:
     found: list[_Call] = []
 
     def visit(value: Any, parent: Any, key: Any, scope: dict, in_aggregate: bool, in_window: bool) -> None:
@@ -187,7 +190,7 @@ def _calls(node: dict, models: set[str], catalog: FunctionCatalog) -> list[_Call
         if name := function_name(value):
             if name in models and not value.get("schema"):
                 found.append(_Call(scope, parent, key, value, in_aggregate, in_window))
-            in_aggregate = in_aggregate or name in catalog.aggregates
+            in_aggregate = in_aggregate or name in builtin.aggregates
         in_window = in_window or value.get("class") == "WINDOW"
         for k, child in value.items():
             visit(child, value, k, scope, in_aggregate, in_window)
@@ -199,39 +202,52 @@ def _calls(node: dict, models: set[str], catalog: FunctionCatalog) -> list[_Call
 # -- the plan ---------------------------------------------------------------------------------
 
 
-def plan(con: duckdb.DuckDBPyConnection, sql: str, functions: Mapping[str, ModelFunction], catalog: FunctionCatalog) -> Plan:
+def plan(con: duckdb.DuckDBPyConnection, sql: str, functions: Mapping[str, ModelFunction]) -> Plan:
     """The path a statement takes, and for the worker path everything needed to run it."""
     if not functions:
-        return driver("no model function call")
-    prefix, query, suffix = split_statement(sql)
-    if not query:
-        return driver("not a query (SELECT, COPY (...) TO, CREATE TABLE AS, INSERT ... SELECT)")
-    node = parse(con, query)
-    if node is None:
-        return driver("not a query DuckDB's parser describes")
-    return plan_query(con, node, functions, catalog, prefix=prefix, suffix=suffix)
-
-
-def plan_query(
-    con: duckdb.DuckDBPyConnection, node: dict, functions: Mapping[str, ModelFunction], catalog: FunctionCatalog, *,
-    prefix: str = "", suffix: str = "",
-) -> Plan:
-    """The plan of a query's parse tree (``node``; rewritten in place for the worker path), inside
-    ``prefix`` and ``suffix`` (``COPY (`` and ``) TO ...``). Any tree this planner cannot read runs as written."""
-    models = {name.lower() for name in functions}
+        return driver(NO_CALL)
     try:
-        inline_views(con, node, models)
-        calls = _calls(node, models, catalog)
-        if not calls:
-            return driver("no model function call")
-        return _plan(con, node, calls, catalog, models, functions, prefix, suffix)
+        prefix, query, suffix = split_statement(sql)
+        if not query:
+            return driver("not a query (SELECT, COPY (...) TO, CREATE TABLE AS, INSERT ... SELECT)")
+        node = parse(con, query)
     except NotEligible as why:
         return driver(str(why))
     except SHAPE_ERRORS as err:
-        return driver(f"DuckDB {duckdb.__version__}'s parse tree has a shape this planner does not read ({type(err).__name__}: {err})")
+        return _unread(err)
+    if node is None:
+        return driver("not a query DuckDB's parser describes")
+    return plan_query(con, node, functions, prefix=prefix, suffix=suffix)
 
 
-def _plan(con, node, calls, catalog, models, functions, prefix, suffix) -> Plan:
+def plan_query(
+    con: duckdb.DuckDBPyConnection, node: dict, functions: Mapping[str, ModelFunction], *, prefix: str = "", suffix: str = ""
+) -> Plan:
+    """The plan of a query's parse tree, inside ``prefix`` and ``suffix`` (``COPY (`` and ``) TO ...``).
+
+    ``node`` is rewritten in place, whichever path the plan ends on: give a copy to keep it. A tree
+    this planner cannot read, or a question DuckDB will not answer on the way, runs as written."""
+    models = {name.lower() for name in functions}
+    try:
+        builtin = builtin_functions()
+        inline_views(con, node, models)
+        calls = _calls(node, models, builtin)
+        if not calls:
+            return driver(NO_CALL)
+        return _plan(con, node, calls, builtin, models, functions, prefix, suffix)
+    except NotEligible as why:
+        return driver(str(why))
+    except SHAPE_ERRORS as err:
+        return _unread(err)
+    except duckdb.Error as err:  # a DESCRIBE or probe of the source refused: running as written, DuckDB says why
+        return driver(f"DuckDB refused a question of the planner ({str(err).splitlines()[0]})")
+
+
+def _unread(err: Exception) -> Plan:
+    return driver(f"DuckDB {duckdb.__version__}'s parse tree has a shape this planner does not read ({type(err).__name__}: {err})")
+
+
+def _plan(con, node, calls, builtin, models, functions, prefix, suffix) -> Plan:
     scope = calls[0].scope
     names = {function_name(c.node) for c in calls}
     if any(c.scope is not scope for c in calls):
@@ -245,7 +261,7 @@ def _plan(con, node, calls, catalog, models, functions, prefix, suffix) -> Plan:
     if any(c.in_window for c in calls):
         raise NotEligible("a model call inside a window function")
     aggregating = bool(scope["group_expressions"]) or has(
-        {"s": scope["select_list"], "h": scope["having"]}, lambda v: function_name(v) in catalog.aggregates
+        {"s": scope["select_list"], "h": scope["having"]}, lambda v: function_name(v) in builtin.aggregates
     )
     if aggregating and not all(c.in_aggregate for c in calls):
         raise NotEligible("a model call outside the aggregates of a grouping SELECT")
@@ -261,17 +277,17 @@ def _plan(con, node, calls, catalog, models, functions, prefix, suffix) -> Plan:
     source_sql = "read_parquet([" + ", ".join(quote_literal(f) for f in files) + "])"
     described = con.execute(f"DESCRIBE SELECT * FROM {source_sql}").fetchall()
     columns = {row[0].lower(): row[0] for row in described}
-    if "file_row_number" in columns or any(c.startswith(PREFIX) for c in columns):
-        raise NotEligible("the files have a column named file_row_number or __rayudf_*")
+    if FILE_ROW in columns or any(c.startswith(PREFIX) for c in columns):
+        raise NotEligible(f"the files have a column named {FILE_ROW} or {PREFIX}*")
     for call in calls:
-        _check_args(call, catalog, set(columns), alias, models)
+        _check_args(call, builtin, set(columns), alias, models)
 
     # the distinct calls, each becoming one score column
     keys = [call.key_of_args() for call in calls]
     distinct = {key: i for i, key in enumerate(dict.fromkeys(keys))}
     arg_exprs = [copy.deepcopy([a["expression"] for a in calls[keys.index(key)].node["arguments"]]) for key in distinct]
     # filters on the source's columns alone run where the rows are read: the model sees the rows it would have seen
-    pushed = [copy.deepcopy(c) for c in conjuncts(scope["where_clause"]) if _pushable(c, catalog, set(columns), alias, models)]
+    pushed = [copy.deepcopy(c) for c in conjuncts(scope["where_clause"]) if _pushable(c, builtin, set(columns), alias, models)]
     for call, key in zip(calls, keys, strict=True):
         call.parent[call.key] = column([score_column(distinct[key])], call.node.get("alias", ""))
     # the columns the statement reads besides the model's arguments
@@ -287,7 +303,7 @@ def _plan(con, node, calls, catalog, models, functions, prefix, suffix) -> Plan:
     select_list += [{**expr, "alias": arg_column(i, j)} for i, exprs in enumerate(arg_exprs) for j, expr in enumerate(exprs)]
     probe = to_sql(con, select(select_list, {**copy.deepcopy(source), "alias": alias}, conjoin(pushed)))
     schema = con.sql(f"{probe} LIMIT 0").to_arrow_table().schema
-    worker_query = to_sql(con, select([*select_list, column(["file_row_number"], ROW_COLUMN)], table(SHARE_VIEW, alias), conjoin(pushed)))
+    worker_query = to_sql(con, select([*select_list, column([FILE_ROW], ROW_COLUMN)], table(SHARE_VIEW, alias), conjoin(pushed)))
 
     scan_name = f"{PREFIX}scan_{secrets.token_hex(4)}"
     scope["from_table"] = table(scan_name, alias)
@@ -297,20 +313,20 @@ def _plan(con, node, calls, catalog, models, functions, prefix, suffix) -> Plan:
     )
 
 
-def _check_args(call: _Call, catalog: FunctionCatalog, columns: set[str], alias: str, models: set[str]) -> None:
+def _check_args(call: _Call, builtin: BuiltinFunctions, columns: set[str], alias: str, models: set[str]) -> None:
     for arg in call.node["arguments"]:
         for value in walk(arg["expression"]):
             cls = value.get("class")
             if cls in ("SUBQUERY", "WINDOW") or is_query(value):
                 raise NotEligible("a model argument holds a subquery or window")
             if name := function_name(value):
-                if name in catalog.aggregates:
+                if name in builtin.aggregates:
                     raise NotEligible("a model argument holds an aggregate")
-                if name in catalog.volatile:
+                if name in builtin.volatile:
                     raise NotEligible(f"a model argument calls {name}(), which gives other values each time")
                 if name in models:
                     raise NotEligible("a model call inside another")
-                if name in catalog.local:
+                if name not in builtin.names:
                     raise NotEligible(f"a model argument calls {name}(), which only this session's DuckDB has, not the workers'")
             if cls == "COLUMN_REF" and not _is_source_column(value["column_names"], columns, alias):
                 raise NotEligible(f"a model argument reads {'.'.join(value['column_names'])}, not a column of the files")
@@ -322,14 +338,14 @@ def _is_source_column(names: list[str], columns: set[str], alias: str) -> bool:
     return len(names) == 2 and names[0].lower() == alias.lower() and names[1].lower() in columns
 
 
-def _pushable(conjunct: dict, catalog: FunctionCatalog, columns: set[str], alias: str, models: set[str]) -> bool:
+def _pushable(conjunct: dict, builtin: BuiltinFunctions, columns: set[str], alias: str, models: set[str]) -> bool:
     """Whether a WHERE condition can run where the rows are read: source columns, and functions a worker's DuckDB has."""
     for value in walk(conjunct):
         cls = value.get("class")
         if cls in ("SUBQUERY", "WINDOW") or is_query(value):
             return False
         name = function_name(value)
-        if name and name in (models | catalog.aggregates | catalog.volatile | catalog.local):
+        if name and (name in models or name in builtin.aggregates or name in builtin.volatile or name not in builtin.names):
             return False
         if cls == "COLUMN_REF" and not _is_source_column(value["column_names"], columns, alias):
             return False

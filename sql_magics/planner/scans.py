@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from arrow_bridge.function import ModelFunction
 from arrow_bridge.share_scan import ShareScan, score_column
-from sql_magics.planner.plan import WORKERS, FunctionCatalog, Plan, driver, plan
+from sql_magics.planner.plan import WORKERS, Plan, driver, plan
 from sql_magics.state import WORKER_SCAN
 
 
@@ -95,11 +95,6 @@ class WorkerScans:
     def __init__(self, functions: Callable[[], Mapping[str, ModelFunction]], enabled: Callable[[], bool]) -> None:
         self._functions = functions
         self._enabled = enabled
-        self._catalog: FunctionCatalog | None = None  # the connection's function names, read at the first plan
-
-    def functions_changed(self) -> None:
-        """Functions were created or removed on the connection: read its catalog again at the next plan."""
-        self._catalog = None
 
     def explain(self, con: duckdb.DuckDBPyConnection, sql: str) -> dict:
         """What ``!plan`` shows of the path ``sql`` would take now: one value per PLAN_COLUMNS."""
@@ -119,11 +114,7 @@ class WorkerScans:
         if not self._enabled():
             return driver(f'set {WORKER_SCAN} = "off"')
         functions = self._functions()
-        if not functions:
-            return driver("no model function call")
-        if self._catalog is None:
-            self._catalog = FunctionCatalog(con)
-        planned = plan(con, sql, functions, self._catalog)
+        planned = plan(con, sql, functions)
         if planned.path == WORKERS and not readable(functions[planned.function], planned.files):
             return driver("the workers do not see the files as the driver does (another file system?)")
         return planned

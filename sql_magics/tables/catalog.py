@@ -30,7 +30,6 @@ _STATUS_COLUMNS = (["Count"], ["Success"])
 _ROW_STATEMENTS = ("SELECT", "EXPLAIN", "PRAGMA", "CALL")
 # Where unqualified names resolve: a table of that name in an attached database or another schema is not it.
 _HERE = "database_name = current_database() AND schema_name = current_schema()"
-_FUNCTION_WORDS = re.compile(r"\b(macro|function)\b", re.I)
 # DuckDB keeps a view's SQL as written: CREATE [TEMP] VIEW <name> AS <query>.
 _VIEW_SQL = re.compile(r'^CREATE\s+(?:TEMP\s+|TEMPORARY\s+)?VIEW\s+(?:"(?:[^"]|"")*"|[^\s(]+)\s+AS\s+(.*?);?\s*$', re.I | re.S)
 
@@ -93,21 +92,6 @@ def table_from_arrow(con: duckdb.DuckDBPyConnection, name: str, arrow) -> None:
         replace_relation(con, name, f"SELECT * FROM {quote_identifier(scratch)}", table=True)
     finally:
         con.unregister(scratch)
-
-
-def changes_functions(sql: str) -> bool:
-    """Whether a statement may create or drop functions: CREATE or DROP of a MACRO or FUNCTION.
-
-    Example:
-        >>> changes_functions("create macro twice(x) as 2 * x"), changes_functions("create table t as select 1")
-        (True, False)
-    """
-    if not _FUNCTION_WORDS.search(sql):
-        return False
-    try:
-        return any(s.type.name in ("CREATE", "DROP") for s in duckdb.extract_statements(sql))
-    except duckdb.Error:
-        return False
 
 
 def yields_rows(description: list | None, query: str) -> bool:

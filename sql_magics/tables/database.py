@@ -23,7 +23,7 @@ import pandas as pd
 
 from arrow_bridge.quoting import quote_identifier, quote_literal
 from sql_magics.errors import ExecutionError, clean_duckdb_error
-from sql_magics.tables.catalog import changes_functions, yields_rows
+from sql_magics.tables.catalog import yields_rows
 
 # After a failed or interrupted query, how long to wait for the model calls it left
 # running: a call holds at most a few batches, which take seconds, not minutes. Looking
@@ -43,10 +43,6 @@ class Planner(Protocol):
         """What ``!plan`` shows of the path ``sql`` would take now (path, reason, statement, ...)."""
         ...
 
-    def functions_changed(self) -> None:
-        """Functions were created or removed on the connection."""
-        ...
-
 
 class AsWritten:
     """The planner that runs every statement as it is written."""
@@ -56,10 +52,7 @@ class AsWritten:
         yield sql
 
     def explain(self, con: duckdb.DuckDBPyConnection, sql: str) -> dict:
-        return {"path": "driver", "reason": "this database runs every statement as written", "statement": sql}
-
-    def functions_changed(self) -> None:
-        pass
+        raise ExecutionError("!plan: this database runs every statement as written (it was given no planner)")
 
 
 class Database:
@@ -89,16 +82,10 @@ class Database:
                 if yields_rows(cursor.description, sql):
                     return cursor.df()
                 cursor.fetchall()
+                return None
             except duckdb.Error as err:
                 self._wait_until_idle()
                 raise ExecutionError(clean_duckdb_error(err), statement=sql) from None
-        if changes_functions(sql):  # CREATE MACRO, DROP FUNCTION, ...
-            self.functions_changed()
-        return None
-
-    def functions_changed(self) -> None:
-        """Functions were created or removed on the connection (``con.create_function``, a macro): tell the planner."""
-        self.planner.functions_changed()
 
     def _wait_until_idle(self) -> None:
         """Wait for DuckDB to finish the model calls a failed or interrupted query left running.

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from arrow_bridge.quoting import quote_identifier, quote_literal
 from sql_magics.errors import ExecutionError
+from sql_magics.language.statements import APPEND, ERROR_IF_EXISTS, IGNORE
 from sql_magics.tables.catalog import relation_kind
 from sql_magics.tables.database import Database
 
@@ -89,9 +90,9 @@ def writes(mode: str, exists: bool, *, what: str, where: str = "") -> bool:
         >>> writes("ignore", True, what="save: out.parquet"), writes("ignore", False, what="save: out.parquet")
         (False, True)
     """
-    if exists and mode == "errorIfExists":
+    if exists and mode == ERROR_IF_EXISTS:
         raise ExecutionError(f"{what} already exists{where} (use save overwrite or save append)")
-    return not (exists and mode == "ignore")
+    return not (exists and mode == IGNORE)
 
 
 def save_file(db: Database, table: str, fmt: str, path: str, mode: str, options: Mapping[str, str], partition_by: list[str]) -> None:
@@ -103,10 +104,10 @@ def save_file(db: Database, table: str, fmt: str, path: str, mode: str, options:
     if not writes(mode, exists, what=f"save: {path}"):
         return
     query = f"SELECT * FROM {quote_identifier(table)}"
-    if exists and mode == "append" and target.is_file():
+    if exists and mode == APPEND and target.is_file():
         query = f"SELECT * FROM {reader_sql(fmt, path, {})} UNION ALL BY NAME {query}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    if exists and mode == "append" and target.is_dir():
+    if exists and mode == APPEND and target.is_dir():
         # a new part file beside the old ones; a partitioned write lets DuckDB add to each partition
         part = target / f"part-{uuid.uuid4().hex[:12]}.{fmt}"
         copy_to(db, query, target if partition_by else part, fmt, options, partition_by, append=bool(partition_by))
@@ -149,7 +150,7 @@ def save_table(db: Database, table: str, name: str, mode: str) -> None:
     source = f"SELECT * FROM {quote_identifier(table)}"
     if not writes(mode, exists, what=f"save: table {name}"):
         return
-    if exists and mode == "append":
+    if exists and mode == APPEND:
         db.query(f"INSERT INTO {quote_identifier(name)} BY NAME {source}")
         return
     db.query(f"CREATE OR REPLACE TABLE {quote_identifier(name)} AS {source}")

@@ -54,6 +54,7 @@ from deltalake.exceptions import SchemaMismatchError
 
 from arrow_bridge.quoting import quote_identifier
 from sql_magics.errors import ExecutionError, clean_duckdb_error
+from sql_magics.language.statements import APPEND, ERROR_IF_EXISTS, IGNORE, OVERWRITE
 from sql_magics.tables.catalog import replace_relation
 from sql_magics.tables.formats import writes
 
@@ -69,7 +70,7 @@ HISTORY_COLUMNS = ["version", "timestamp", "operation", "operationParameters", "
 SUBCOMMANDS = ("show tables", "info <table>", "history <table>")
 
 # The save modes of the language, as delta-rs names them.
-_WRITE_MODES = {"overwrite": "overwrite", "append": "append", "errorIfExists": "error", "ignore": "ignore"}
+_WRITE_MODES = {OVERWRITE: "overwrite", APPEND: "append", ERROR_IF_EXISTS: "error", IGNORE: "ignore"}
 _SCHEMA_HINT = ' (where mergeSchema="true" adds columns, overwriteSchema="true" replaces the schema)'
 # Wrappers delta-rs and the Arrow C stream put around the reason (DuckDB's own error, when the query failed).
 _WRAPPERS = re.compile(r"^(Generic DeltaTable error|Generic error|External error|Arrow error|C Data interface error|IOError): ")
@@ -160,7 +161,7 @@ def save(
     if not writes(mode, exists, what=f"save delta: {location.name}", where=f" at {location.path}"):
         return
     id_cols = [c.strip() for c in options.get("idCols", "").split(",") if c.strip()]
-    if id_cols and mode != "append":
+    if id_cols and mode != APPEND:
         raise ExecutionError(f'save delta: idCols merges rows into the table, so it needs save append (not {mode})')
     with _failing(f"save delta: {location.name}"):
         before = DeltaTable(str(location.path)).version() if exists else None

@@ -294,11 +294,17 @@ class Dispatcher:
                     self._died_together |= others | {worker_id}
 
     def _master_restarted(self) -> bool:
-        """Whether the master has restarted since it was last asked (Ray holds the call while it restarts)."""
+        """Whether the master has restarted since it was last asked (Ray holds the call while it restarts).
+
+        A master that does not answer in time counts as not restarted: the death then counts against
+        the batch, as any other, so that no poison batch goes on killing workers unnoticed.
+        """
         try:
             life = ray.get(self._master.life.remote(), timeout=CONTROL_TIMEOUT_S)
-        except ray.exceptions.RayError:  # gone for good, or not back in time: its workers went with it
+        except ray.exceptions.RayActorError:  # gone for good: its workers went with it
             return True
+        except ray.exceptions.RayError:
+            return False
         with self._cond:
             restarted, self._master_life = life != self._master_life, life
         return restarted

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from udf_engine.errors import ModelError, RayUDFError, RowError, remote_cause
+from udf_engine.settings import NULL
 
 # How much of a failing row the error message shows.
 _ROW_PREVIEW_CHARS = 80
@@ -113,7 +114,7 @@ def resolve(batches: Sequence[Any], outcomes: Sequence[Any], run: Run, on_error:
     total = sum(len(b) for b in batches)
     for batch, outcome in zip(batches, outcomes, strict=True):
         if isinstance(outcome, Failed):
-            outcome = isolate(batch, run) if on_error == "null" else raise_located(batch, outcome, run, offset=offset, total=total)
+            outcome = isolate(batch, run) if on_error == NULL else raise_located(batch, outcome, run, offset=offset, total=total)
         results.append(outcome)
         offset += len(batch)
     return results

@@ -195,15 +195,14 @@ LOADERS: dict[str, Callable[[Sequence[Any], dict], Any]] = {
     "lightgbm": UDFBuildInFunc.init_lightgbm,
     "mlflow": UDFBuildInFunc.init_mlflow,
 }
-# The model kinds a user may name, and the format a file of that kind is read as when its
-# suffix does not tell. A kind accepts any model its format's loader loads (keras: SavedModels too).
 # What a warm spare of a loader's workers imports while it waits (udf_engine.actors.warm_pool): the
 # frameworks whose import costs seconds. Loaders not named here start workers as they are needed.
 WARM_IMPORTS: dict[Callable, tuple[str, ...]] = {
     UDFBuildInFunc.init_tf: ("tensorflow", "keras"),
     UDFBuildInFunc.init_onnx: ("onnxruntime",),
 }
-
+# The model kinds a user may name, and the format a file of that kind is read as when its
+# suffix does not tell. A kind accepts any model its format's loader loads (keras: SavedModels too).
 MODEL_KINDS: dict[str, str] = {
     "keras": "keras", "tf": "keras", "savedmodel": "savedmodel", "sklearn": "pickle", "pickle": "pickle",
     "onnx": "onnx", "xgboost": "xgboost", "lightgbm": "lightgbm", "mlflow": "mlflow",

@@ -1,4 +1,4 @@
-"""Where a SELECT's rows come from: views that call a model inlined, and the one Parquet source read.
+"""The Parquet files a SELECT's model rows come from: views that call a model inlined, the one Parquet source found, and its files.
 
 Example:
     >>> import tempfile
