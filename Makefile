@@ -9,15 +9,16 @@ CHROMIUM := /usr/bin/chromium
 
 setup: $(STAMP)
 
-# The mlflow extra (mlflow-skinny, and SQLAlchemy/Alembic for sqlite: tracking stores) is
-# installed too: the tests run `register mlflow.` against a real local registry.
+# The mlflow extra (mlflow-skinny, and SQLAlchemy/Alembic for sqlite: tracking stores) and the
+# serve extra (Ray Serve) are installed too: the tests run `register mlflow.` against a real local
+# registry and `rayudf serve` behind a real Ray Serve on 127.0.0.1.
 # rfc3987-syntax (pulled in by Jupyter through jsonschema[format-nongpl]) compiles ~35 Earley
 # parsers when imported, and every Ray worker imports it through ray.runtime_env: 1.2 s more
 # per worker start (python-jsonschema/jsonschema#1428). Nothing here validates IRIs, so it goes.
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,mlflow]'
+	$(BIN)/pip install --quiet -e '.[dev,mlflow,serve]'
 	$(BIN)/pip uninstall --quiet --yes rfc3987-syntax
 	touch $(STAMP)
 

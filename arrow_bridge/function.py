@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,19 +55,22 @@ class RowCounter:
             return self._value
 
 
+_random = random.Random().random  # which version a statement runs on, under a canary's share
+
 # How long a function being removed waits for calls still running on it: only queries run
 # on cursors of the connection can be, as the session's own statements have finished.
 DRAIN_TIMEOUT_S = 60.0
 
 
 class Version:
-    """One registered version of a model function: its UDF, and the calls running on it."""
+    """One registered version of a model function: its UDF, its label, and the calls running on it."""
 
-    def __init__(self, udf: Any) -> None:
+    def __init__(self, udf: Any, label: str = "") -> None:
         self.udf = udf  # a RemoteUDF (anything with map(batches) -> list, conf, info)
+        self.label = label  # what !models and the answers of a served function call it ("1", "2", a given label)
         self.batch_size = udf.conf.batch_size  # rows per batch sent to a worker
         self.width = udf.info.get("input_width")  # values per input row, when the model says so
-        self._calls = 0  # calls of this version running now
+        self._calls = 0  # calls of this version running now (and leases: a server answering with it)
         self._idle = threading.Condition()
 
     def enter(self) -> None:
@@ -87,21 +91,26 @@ class Version:
 class ModelFunction:
     """The callable DuckDB runs: Arrow columns in, one Arrow array out.
 
-    It stays registered in DuckDB while its model changes: :meth:`switch` makes a new
-    version current. A statement of the session pins the version current when it starts
-    (:meth:`pin`), so every call it makes goes to that one version; a version is retired
-    (its workers stopped by the ``retire`` callback) once it is neither current nor pinned
-    and its last call has returned.
+    It stays registered in DuckDB while its model changes: :meth:`switch` makes a new version
+    current, or a canary that answers a share of the statements (and served requests) while the
+    current version answers the rest. A statement of the session pins one version when it starts
+    (:meth:`pin`), so every call it makes goes to that one version; a version is retired (its
+    workers stopped by the ``retire`` callback) once it is neither current, canary nor pinned and
+    its last call has returned.
     """
 
-    def __init__(self, name: str, return_type: str, counter: RowCounter, udf: Any, retire: Callable[[Version], None]) -> None:
+    def __init__(
+        self, name: str, return_type: str, counter: RowCounter, udf: Any, retire: Callable[[Version], None], *, label: str = ""
+    ) -> None:
         self.name = name  # the SQL name
         self.return_type = return_type  # DuckDB type, e.g. "FLOAT[10]"
         self.arrow_type = arrow_type(return_type)
         self._counter = counter  # told of every row scored
         self._retire = retire  # called (on a thread of its own) with a version nobody uses any more
-        self._lock = threading.Lock()  # guards _current and _pinned
-        self._current = Version(udf)  # what calls outside a statement, and statements starting now, use
+        self._lock = threading.Lock()  # guards _current, _canary, _share and _pinned
+        self._current = Version(udf, label)  # what calls outside a statement, and most statements starting now, use
+        self._canary: Version | None = None  # a newer version answering a share of what starts now
+        self._share = 0.0  # that share, 0 < share < 1
         self._pinned: Version | None = None  # what the session's statement running now started with
         self.nulled = RowCounter()  # rows left NULL because the model raised on them (on_error="null")
         self.null_reason = ""  # what the model raised on the latest of those rows
@@ -111,31 +120,47 @@ class ModelFunction:
         """The current version's UDF."""
         return self._current.udf
 
-    def switch(self, udf: Any) -> None:
-        """Make ``udf`` the current version; the previous one retires once the running statement is done with it."""
+    def switch(self, udf: Any, *, label: str = "", share: float = 1.0) -> None:
+        """Make ``udf`` the current version (``share`` 1), or a canary answering ``share`` of what starts
+        from now; the versions it replaces retire once the running statement is done with them."""
+        new = Version(udf, label)
         with self._lock:
-            old, self._current = self._current, Version(udf)
-            still_used = old is self._pinned
-        if not still_used:
-            self._retire_later(old)
+            if share >= 1.0:
+                replaced = [self._current, self._canary]
+                self._current, self._canary, self._share = new, None, 0.0
+            else:
+                replaced = [self._canary]
+                self._canary, self._share = new, share
+            gone = [v for v in replaced if v is not None and v is not self._pinned]
+        for version in gone:
+            self._retire_later(version)
+
+    def live_versions(self) -> list[tuple[Version, float]]:
+        """The versions that answer now, with the share of statements and requests each answers."""
+        with self._lock:
+            if self._canary is None:
+                return [(self._current, 1.0)]
+            return [(self._current, 1.0 - self._share), (self._canary, self._share)]
 
     def pin(self) -> None:
-        """A statement starts (the session runs one at a time): its calls go to the version current now."""
+        """A statement starts (the session runs one at a time): its calls go to one version, the
+        canary for its share of statements, else the current one."""
         with self._lock:
-            self._pinned = self._current
+            canary = self._canary is not None and _random() < self._share
+            self._pinned = self._canary if canary else self._current
 
     def unpin(self) -> None:
-        """The statement is done: the version it pinned, if no longer current, retires."""
+        """The statement is done: the version it pinned, if no longer current nor canary, retires."""
         with self._lock:
             old, self._pinned = self._pinned, None
-            stale = old is not None and old is not self._current
+            stale = old is not None and old is not self._current and old is not self._canary
         if stale:
             self._retire_later(old)
 
     def close(self) -> None:
         """Retire every version (the function is being removed), once its calls return or DRAIN_TIMEOUT_S passed."""
         with self._lock:
-            versions = {id(v): v for v in (self._current, self._pinned) if v is not None}
+            versions = {id(v): v for v in (self._current, self._canary, self._pinned) if v is not None}
         for version in versions.values():
             version.wait_idle(DRAIN_TIMEOUT_S)
             self._retire(version)
@@ -222,12 +247,17 @@ def add_function(con: duckdb.DuckDBPyConnection, fn: ModelFunction) -> None:
     DuckDB must never remove a function a query is running (it crashes), so a new version
     of a model goes into the same ModelFunction with :meth:`ModelFunction.switch`.
     """
-    # parameters=None makes DuckDB accept any number of arguments of any type:
-    # f(pixels) and f(a, b, c) both reach __call__ with the columns as they are.
-    # null_handling="special": DuckDB passes rows with NULL arguments (ModelFunction leaves
-    # them NULL, as DuckDB would) and accepts the NULLs of rows on_error="null" gave up on.
-    con.create_function(fn.name, fn, None, fn.return_type, type="arrow", null_handling="special")
+    add_arrow_function(con, fn.name, fn, fn.return_type)
     keep_workers_busy(con, fn.udf)
+
+
+def add_arrow_function(con: duckdb.DuckDBPyConnection, name: str, func: Callable[..., pa.Array], returns: str) -> None:
+    """Create ``name(...)`` in DuckDB as ``func``, which gets Arrow columns and returns one Arrow array of ``returns``."""
+    # parameters=None makes DuckDB accept any number of arguments of any type:
+    # f(pixels) and f(a, b, c) both reach func with the columns as they are.
+    # null_handling="special": DuckDB passes rows with NULL arguments (the model function leaves
+    # them NULL, as DuckDB would) and accepts the NULLs of rows on_error="null" gave up on.
+    con.create_function(name, func, None, returns, type="arrow", null_handling="special")
 
 
 def add_python_function(

@@ -35,6 +35,43 @@ class Scored:
     reason: str = ""
 
 
+@dataclass
+class Call:
+    """One call's argument columns made ready for the model: the rows with no NULL argument as one
+    feature matrix (``matrix`` None when there are none), and where they stand among the call's rows."""
+
+    rows: int
+    valid: np.ndarray | None  # which rows the model sees (None: all)
+    matrix: Any
+
+    @classmethod
+    def of(cls, cols: Sequence[Any], *, function: str, width: int | None) -> Call:
+        rows = len(cols[0]) if cols else 0
+        valid = valid_rows(cols) if rows else None
+        kept = [c.filter(pa.array(valid)) for c in cols] if valid is not None else cols
+        count = rows if valid is None else int(valid.sum())
+        return cls(rows, valid, features(kept, function=function, width=width) if count else None)
+
+    def batches(self, batch_size: int) -> list:
+        """The matrix in pieces of ``batch_size`` rows."""
+        return [self.matrix[i : i + batch_size] for i in range(0, len(self.matrix), batch_size)]
+
+    def placed(self, err: RowError) -> RowError:
+        """A RowError placed among the rows scored, placed among the call's rows."""
+        return err if self.valid is None else err.at(int(np.flatnonzero(self.valid)[err.row]), self.rows)
+
+    def scored(self, outputs: Sequence[Any], arrow_type: pa.DataType) -> Scored:
+        """The model's outputs (per batch, in order) as the call's result, NULL for the rows it did not see."""
+        count = 0 if self.matrix is None else len(self.matrix)
+        array = to_arrow(outputs, arrow_type, count) if count else pa.array([], type=arrow_type)
+        scored = Scored(array if self.valid is None else with_null_rows(array, self.valid), count)
+        for output in outputs:
+            if isinstance(output, Partial) and output.nulled:
+                scored.nulled += output.nulled
+                scored.reason = output.error
+        return scored
+
+
 def score_columns(
     cols: Sequence[Any], *, function: str, width: int | None, batch_size: int, arrow_type: pa.DataType,
     map_batches: Callable[[list], list],
@@ -42,28 +79,14 @@ def score_columns(
     """Score argument columns with a model: rows with a NULL argument stay NULL, the others go to
     ``map_batches`` in ``batch_size`` pieces; the outputs become one Arrow array of ``arrow_type``.
     A RowError names its row among the call's rows, NULL rows included."""
-    rows = len(cols[0]) if cols else 0
-    valid = valid_rows(cols) if rows else None
-    kept = [c.filter(pa.array(valid)) for c in cols] if valid is not None else cols
-    count = rows if valid is None else int(valid.sum())
-    outputs: list = []
-    if count == 0:
-        array = pa.array([], type=arrow_type)
-    else:
-        try:
-            matrix = features(kept, function=function, width=width)
-            outputs = map_batches([matrix[i : i + batch_size] for i in range(0, count, batch_size)])
-        except RowError as err:  # placed among the rows scored: place it among the call's rows
-            if valid is None:
-                raise
-            raise err.at(int(np.flatnonzero(valid)[err.row]), rows) from None
-        array = to_arrow(outputs, arrow_type, count)
-    scored = Scored(array if valid is None else with_null_rows(array, valid), count)
-    for output in outputs:
-        if isinstance(output, Partial) and output.nulled:
-            scored.nulled += output.nulled
-            scored.reason = output.error
-    return scored
+    call = Call.of(cols, function=function, width=width)
+    if call.matrix is None:
+        return call.scored([], arrow_type)
+    try:
+        outputs = map_batches(call.batches(batch_size))
+    except RowError as err:
+        raise call.placed(err) from None
+    return call.scored(outputs, arrow_type)
 
 
 def valid_rows(cols: Sequence[Any]) -> np.ndarray | None:

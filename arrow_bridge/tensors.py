@@ -107,14 +107,27 @@ def features(cols: Sequence[Any], *, function: str, width: int | None = None) ->
     return np.column_stack([_numeric(c, function, f"argument {i}", c.type) for i, c in enumerate(arrays, 1)])
 
 
-def _concat(results: Sequence[Any]) -> Any:
+def join_outputs(results: Sequence[Any]) -> Any:
+    """Per-batch model outputs (arrays, dicts of arrays for a STRUCT, or lists) joined into one."""
     if not results:
         return np.empty(0)
     if isinstance(results[0], dict):
-        return {k: _concat([r[k] for r in results]) for k in results[0]}
+        return {k: join_outputs([r[k] for r in results]) for k in results[0]}
     if all(isinstance(r, np.ndarray) for r in results):
         return np.concatenate(results) if len(results) > 1 else results[0]
     return [row for r in results for row in r]
+
+
+def slice_output(output: Any, start: int, stop: int) -> Any:
+    """The outputs of rows ``start`` to ``stop`` (exclusive) of one joined output.
+
+    Example:
+        >>> slice_output({"p": np.arange(4)}, 1, 3)
+        {'p': array([1, 2])}
+    """
+    if isinstance(output, dict):
+        return {k: slice_output(v, start, stop) for k, v in output.items()}
+    return output[start:stop]
 
 
 def _convert(values: Any, target: pa.DataType) -> pa.Array:
@@ -165,7 +178,7 @@ def to_arrow(results: Sequence[Any], target: pa.DataType, rows: int) -> pa.Array
     if any(isinstance(r, Partial) for r in results):
         array = _with_nulls(results, target)
     else:
-        array = _convert_checked(_concat(results), target)
+        array = _convert_checked(join_outputs(results), target)
     if len(array) != rows:
         raise ModelError(f"the model returned {len(array)} results for {rows} rows")
     return array

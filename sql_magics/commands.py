@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -26,15 +27,16 @@ import pandas as pd
 from sql_magics.errors import ExecutionError
 from sql_magics.models.registry import FunctionRegistry
 from sql_magics.planner.plan import PLAN_COLUMNS
+from sql_magics.serving.server import TOKEN_VARIABLE, Serving
 from sql_magics.state import ScriptState
 from sql_magics.tables import lake
 from sql_magics.tables.database import Database
 
 WORKER_COLUMNS = [
-    "function", "worker", "node", "gpu_ids", "batches", "scans", "rows", "mean_ms_per_batch", "errors", "replaced", "alive",
+    "function", "version", "worker", "node", "gpu_ids", "batches", "scans", "rows", "mean_ms_per_batch", "errors", "replaced", "alive",
     "batch_running_s", "last_error",
 ]
-MODEL_COLUMNS = ["function", "kind", "path", "version", "since", "workers", "batch_size", "returns", "nulled_rows"]
+MODEL_COLUMNS = ["function", "kind", "path", "version", "since", "workers", "batch_size", "returns", "nulled_rows", "traffic"]
 # Ray node ids are 56 hex digits; the first 12 tell the nodes of a cluster apart.
 _NODE_ID_CHARS = 12
 
@@ -45,6 +47,7 @@ class Context(Protocol):
     db: Database
     registry: FunctionRegistry
     state: ScriptState
+    serving: Serving | None
 
     def substituted(self, text: str) -> str:
         """Text with its ${key} variables substituted."""
@@ -82,14 +85,14 @@ def python(context: Context, args: list[str]) -> None:
 
 
 def workers_frame(context: Context, args: list[str]) -> pd.DataFrame:
-    """``!workers``: one row per worker of every Ray-served function."""
+    """``!workers``: one row per worker of every version of every Ray-served function."""
     rows = []
-    for name, registered in context.registry.functions.items():
-        if registered.udf is None:
-            continue
-        for s in registered.udf.stats():
-            mean_ms = 1000.0 * s["busy_s"] / s["batches"] if s["batches"] else 0.0
-            rows.append({**s, "function": name, "mean_ms_per_batch": round(mean_ms, 3), "node": (s["node"] or "")[:_NODE_ID_CHARS]})
+    for name, fn in context.registry.model_functions().items():
+        for version, _ in fn.live_versions():
+            for s in version.udf.stats():
+                mean_ms = 1000.0 * s["busy_s"] / s["batches"] if s["batches"] else 0.0
+                node = (s["node"] or "")[:_NODE_ID_CHARS]
+                rows.append({**s, "function": name, "version": version.label, "mean_ms_per_batch": round(mean_ms, 3), "node": node})
     return pd.DataFrame(rows, columns=WORKER_COLUMNS)
 
 
@@ -106,10 +109,22 @@ def models_frame(context: Context, args: list[str]) -> pd.DataFrame:
             "batch_size": r.udf.conf.batch_size if r.udf else None,
             "returns": r.returns,
             "nulled_rows": r.model_function.nulled.value if r.model_function else 0,
+            "traffic": traffic(r.model_function.live_versions()) if r.model_function else "",
         }
         for name, r in context.registry.functions.items()
     ]
     return pd.DataFrame(rows, columns=MODEL_COLUMNS)
+
+
+def traffic(versions: list) -> str:
+    """How the answers split between a function's versions: ``1=0.9, 2=0.1`` (``2=1`` for one version).
+
+    Example:
+        >>> from types import SimpleNamespace as V
+        >>> traffic([(V(label="1"), 0.9), (V(label="2"), 0.1)])
+        '1=0.9, 2=0.1'
+    """
+    return ", ".join(f"{version.label}={share:g}" for version, share in versions)
 
 
 def delta(context: Context, args: list[str]) -> pd.DataFrame:
@@ -135,6 +150,47 @@ def plan(context: Context, args: list[str]) -> pd.DataFrame:
     return pd.DataFrame([planned], columns=PLAN_COLUMNS)
 
 
+SERVE_COLUMNS = ["url", "functions"]
+# `!serve key=value ...`: the options, and how each is read.
+_SERVE_OPTIONS: dict[str, Callable[[str], object]] = {
+    "host": str, "port": int, "token": str, "replicas": int, "request_timeout_s": float,
+    "allow_scripts": lambda v: v.lower() in ("true", "1", "yes"),
+}
+
+
+def serve(context: Context, args: list[str]) -> pd.DataFrame | None:
+    """``!serve [port=8000 token=... host=127.0.0.1 replicas=1 allow_scripts=true request_timeout_s=60]``:
+    answer HTTP for the session's functions in the background; ``!serve status`` says where,
+    ``!serve stop`` stops it (the requests in flight finish)."""
+    serving = context.serving
+    if serving is None:
+        raise ExecutionError("!serve: this executor has no server to start (run it in a Session)")
+    word = args[0].lower() if len(args) == 1 else ""
+    if word == "stop":
+        serving.stop()
+        return None
+    if word != "status":
+        serving.start(**_serve_options(args))
+    handle = serving.handle
+    rows = [{"url": handle.url, "functions": ", ".join(handle.functions)}] if handle else []
+    return pd.DataFrame(rows, columns=SERVE_COLUMNS)
+
+
+def _serve_options(args: list[str]) -> dict:
+    options: dict = {}
+    for word in args:
+        key, eq, value = word.partition("=")
+        if not eq or key not in _SERVE_OPTIONS:
+            raise ExecutionError(f"!serve: expected key=value with a key of {', '.join(_SERVE_OPTIONS)}, or stop or status; got {word!r}")
+        try:
+            options[key] = _SERVE_OPTIONS[key](value)
+        except ValueError:
+            raise ExecutionError(f"!serve: {key}={value!r} is not a {_SERVE_OPTIONS[key].__name__}") from None
+    if "token" not in options and os.environ.get(TOKEN_VARIABLE):
+        options["token"] = os.environ[TOKEN_VARIABLE]
+    return options
+
+
 COMMANDS: dict[str, Callable[[Context, list[str]], pd.DataFrame | None]] = {
     "python": python,
     "workers": workers_frame,
@@ -142,6 +198,7 @@ COMMANDS: dict[str, Callable[[Context, list[str]], pd.DataFrame | None]] = {
     "delta": delta,
     "ray": ray,
     "plan": plan,
+    "serve": serve,
 }
 
 

@@ -37,6 +37,7 @@ from sql_magics.language.parser import parse
 from sql_magics.language.variables import parameter_names, substitute, substitute_options
 from sql_magics.models import kinds
 from sql_magics.models.registry import FunctionRegistry
+from sql_magics.serving.server import Serving
 from sql_magics.state import WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import column_count, replace_relation, table_from_arrow
@@ -73,27 +74,31 @@ class ScriptResult:
     frame: pd.DataFrame | None
     notice: str | None = None
     warnings: list[str] = field(default_factory=list)
+    made: str | None = None  # the table or view the last statement made (a named select, a run), if it made one
 
 
 class Executor:
     """Executes one script (and the files it includes)."""
 
     def __init__(
-        self, db: Database, registry: FunctionRegistry, state: ScriptState, *, parameters: dict | None = None
+        self, db: Database, registry: FunctionRegistry, state: ScriptState, *, parameters: dict | None = None,
+        serving: Serving | None = None,
     ) -> None:
         self.db = db
         self.registry = registry
         self.state = state
+        self.serving = serving  # the session's HTTP server (!serve), when it has one
         self.parameters = parameters or {}  # values for $name query parameters
         self._including: list[Path] = []  # include stack, to refuse cycles
         self._notice: str | None = None  # what the statement that ran last says when it yields no rows
+        self._made: str | None = None  # the relation the statement that ran last made
         self._warnings: list[str] = []  # for the whole script, included files too
 
     def run(self, script: list[statements.Statement], *, base_dir: Path, source_name: str = "") -> ScriptResult:
         """Run a script's statements in order."""
         frame = None
         for statement in script:
-            self._notice = None
+            self._notice = self._made = None
             nulled_before = self._nulled()
             try:
                 with self._turn(statement):
@@ -111,7 +116,7 @@ class Executor:
                     self._warn_nulled(nulled_before, statement, source_name)
             if result is not None:
                 frame = result
-        return ScriptResult(frame, None if frame is not None else self._notice, self._warnings)
+        return ScriptResult(frame, None if frame is not None else self._notice, self._warnings, self._made)
 
     def assign(self, key: str, value: str) -> None:
         """``set key = value``: a ${key} variable, or a setting (sql.dialect, ray.address, DuckDB's own)."""
@@ -204,6 +209,7 @@ class Executor:
         return None
 
     def _created(self, kind: str, name: str) -> str:
+        self._made = name
         columns = column_count(self.db.con, name)
         return f"{kind} {name} created: {columns} column{'' if columns == 1 else 's'}; end with 'as {statements.OUTPUT_TABLE}' to see rows"
 
@@ -314,7 +320,7 @@ class Executor:
             included = self.run(parse(text, source_name=str(path)), base_dir=path.parent, source_name=str(path))
         finally:
             self._including.pop()
-        self._notice = included.notice  # what the included script's last statement said
+        self._notice, self._made = included.notice, included.made  # what the included script's last statement said and made
         return included.frame
 
     def _include_lib(self, name: str, options: dict[str, str], base_dir: Path) -> None:

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from arrow_bridge.quoting import quote_identifier
 from sql_magics.executor import Executor, ScriptResult
 from sql_magics.handoff import on_waiting_thread
 from sql_magics.language.parser import parse
@@ -26,6 +28,7 @@ from sql_magics.language.statements import Statement
 from sql_magics.models.kinds import register_model
 from sql_magics.models.registry import FunctionRegistry, RegisteredFunction
 from sql_magics.planner.scans import WorkerScans
+from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOUT_S, TOKEN_VARIABLE, ServerHandle, Serving
 from sql_magics.state import ScriptState
 from sql_magics.tables.database import Database
 from udf_engine import RayRuntime
@@ -51,7 +54,10 @@ class Session:
         planner = WorkerScans(lambda: self.registry.model_functions(), enabled=self.state.worker_scans)
         self.db = Database(database, planner=planner)
         runtime = RayRuntime(ray_address, starter=on_waiting_thread, **(ray_init or {}))  # started on first registration
-        self.registry = FunctionRegistry(self.db, runtime, session_id=secrets.token_hex(3), worker_env=self.state.python_env)
+        session_id = secrets.token_hex(3)
+        self.registry = FunctionRegistry(self.db, runtime, session_id=session_id, worker_env=self.state.python_env)
+        self.serving = Serving(self.registry, session_id=session_id, run_script=self._script)  # serves nothing until started
+        self._owners: dict[str, Session] = {}  # /run/script's sessions per owner (sessionPerUser), made on first use
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -99,7 +105,7 @@ class Session:
         self.state.pinned.update(values)
 
     def _executor(self, parameters: dict | None = None) -> Executor:
-        return Executor(self.db, self.registry, self.state, parameters=parameters)
+        return Executor(self.db, self.registry, self.state, parameters=parameters, serving=self.serving)
 
     # -- models -----------------------------------------------------------------------
 
@@ -121,11 +127,49 @@ class Session:
         """Remove a function from SQL and stop its workers."""
         self.registry.unregister(function)
 
+    # -- serving ----------------------------------------------------------------------
+
+    def serve(
+        self, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, allow_scripts: bool = False,
+        replicas: int = 1, request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> ServerHandle:
+        """Answer HTTP for the session's model functions on Ray Serve (docs/serving.md) until ``.stop()``.
+
+        ``token`` (else ``RAYUDF_TOKEN``) is then required as ``Authorization: Bearer <token>``;
+        binding beyond loopback needs one. ``allow_scripts`` turns on Byzer's ``/run/script``.
+        Registering a name again while serving swaps it for requests too (``traffic="0.1"``: a canary).
+
+        Example:
+            >>> with Session() as s:                                                        # doctest: +SKIP
+            ...     s.register_model("digit", "models/digits.keras")
+            ...     server = s.serve(port=8000)
+            ...     server.url
+            'http://127.0.0.1:8000'
+        """
+        return self.serving.start(
+            host=host, port=port, token=token or os.environ.get(TOKEN_VARIABLE), allow_scripts=allow_scripts, replicas=replicas,
+            request_timeout_s=request_timeout_s,
+        )
+
+    def _script(self, sql: str, owner: str | None) -> pd.DataFrame | None:
+        """Run a script for Byzer's ``/run/script``, in this session or in ``owner``'s own (sharing this
+        Ray): the rows of its last statement, or of what it made (``select ... as t``, as Byzer answers)."""
+        if owner is not None and owner not in self._owners:
+            self._owners[owner] = Session(ray_address=self.registry.runtime.address)
+        session = self if owner is None else self._owners[owner]
+        result = session.run(sql)
+        if result.made is None:
+            return result.frame
+        return session.sql(f"SELECT * FROM {quote_identifier(result.made)}")
+
     # -- lifecycle --------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop every function's workers, close DuckDB, and stop Ray if this session started it."""
+        """Stop serving and every function's workers, close DuckDB, and stop Ray if this session started it."""
         try:
+            self.serving.stop()
+            for owned in self._owners.values():
+                owned.close()
             self.registry.close()
         finally:
             try:

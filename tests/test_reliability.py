@@ -184,8 +184,8 @@ def test_worker_output_and_raylet_notices_stay_out_of_the_driver(ray_cluster, mo
 
 # Every error class of the project, as DuckDB names it when one of them leaves a model function.
 PROJECT_ERRORS = [
-    "RayUDFError", "ConfigError", "ModelError", "RowError", "WorkerError", "ResourceError", "InputError",
-    "ParseError", "ExecutionError", "SchemaError",
+    "RayUDFError", "ConfigError", "ModelError", "RowError", "WorkerError", "ResourceError", "BatchTimeoutError", "InputError",
+    "ParseError", "ExecutionError", "SchemaError", "RequestError", "UnknownFunctionError",
 ]
 
 
@@ -193,8 +193,9 @@ PROJECT_ERRORS = [
 def test_duckdb_wrapping_and_the_class_name_of_any_project_error_are_stripped(name):
     import duckdb
 
-    from sql_magics.byzer.schemas import SchemaError  # noqa: F401 - the last of the project's errors, loaded
+    from sql_magics.byzer.schemas import SchemaError  # noqa: F401 - the project's errors that live in wings, loaded
     from sql_magics.errors import clean_duckdb_error
+    from sql_magics.serving.requests import RequestError  # noqa: F401
 
     wrapped = duckdb.InvalidInputException(
         f"Invalid Input Error: Python exception occurred while executing the UDF: {name}: function f: the model raised ValueError: bad"

@@ -29,7 +29,8 @@ _EXPORTS = {
     "UDFWorker": "udf_engine.actors.worker",
     **dict.fromkeys(("DataServer", "PythonContext", "RayContext"), "udf_engine.byzer.ray_context"),
     **dict.fromkeys(
-        ("ConfigError", "InputError", "ModelError", "RayUDFError", "ResourceError", "RowError", "WorkerError"), "udf_engine.errors"
+        ("BatchTimeoutError", "ConfigError", "InputError", "ModelError", "RayUDFError", "ResourceError", "RowError", "WorkerError"),
+        "udf_engine.errors",
     ),
     "UDFBuildInFunc": "udf_engine.models.loaders",
     **dict.fromkeys(

@@ -47,6 +47,10 @@ class WorkerError(RayUDFError):
     """A UDF worker died, or could not be started, beyond what a retry can fix."""
 
 
+class BatchTimeoutError(WorkerError):
+    """A batch ran longer than ``batch_timeout_s``; its worker was stopped and is replaced."""
+
+
 class ResourceError(WorkerError):
     """The cluster has not the free resources a UDF's workers ask for, and will not get them."""
 

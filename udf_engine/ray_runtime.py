@@ -46,9 +46,9 @@ _log = logging.getLogger(__name__)
 
 # Ray's notices about faults the engine handles itself: a worker process that died (it is
 # replaced, its batches retried) and a call to our actors that Ray retries (the master
-# restarting). Other notices (a node out of memory, a task that cannot be scheduled) still
+# restarting, Serve's controller while a server stops). Other notices (a node out of memory, a task that cannot be scheduled) still
 # print: they explain trouble the caller may not otherwise see.
-_HANDLED_NOTICES = ("A worker died or was killed", "Task UDFMaster.", "Task UDFWorker.")
+_HANDLED_NOTICES = ("A worker died or was killed", "Task UDFMaster.", "Task UDFWorker.", "Task ServeController.")
 
 
 def _log_raylet_notices() -> None:

@@ -52,6 +52,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("startup_timeout_s", 300.0, float, "seconds to wait for workers to load the model"),
     Option("batch_timeout_s", None, float, "seconds a batch may run before the query fails naming it (none: no limit)"),
     Option("on_error", RAISE, str, f'when the model raises on some rows: "{RAISE}" fails the query, "{NULL}" gives NULL for those rows'),
+    Option(
+        "traffic", 1.0, float, "share of statements and served requests a new version of a name answers; below 1 it is a canary "
+        "beside the version before it",
+    ),
+    Option("max_batch_size", 32, int, "served requests (rayudf serve) coalesced into one call to the workers, at most"),
+    Option("batch_wait_timeout_s", 0.005, float, "seconds a served request waits for others to share its call to the workers"),
 )
 # The model method an apply_func calls unless the registration names another (method="predict_proba").
 DEFAULT_METHOD = "predict"
@@ -109,6 +115,9 @@ class UDFConf:
     startup_timeout_s: float = _default("startup_timeout_s")
     batch_timeout_s: float | None = _default("batch_timeout_s")
     on_error: str = _default("on_error")
+    traffic: float = _default("traffic")
+    max_batch_size: int = _default("max_batch_size")
+    batch_wait_timeout_s: float = _default("batch_wait_timeout_s")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,6 +133,12 @@ class UDFConf:
             raise ConfigError(f"option batch_timeout_s: must be positive, got {self.batch_timeout_s:g}")
         if self.on_error not in ON_ERROR:
             raise ConfigError(f"option on_error: {self.on_error!r} is not one of {', '.join(ON_ERROR)}")
+        if not 0 < self.traffic <= 1:
+            raise ConfigError(f"option traffic: must be more than 0 and at most 1, got {self.traffic:g}")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"option max_batch_size: must be at least 1, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0:
+            raise ConfigError(f"option batch_wait_timeout_s: must not be negative, got {self.batch_wait_timeout_s:g}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> UDFConf:

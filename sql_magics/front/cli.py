@@ -6,20 +6,29 @@ stderr; ``--debug`` shows the traceback instead.
 
 Example:
     $ rayudf run examples/digits_score.sql --set rows=100 --limit 5
+    $ rayudf serve examples/serve_digits.sql --port 8000
     $ rayudf demo
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from sql_magics.errors import ParseError
+from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOUT_S, TOKEN_VARIABLE
 from udf_engine.errors import RayUDFError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# How often `rayudf serve` looks whether it was signalled to stop.
+_SIGNAL_POLL_S = 0.2
 
 
 class _Failed(click.ClickException):
@@ -31,6 +40,28 @@ class _Failed(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _read(script: Path) -> str:
+    try:
+        return script.read_text()
+    except OSError as err:
+        raise _Failed(f"{script}: {err.strerror}", 2) from None
+
+
+@contextmanager
+def _statement_errors(debug: bool) -> Iterator[None]:
+    """A script's error as one line and an exit code: 2 when it does not parse (nothing ran), 1 when a statement failed."""
+    try:
+        yield
+    except ParseError as err:
+        if debug:
+            raise
+        raise _Failed(str(err), 2) from None
+    except RayUDFError as err:
+        if debug:
+            raise
+        raise _Failed(str(err), 1) from None
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
@@ -56,36 +87,59 @@ def main() -> None:
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def run(script: Path, sets: tuple[str, ...], ray_address: str | None, limit: int, debug: bool) -> None:
     """Run a script of statements and print the last result as a table."""
-    from sql_magics.errors import ParseError
     from sql_magics.session import Session
 
-    variables = _parse_sets(sets)
-    try:
-        text = script.read_text()
-    except OSError as err:
-        raise _Failed(f"{script}: {err.strerror}", 2) from None
-    try:
-        with Session(ray_address=ray_address) as session:
-            session.pin_variables(variables)
-            result = session.run(text, source_name=str(script), base_dir=script.parent)
-            for warning in result.warnings:
-                click.echo(f"warning: {warning}", err=True)
-            frame = result.frame
-            if frame is not None:
-                shown = frame if limit <= 0 else frame.head(limit)
-                click.echo(shown.to_string(index=False))
-                if len(shown) < len(frame):
-                    click.echo(f"... {len(frame)} rows, {limit} shown")
-            elif result.notice:
-                click.echo(result.notice)
-    except ParseError as err:
-        if debug:
-            raise
-        raise _Failed(str(err), 2) from None
-    except RayUDFError as err:
-        if debug:
-            raise
-        raise _Failed(str(err), 1) from None
+    variables, text = _parse_sets(sets), _read(script)
+    with _statement_errors(debug), Session(ray_address=ray_address) as session:
+        session.pin_variables(variables)
+        result = session.run(text, source_name=str(script), base_dir=script.parent)
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        frame = result.frame
+        if frame is not None:
+            shown = frame if limit <= 0 else frame.head(limit)
+            click.echo(shown.to_string(index=False))
+            if len(shown) < len(frame):
+                click.echo(f"... {len(frame)} rows, {limit} shown")
+        elif result.notice:
+            click.echo(result.notice)
+
+
+@main.command()
+@click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="the address to bind; beyond loopback needs a token")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, help="the HTTP port")
+@click.option("--token", default=None, envvar=TOKEN_VARIABLE, help=f"require Authorization: Bearer <token> (default: ${TOKEN_VARIABLE})")
+@click.option("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+@click.option("--allow-scripts", is_flag=True, help="answer Byzer's /run/script (a script can read files and run Python)")
+@click.option("--replicas", default=1, show_default=True, help="Serve replicas of the HTTP app")
+@click.option("--request-timeout-s", default=REQUEST_TIMEOUT_S, show_default=True, help="seconds a request may take (then 408)")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="set ${KEY}; wins over the script's own set")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def serve(
+    script: Path, host: str, port: int, token: str | None, ray_address: str | None, allow_scripts: bool, replicas: int,
+    request_timeout_s: float, sets: tuple[str, ...], debug: bool,
+) -> None:
+    """Run a script (its register, load and set statements), then answer HTTP for its functions
+    until SIGINT or SIGTERM, which let the requests in flight finish (docs/serving.md)."""
+    from sql_magics.session import Session
+
+    variables, text = _parse_sets(sets), _read(script)
+    stop = threading.Event()
+    with _statement_errors(debug), Session(ray_address=ray_address) as session:
+        session.registry.runtime.ensure()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which puts a handler of its own on SIGTERM
+            signal.signal(signum, lambda *_: stop.set())
+        session.pin_variables(variables)
+        for warning in session.run(text, source_name=str(script), base_dir=script.parent).warnings:
+            click.echo(f"warning: {warning}", err=True)
+        handle = session.serve(
+            host=host, port=port, token=token, allow_scripts=allow_scripts, replicas=replicas, request_timeout_s=request_timeout_s
+        )
+        click.echo(f"serving {handle.url} (functions: {', '.join(handle.functions)})")
+        while not stop.wait(_SIGNAL_POLL_S):
+            pass
+        click.echo("stopping: the requests in flight finish", err=True)
 
 
 @main.command()

@@ -96,6 +96,7 @@ class FunctionRegistry:
         self.pool_name = actor_name(session_id, "pool")  # the session's warm pool (udf_engine.actors.warm_pool)
         self._pool: Any = None  # its handle, once started
         self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising
+        self._watchers: list[Callable[[], None]] = []  # told after each change of the functions (a server publishes them)
 
     # -- what is registered -------------------------------------------------------------
 
@@ -113,6 +114,21 @@ class FunctionRegistry:
     def rows_scored(self) -> int:
         """Rows scored by model functions so far (progress bars read the difference)."""
         return self._scored.value
+
+    def watch(self, changed: Callable[[], None]) -> None:
+        """Call ``changed()`` after every registration, swap and removal (from the thread that made it)."""
+        with self._lock:
+            self._watchers.append(changed)
+
+    def unwatch(self, changed: Callable[[], None]) -> None:
+        with self._lock:
+            self._watchers.remove(changed)
+
+    def _changed(self) -> None:
+        with self._lock:
+            watchers = list(self._watchers)
+        for changed in watchers:
+            changed()
 
     def actor_prefix(self, function: str) -> str:
         """The name prefix of the actors serving ``function`` (each version adds ``.r<n>``)."""
@@ -218,16 +234,21 @@ class FunctionRegistry:
         with self._changes:
             old = self.functions.get(registered.name)
             if old is not None and old.model_function is not None and old.returns == registered.returns:
-                # A rolling swap: DuckDB keeps the function; the running statement finishes on the old version.
+                # A rolling swap: DuckDB keeps the function; the running statement finishes on the old version
+                # (which, under a canary's traffic share, goes on answering the rest).
                 registered.model_function = old.model_function
-                old.model_function.switch(registered.udf)
+                old.model_function.switch(registered.udf, label=registered.version, share=registered.udf.conf.traffic)
                 with self._lock:
                     self._unbusy.append(registered.udf)
                 self._add(registered)
+            else:
+                fn = ModelFunction(
+                    registered.name, registered.returns, self._scored, registered.udf, retire=_stop, label=registered.version
+                )
+                registered.model_function = fn
+                self._install(registered, lambda: add_function(self.db.con, fn))
                 return
-            fn = ModelFunction(registered.name, registered.returns, self._scored, registered.udf, retire=_stop)
-            registered.model_function = fn
-            self._install(registered, lambda: add_function(self.db.con, fn))
+        self._changed()
 
     def add_python(
         self, function: str, func: Callable, returns: str, *, kind: str, vectorized: bool, options: dict
@@ -250,10 +271,13 @@ class FunctionRegistry:
                 create()
             except duckdb.Error as err:  # e.g. a function of that name made on the connection directly
                 raise ExecutionError(f"register {function}: {clean_duckdb_error(err)}") from None
+            else:
+                self._add(registered)
             finally:
+                # watchers first: a server stops answering with the old one, and lets go of it, before it retires
+                self._changed()
                 if old is not None:
                     self._retire(old)
-            self._add(registered)
 
     def _add(self, registered: RegisteredFunction) -> None:
         with self._lock:
@@ -283,6 +307,7 @@ class FunctionRegistry:
             try:
                 self.db.con.remove_function(function)
             finally:
+                self._changed()  # a server stops answering with it, and lets go of it, before it retires
                 self._retire(registered)
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ray
@@ -154,6 +154,7 @@ class RemoteUDF:
     dispatcher: Dispatcher
     conf: UDFConf
     info: dict  # what the workers reported when the model loaded (input_width, load_s)
+    model_refs: list = field(default_factory=list)  # the model's rows in the object store (a master restarting needs them)
 
     def map(self, batches: Sequence[Any]) -> list[Any]:
         """Score batches on the workers; results in input order."""
@@ -236,7 +237,7 @@ class UDFBuilder:
         dispatcher = Dispatcher(
             master, workers, settings, model_refs=ray_context.model_refs, function=ray_context.function, master_life=life
         )
-        udf = RemoteUDF(ray_context.function, master, dispatcher, settings, info)
+        udf = RemoteUDF(ray_context.function, master, dispatcher, settings, info, list(ray_context.model_refs))
         ray_context.udf = udf
         return udf
 

@@ -29,7 +29,7 @@ import ray
 
 from udf_engine.actors.failures import Failed, resolve, user_error
 from udf_engine.actors.worker import CONTROL_TIMEOUT_S
-from udf_engine.errors import WorkerError, remote_cause
+from udf_engine.errors import BatchTimeoutError, WorkerError, remote_cause
 from udf_engine.settings import UDFConf
 
 # One batch running and one queued behind it: the worker starts the next batch the
@@ -221,7 +221,7 @@ class Dispatcher:
                 if handle is not None:
                     ray.kill(handle)
                     self._worker_died(worker_id)  # out of the pool now, and replaced
-                raise WorkerError(
+                raise BatchTimeoutError(
                     f"function {self._function}: a batch ran longer than batch_timeout_s={self._batch_timeout_s:g} s "
                     f"on worker {worker_id}; the worker was stopped and will be replaced"
                 )

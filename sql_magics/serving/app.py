@@ -1,0 +1,264 @@
+"""The HTTP tier: a Ray Serve deployment whose FastAPI app answers for a session's model functions.
+
+Endpoints:
+- ``GET|POST /model/predict``: Byzer's (``dataType``, ``data``, ``sql`` or ``pipeline``), as form
+  fields, a query string or a JSON body; a JSON array of row objects.
+- ``POST /v1/functions/{name}``: ``{"inputs": [[arg, ...], ...]}`` -> ``{"outputs": [...], "version": "2"}``,
+  or an Arrow IPC stream in and out (``application/vnd.apache.arrow.stream``).
+- ``GET /v1/functions``, ``GET /healthz``, ``GET /metrics`` (Prometheus text).
+- ``GET|POST /run/script`` (Byzer's; only when the server allows scripts): runs in the session.
+
+Every answer that scored rows carries the versions that served it (``X-RayUDF-Version: f=2``).
+With a token, every endpoint but ``/healthz`` wants ``Authorization: Bearer <token>``.
+
+Example:
+    >>> serve.run(Ingress.bind(directory, token=None, allow_scripts=False), name="rayudf-ab12")   # doctest: +SKIP
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request) at runtime.
+import asyncio
+import hmac
+import io
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyarrow as pa
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from ray import serve
+
+from sql_magics.errors import ParseError
+from sql_magics.serving.metrics import Metrics
+from sql_magics.serving.replica import Functions, Pins
+from sql_magics.serving.requests import (
+    RequestError,
+    UnknownFunctionError,
+    arrow_columns,
+    inputs_columns,
+    predict_request,
+    rows_json,
+    values_json,
+)
+from udf_engine.errors import BatchTimeoutError, ModelError, RayUDFError, WorkerError
+
+VERSION_HEADER = "X-RayUDF-Version"
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+# The largest body a request may have: a bulk Arrow request of some hundred thousand rows.
+MAX_BODY_BYTES = 64 << 20
+# Requests one replica holds at once: enough that many are coalesced into one call to the workers.
+MAX_ONGOING_REQUESTS = 256
+# How long a replica that is told to stop lets its requests in flight finish (a slow model's batch),
+# and how often it looks whether they have.
+DRAIN_TIMEOUT_S = 30.0
+DRAIN_POLL_S = 0.2
+# After the directory cannot be reached (the session stopping, or restarting it), wait this long before asking again.
+_DIRECTORY_RETRY_S = 1.0
+
+app = FastAPI(title="rayudf", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _status(err: BaseException) -> int:
+    """The HTTP status of an error: the caller's mistake, the model's, or the workers'."""
+    if isinstance(err, UnknownFunctionError):
+        return 404
+    if isinstance(err, BatchTimeoutError):
+        return 504
+    if isinstance(err, ModelError):
+        return 422
+    if isinstance(err, WorkerError):
+        return 503
+    if isinstance(err, RayUDFError | ParseError):
+        return 400
+    return 500
+
+
+class _Refused(Exception):  # noqa: N818 - an answer, not a failure
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# The helpers stand before the deployment class: Serve serializes the class, with what it names, as it is defined.
+def _described(function) -> dict:
+    return {
+        "name": function.name,
+        "kind": function.kind,
+        "returns": function.returns,
+        "inputs": {"width": function.versions[0][0].width},
+        "versions": [{"version": c.label, "share": share, "workers": v.workers}
+                     for (c, share), v in zip(function.versions, function.entry.versions, strict=True)],
+    }
+
+
+async def _body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _Refused(413, f"the body is {int(declared):,} bytes; at most {MAX_BODY_BYTES:,} are taken")
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise _Refused(413, f"the body is {len(body):,} bytes; at most {MAX_BODY_BYTES:,} are taken")
+    return body
+
+
+async def _params(request: Request) -> dict[str, Any]:
+    """A request's parameters: its query string, then its form fields or JSON object body."""
+    params: dict[str, Any] = dict(request.query_params)
+    if request.method != "POST":
+        return params
+    kind = request.headers.get("content-type", "")
+    body = await _body(request)
+    if kind.startswith("application/json"):
+        try:
+            fields = json.loads(body or b"{}")
+        except ValueError as err:
+            raise RequestError(f"the body is not JSON: {err}") from None
+        if not isinstance(fields, dict):
+            raise RequestError("the JSON body must be an object of parameters")
+        params.update(fields)
+    elif kind.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        params.update((k, v) for k, v in (await request.form()).items() if isinstance(v, str))
+    return params
+
+
+def _arrow_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},  # a replica reserves nothing: the workers hold the cores
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
+    graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+)
+@serve.ingress(app)
+class Ingress:
+    """One replica of a session's HTTP tier."""
+
+    def __init__(self, directory: Any, token: str | None, allow_scripts: bool) -> None:
+        self._directory = directory  # the session's Directory actor
+        self._token = f"Bearer {token}".encode() if token else None
+        self._allow_scripts = allow_scripts
+        self._id = secrets.token_hex(4)  # how this replica reports to the directory
+        self._metrics = Metrics()
+        self._functions: Functions | None = None  # once the directory first answered
+        self._revision = 0
+        self._starting = asyncio.Lock()
+
+    # -- following the directory -----------------------------------------------------------
+
+    async def _ready(self) -> Functions:
+        async with self._starting:
+            if self._functions is None:
+                functions = Functions(asyncio.get_running_loop(), self._metrics)
+                revision, entries = await self._directory.follow.remote(0, self._id, [], self._metrics.snapshot())
+                await asyncio.to_thread(functions.update, entries)
+                self._functions, self._revision = functions, revision
+                asyncio.get_running_loop().create_task(self._follow())
+        return self._functions
+
+    async def _follow(self) -> None:
+        import ray
+
+        while True:
+            try:
+                news = await self._directory.follow.remote(
+                    self._revision, self._id, self._functions.in_use(), self._metrics.snapshot()
+                )
+            except ray.exceptions.RayError:
+                await asyncio.sleep(_DIRECTORY_RETRY_S)
+                continue
+            if news is not None:
+                revision, entries = news
+                await asyncio.to_thread(self._functions.update, entries)
+                self._revision = revision
+
+    # -- answering -------------------------------------------------------------------------
+
+    def _check(self, request: Request) -> None:
+        if self._token is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), self._token):
+            raise _Refused(401, "this server needs Authorization: Bearer <token>")
+
+    async def _answer(
+        self, request: Request, endpoint: str, work: Callable[[Pins], Awaitable[Response]], *, scores: bool = True
+    ) -> Response:
+        """``work(pins)``'s answer, or the error's; timed and counted for /metrics."""
+        started = time.perf_counter()
+        pins = None
+        try:
+            self._check(request)
+            functions = await self._ready()
+            pins = functions.pins()
+            response = await work(pins)
+            if scores and pins.chosen:
+                response.headers[VERSION_HEADER] = pins.versions()
+        except _Refused as err:
+            response = JSONResponse({"error": str(err)}, status_code=err.status)
+        except Exception as err:  # noqa: BLE001 - every error is an answer: the server never dies of a request
+            response = JSONResponse({"error": str(err) or type(err).__name__}, status_code=_status(err))
+        finally:
+            if pins is not None:
+                pins.release()
+        function = ",".join(sorted(pins.chosen)) if pins is not None else ""
+        self._metrics.request(function, endpoint, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.get("/healthz")
+    async def healthz(self) -> Response:
+        functions = await self._ready()
+        return JSONResponse({"status": "ok", "functions": sorted(functions.by_name)})
+
+    @app.get("/v1/functions")
+    async def list_functions(self, request: Request) -> Response:
+        async def work(pins: Pins) -> Response:
+            return JSONResponse([_described(f) for f in self._functions.by_name.values()])
+
+        return await self._answer(request, "functions", work, scores=False)
+
+    @app.post("/v1/functions/{name}")
+    async def call_function(self, name: str, request: Request) -> Response:
+        async def work(pins: Pins) -> Response:
+            with pins.function(name).coalesced.coming():  # a call forming now waits for these rows
+                body = await _body(request)
+                arrow = request.headers.get("content-type", "").startswith(ARROW_STREAM)
+                try:
+                    columns = arrow_columns(body) if arrow else inputs_columns(body.decode())
+                except UnicodeDecodeError:
+                    raise RequestError(f"the body is not UTF-8 JSON (send Arrow with Content-Type: {ARROW_STREAM})") from None
+                scored = await self._functions.score(name, columns, pins)
+            if request.headers.get("accept", "").startswith(ARROW_STREAM) or arrow:
+                return Response(_arrow_bytes(pa.table({"output": scored.array})), media_type=ARROW_STREAM)
+            return JSONResponse({"outputs": values_json(scored.array.to_pylist()), "version": pins.client(name).label})
+
+        return await self._answer(request, "v1", work)
+
+    @app.api_route("/model/predict", methods=["GET", "POST"])
+    async def predict(self, request: Request) -> Response:
+        async def work(pins: Pins) -> Response:
+            ask = predict_request(await _params(request))
+            return JSONResponse(rows_json(await self._functions.predict(ask, pins)))
+
+        return await self._answer(request, "predict", work)
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request) -> Response:
+        async def work(pins: Pins) -> Response:
+            snapshots = {**await self._directory.metrics.remote(), self._id: self._metrics.snapshot()}  # this replica's now
+            return PlainTextResponse(Metrics.merged(list(snapshots.values())).render(), media_type="text/plain; version=0.0.4")
+
+        return await self._answer(request, "metrics", work, scores=False)
+
+    @app.api_route("/run/script", methods=["GET", "POST"])
+    async def run_script(self, request: Request) -> Response:
+        async def work(pins: Pins) -> Response:
+            if not self._allow_scripts:
+                raise _Refused(403, "/run/script is off: a script can read files and run Python; start the server with --allow-scripts")
+            answer = await self._directory.run_script.remote(await _params(request))
+            return JSONResponse(answer["body"], status_code=answer["status"])
+
+        return await self._answer(request, "script", work, scores=False)

@@ -1,0 +1,292 @@
+"""Inside a Serve replica: the served functions as it knows them, and requests scored through them.
+
+A replica follows the session's directory (:mod:`sql_magics.serving.directory`). For each version
+of a function it holds the engine's own dispatcher over that version's UDFWorkers (the workers SQL
+uses: the model is never loaded again here). Each request picks, for each function it calls, one
+version (by the versions' shares) and keeps it to its end: no request mixes versions. The model
+calls of concurrent requests are coalesced (one queue per function)
+into one call to the workers (:mod:`sql_magics.serving.coalescer`); a call the model fails on is
+scored again one request at a time, so each request gets its own answer or its own error.
+
+``/model/predict`` evaluates its select list with DuckDB over the request's rows: a DuckDB of the
+replica's own, with no access to files, network or extensions, where each model function is a
+Python function that sends its rows through the coalescing queue.
+
+Example (inside a replica):
+    >>> functions = Functions(loop=asyncio.get_running_loop(), metrics=Metrics())   # doctest: +SKIP
+    >>> functions.update(entries)                                                   # doctest: +SKIP
+    >>> await functions.score("digit", [pixels], pins)                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from arrow_bridge.function import add_arrow_function
+from arrow_bridge.quoting import quote_identifier
+from arrow_bridge.scoring import Call, Scored
+from arrow_bridge.tensors import join_outputs, slice_output
+from arrow_bridge.types import arrow_type
+from sql_magics.errors import clean_duckdb_error
+from sql_magics.serving.coalescer import Coalescer
+from sql_magics.serving.directory import FunctionEntry, VersionEntry
+from sql_magics.serving.metrics import Metrics
+from sql_magics.serving.requests import REQUEST_TABLE, PredictRequest, RequestError, UnknownFunctionError
+from udf_engine.actors.dispatcher import MAX_IN_FLIGHT_PER_WORKER, Dispatcher
+from udf_engine.actors.failures import Partial
+from udf_engine.errors import InputError, ModelError, RayUDFError, RowError
+
+# Threads that run requests' DuckDB queries: each one waits while its model calls are coalesced,
+# so there are as many as requests that may be coalesced into one call, and more.
+QUERY_THREADS = 64
+_local = threading.local()  # the Pins of the request a query thread runs
+
+
+class VersionClient:
+    """One version of a function as the replica calls it: the engine's dispatcher over its workers."""
+
+    def __init__(self, function: str, entry: VersionEntry) -> None:
+        import ray
+
+        workers, life = ray.get([entry.master.workers.remote(), entry.master.life.remote()])
+        self.key, self.label, self.width = entry.key, entry.label, entry.width
+        self._batch_size = entry.conf.batch_size
+        self._dispatcher = Dispatcher(
+            entry.master, workers, entry.conf, model_refs=entry.model_refs, function=function, master_life=life
+        )
+
+    def map(self, matrix: Any) -> list[Any]:
+        """Score one feature matrix on the workers, in batch_size pieces (blocking: run it on a thread)."""
+        return self._dispatcher.map([matrix[i : i + self._batch_size] for i in range(0, len(matrix), self._batch_size)])
+
+
+@dataclass
+class Outcome:
+    """What the coalesced call gave one request: its outputs, or the error that is its own."""
+
+    outputs: list | None = None
+    error: RayUDFError | None = None
+
+
+class Function:
+    """A served function in the replica: its versions, and the queue that coalesces calls to them."""
+
+    def __init__(self, entry: FunctionEntry, clients: dict[str, VersionClient], metrics: Metrics) -> None:
+        self.name, self.returns, self.kind = entry.name, entry.returns, entry.kind
+        self.arrow_type = arrow_type(entry.returns)
+        self.versions = [(clients[v.key], v.share) for v in entry.versions]
+        self.entry = entry
+        self._metrics = metrics
+        workers = max(v.workers for v in entry.versions)
+        # as many calls at once as keep every worker busy; each takes what queued meanwhile
+        self.coalesced = Coalescer(
+            self._score_together, max_batch_size=entry.max_batch_size, wait_s=entry.batch_wait_timeout_s,
+            slots=workers * MAX_IN_FLIGHT_PER_WORKER,
+        )
+
+    def choose(self) -> VersionClient:
+        """The version a request starting now uses."""
+        draw, upto = random.random(), 0.0
+        for client, share in self.versions:
+            upto += share
+            if draw < upto:
+                return client
+        return self.versions[-1][0]
+
+    async def _score_together(self, items: list[tuple[VersionClient, Any]]) -> list[Outcome]:
+        """One call to the workers for the requests of each version, their outputs split back."""
+        outcomes: list[Outcome] = [Outcome()] * len(items)
+        groups: dict[VersionClient, list[int]] = defaultdict(list)
+        for i, (client, _) in enumerate(items):
+            groups[client].append(i)
+        for client, indices in groups.items():
+            matrices = [items[i][1] for i in indices]
+            for i, outcome in zip(indices, await self._score_group(client, matrices), strict=True):
+                outcomes[i] = outcome
+        return outcomes
+
+    async def _score_group(self, client: VersionClient, matrices: list[Any]) -> list[Outcome]:
+        sizes = [len(m) for m in matrices]
+        joined = _joined(matrices)
+        if joined is not None:
+            self._metrics.batch(self.name, requests=len(matrices), rows=len(joined))
+            try:
+                outputs = await asyncio.to_thread(client.map, joined)
+            except (ModelError, InputError) as err:
+                if len(matrices) == 1:
+                    return [Outcome(error=err)]
+            except RayUDFError as err:  # the workers (not the rows) failed: every request of the call learns it
+                return [Outcome(error=err)] * len(matrices)
+            else:
+                if len(matrices) == 1:
+                    return [Outcome(outputs)]
+                if not any(isinstance(o, Partial) for o in outputs):
+                    whole, starts = join_outputs(outputs), np.cumsum([0, *sizes])
+                    return [Outcome([slice_output(whole, a, b)]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        return [await self._score_alone(client, m) for m in matrices]  # each request its own answer or error
+
+    async def _score_alone(self, client: VersionClient, matrix: Any) -> Outcome:
+        self._metrics.batch(self.name, requests=1, rows=len(matrix))
+        try:
+            return Outcome(await asyncio.to_thread(client.map, matrix))
+        except RayUDFError as err:
+            return Outcome(error=err)
+
+
+def _joined(matrices: Sequence[Any]) -> Any:
+    """One matrix of all the requests' rows, or None when they do not stack (another width or type)."""
+    if len(matrices) == 1:
+        return matrices[0]
+    try:
+        return np.concatenate(matrices)
+    except ValueError:
+        return None
+
+
+class Pins:
+    """The version a request uses of each function it calls, chosen at its first call of it."""
+
+    def __init__(self, functions: dict[str, Function], busy: Counter) -> None:
+        self._functions = functions  # as they were when the request came
+        self._busy = busy  # the replica's count of requests in flight per version key
+        # Every version the request may still choose is in use until it ends: the session keeps its workers.
+        self._held = [client.key for function in functions.values() for client, _ in function.versions]
+        for key in self._held:
+            busy[key] += 1
+        self.chosen: dict[str, VersionClient] = {}
+        self.error: BaseException | None = None  # what a model call inside DuckDB raised (DuckDB wraps it)
+        self._lock = threading.Lock()
+
+    def function(self, name: str) -> Function:
+        function = self._functions.get(name)
+        if function is None:
+            raise UnknownFunctionError(f"no function named {name!r} is served (GET /v1/functions lists them)")
+        return function
+
+    def client(self, name: str) -> VersionClient:
+        with self._lock:
+            if name not in self.chosen:
+                self.chosen[name] = self.function(name).choose()
+            return self.chosen[name]
+
+    def release(self) -> None:
+        """The request is done: what it held is not in use any more (by it)."""
+        for key in self._held:
+            self._busy[key] -= 1
+        self._held = []
+
+    def versions(self) -> str:
+        """What the answer says served it: ``f=2`` (``f=2, g=1`` for several functions)."""
+        return ", ".join(f"{name}={client.label}" for name, client in sorted(self.chosen.items()))
+
+
+class Functions:
+    """The functions a replica serves, kept as the directory tells them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
+        self._loop = loop  # the replica's event loop, where calls are coalesced
+        self._metrics = metrics
+        self.by_name: dict[str, Function] = {}
+        self.busy: Counter[str] = Counter()  # requests in flight per version key
+        self._clients: dict[str, VersionClient] = {}
+        self._sql: _RequestSQL | None = None
+        self._queries = ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="rayudf-query")
+
+    def update(self, entries: dict[str, FunctionEntry]) -> None:
+        """Take the directory's functions (blocking: clients ask the masters for their workers)."""
+        keys = {v.key for entry in entries.values() for v in entry.versions}
+        clients = {k: c for k, c in self._clients.items() if k in keys}
+        for entry in entries.values():
+            for version in entry.versions:
+                if version.key not in clients:
+                    clients[version.key] = VersionClient(entry.name, version)
+        kept = {name: f for name, f in self.by_name.items() if name in entries and f.entry.signature == entries[name].signature}
+        functions = {name: kept.get(name) or Function(entry, clients, self._metrics) for name, entry in entries.items()}
+        if self._sql is None or self._sql.returns != {n: f.returns for n, f in functions.items()}:
+            self._sql = _RequestSQL({n: f.returns for n, f in functions.items()}, self._loop)
+        self._clients, self.by_name = clients, functions
+
+    def pins(self) -> Pins:
+        return Pins(self.by_name, self.busy)
+
+    def in_use(self) -> list[str]:
+        """Keys of the versions requests in flight use."""
+        return [key for key, n in self.busy.items() if n > 0]
+
+    async def score(self, name: str, cols: list[pa.Array], pins: Pins) -> Scored:
+        """Score argument columns with ``name`` (the version ``pins`` chose)."""
+        function, client = pins.function(name), pins.client(name)
+        call = Call.of(cols, function=name, width=client.width)
+        if call.matrix is None:
+            return call.scored([], function.arrow_type)
+        outcome = await function.coalesced((client, call.matrix))
+        if outcome.error is not None:
+            raise call.placed(outcome.error) if isinstance(outcome.error, RowError) else outcome.error
+        return call.scored(outcome.outputs, function.arrow_type)
+
+    async def predict(self, ask: PredictRequest, pins: Pins) -> pa.Table:
+        """Evaluate a ``/model/predict`` select list over its rows, on a query thread."""
+        sql = self._sql
+        return await self._loop.run_in_executor(self._queries, sql.evaluate, ask, pins, self)
+
+
+class _RequestSQL:
+    """The replica's DuckDB for request select lists: the served functions created in it, no file,
+    network or extension access, one thread per query (a model call runs on the thread of its request)."""
+
+    def __init__(self, returns: dict[str, str], loop: asyncio.AbstractEventLoop) -> None:
+        self.returns = returns
+        self._con = duckdb.connect(config={"enable_external_access": False, "threads": 1})
+        self._con.execute("SET lock_configuration = true").fetchall()
+        for name, type_name in returns.items():
+            add_arrow_function(self._con, name, _calling(name, loop), type_name)
+        self._cursors = threading.local()
+
+    def evaluate(self, ask: PredictRequest, pins: Pins, functions: Functions) -> pa.Table:
+        cursor = getattr(self._cursors, "cursor", None)
+        if cursor is None:
+            cursor = self._cursors.cursor = self._con.cursor()
+        statement = f"SELECT {ask.select} FROM {quote_identifier(REQUEST_TABLE)}"
+        try:
+            kinds = [s.type.name for s in duckdb.extract_statements(statement)]
+        except duckdb.Error as err:
+            raise RequestError(f"sql: {clean_duckdb_error(err)}") from None
+        if kinds != ["SELECT"]:
+            raise RequestError("sql: give one select list, nothing after it")
+        _local.pins, _local.functions = pins, functions
+        cursor.register(REQUEST_TABLE, ask.rows)
+        try:
+            return cursor.sql(statement).to_arrow_table()
+        except duckdb.Error as err:
+            if pins.error is not None:
+                raise pins.error from None
+            raise RequestError(f"sql: {clean_duckdb_error(err)}") from None
+        finally:
+            cursor.unregister(REQUEST_TABLE)
+            _local.pins = _local.functions = None
+
+
+def _calling(name: str, loop: asyncio.AbstractEventLoop):
+    """The DuckDB function ``name``: its rows go through the replica's coalescing queue, on its loop."""
+
+    def call(*cols: Any) -> pa.Array:
+        pins, functions = _local.pins, _local.functions
+        try:
+            scored = asyncio.run_coroutine_threadsafe(functions.score(name, list(cols), pins), loop).result()
+        except BaseException as err:
+            pins.error = err  # DuckDB puts its own words around it: the request answers with this
+            raise
+        return scored.array
+
+    return call

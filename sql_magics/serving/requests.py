@@ -1,0 +1,167 @@
+"""What an HTTP request asks, read into rows: Byzer's ``/model/predict`` and ``/v1/functions/{name}``.
+
+Byzer's ``/model/predict`` takes ``dataType`` (how ``data`` is read), ``data`` (a JSON array) and
+``sql`` (a select list over the data's columns) or ``pipeline`` (functions applied in turn to
+``feature``). Its rows become an Arrow table that DuckDB evaluates the select list over.
+
+Example:
+    >>> ask = predict_request({"data": "[[1, 2], [3, 4]]", "sql": "select f(feature) as p"})
+    >>> ask.rows.column_names, ask.select
+    (['feature'], 'f(feature) as p')
+    >>> predict_request({"dataType": "row", "data": [{"a": 1}], "pipeline": "f, g"}).select
+    'g(f(feature)) as feature'
+    >>> [c.to_pylist() for c in inputs_columns({"inputs": [[1, 2.5], [3, 4]]})]
+    [[1, 3], [2.5, 4.0]]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from udf_engine.errors import RayUDFError
+
+DATA_TYPES = ("vector", "string", "row")
+FEATURE = "feature"  # Byzer's column of a vector or string request
+REQUEST_TABLE = "__rayudf_request"  # what the select list reads from
+_LEADING_SELECT = re.compile(r"^\s*select\b", re.I)
+# How much of a bad value an error shows.
+_SHOWN = 60
+
+
+class RequestError(RayUDFError):
+    """A request that does not say what it asks, or says it wrongly: answered 400, naming what is wrong."""
+
+
+class UnknownFunctionError(RequestError):
+    """A request names a function the server does not serve: answered 404."""
+
+
+@dataclass
+class PredictRequest:
+    """The rows of a ``/model/predict`` request, and the select list to evaluate over them."""
+
+    rows: pa.Table
+    select: str
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def _json(value: Any, what: str) -> Any:
+    """``value`` itself, or what the JSON text ``value`` holds."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as err:
+        raise RequestError(f"{what} is not JSON ({err}): {_shown(value)}") from None
+
+
+def predict_request(params: Mapping[str, Any]) -> PredictRequest:
+    """Read Byzer's ``/model/predict`` parameters (form fields, a query string or a JSON body alike)."""
+    data_type = str(params.get("dataType") or "vector")
+    data = _json(params.get("data", "[]"), "data")
+    if not isinstance(data, list):
+        raise RequestError(f"data must be a JSON array, got {_shown(data)}")
+    if data_type == "vector":
+        for i, row in enumerate(data):
+            if not isinstance(row, list) or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in row):
+                raise RequestError(f'data: element {i + 1} is not an array of numbers (dataType="vector"): {_shown(row)}')
+        rows = pa.table({FEATURE: pa.array(data, pa.list_(pa.float64()))})
+    elif data_type == "string":
+        rows = pa.table({FEATURE: pa.array([x if isinstance(x, str) else json.dumps(x) for x in data], pa.string())})
+    elif data_type == "row":
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise RequestError(f'data: element {i + 1} is not a JSON object (dataType="row"): {_shown(row)}')
+        try:
+            rows = pa.Table.from_pylist(data)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise RequestError(f"data: the rows do not make one table: {err}") from None
+    else:
+        raise RequestError(f"dataType {data_type!r} is not one of {', '.join(DATA_TYPES)}")
+    return PredictRequest(rows, _select_list(params))
+
+
+def _select_list(params: Mapping[str, Any]) -> str:
+    sql, pipeline = str(params.get("sql") or "").strip(), str(params.get("pipeline") or "").strip()
+    if sql:
+        return _LEADING_SELECT.sub("", sql, count=1).strip()
+    if pipeline:
+        names = [name.strip() for name in pipeline.split(",")]
+        if not all(re.fullmatch(r"[A-Za-z_]\w*", name) for name in names):
+            raise RequestError(f"pipeline {pipeline!r}: expected function names separated by commas")
+        expression = FEATURE
+        for name in names:
+            expression = f"{name}({expression})"
+        return f"{expression} as {FEATURE}"
+    raise RequestError("give sql (a select list over the data's columns, e.g. sql=\"select f(feature) as p\") or pipeline")
+
+
+def inputs_columns(body: Any) -> list[pa.Array]:
+    """The argument columns of ``{"inputs": [[arg, ...], ...]}``: one row of arguments per element."""
+    body = _json(body, "the body")
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, list) or not all(isinstance(row, list) for row in inputs):
+        raise RequestError('expected a JSON body {"inputs": [[arg, ...], ...]}: one array of arguments per row')
+    if not inputs:
+        raise RequestError("inputs holds no rows")
+    width = len(inputs[0])
+    for i, row in enumerate(inputs):
+        if len(row) != width:
+            raise RequestError(f"inputs: row {i + 1} has {len(row)} arguments, row 1 has {width}")
+    columns = []
+    for j in range(width):
+        try:
+            columns.append(pa.array([row[j] for row in inputs]))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise RequestError(f"inputs: argument {j + 1} does not have one type in all rows ({err})") from None
+    return columns
+
+
+def arrow_columns(body: bytes) -> list[pa.Array]:
+    """The argument columns of an Arrow IPC stream body: its columns, in order."""
+    try:
+        table = pa.ipc.open_stream(body).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise RequestError(f"the body is not an Arrow IPC stream: {err}") from None
+    if table.num_columns == 0 or table.num_rows == 0:
+        raise RequestError("the Arrow body holds no argument columns or no rows")
+    return [column.combine_chunks() for column in table.columns]
+
+
+def rows_json(table: pa.Table) -> list[dict]:
+    """A result table as JSON-ready row objects."""
+    return [_plain(row) for row in table.to_pylist()]
+
+
+def values_json(values: Sequence[Any]) -> list:
+    """A result column as JSON-ready values.
+
+    Example:
+        >>> values_json([1.5, float("nan"), {"a": [1, None]}, b"x"])
+        [1.5, None, {'a': [1, None]}, "b'x'"]
+    """
+    return [_plain(value) for value in values]
+
+
+def _plain(value: Any) -> Any:
+    """JSON's own types: NaN and infinities as null, dates, decimals and bytes as their text."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)

@@ -1,0 +1,325 @@
+"""The web-service mode: a session's functions answering real HTTP on 127.0.0.1, through a real Ray Serve.
+
+One server for the module (started with ``!serve``, as a notebook would), on the shared Ray. Every
+answer is checked against the same model called in-process on the same rows. Load stays on
+loopback and bounded: a few hundred requests at most, from a handful of threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from sql_magics.serving.server import check_binding
+from udf_engine import ConfigError
+
+from conftest import WORKER_CPUS, Weighted, save_pickled
+
+TOKEN = "s3cret-token"
+VERSION = "x-rayudf-version"
+
+
+class Lengths:
+    """The length of each text: a model over strings."""
+
+    def predict(self, batch):
+        return np.array([len(text) for text in batch], dtype=np.int64)
+
+
+class Scale:
+    """Each row times two, kept as an array: one step of a pipeline."""
+
+    n_features_in_ = 2
+
+    def predict(self, batch):
+        return np.asarray(batch, dtype=np.float64) * 2.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(session, model_dir):
+    session.register_model("lin", save_pickled(model_dir / "serve_lin.pkl", Weighted((1.0, 10.0))), workers=2, num_cpus=WORKER_CPUS)
+    session.register_model("scale", save_pickled(model_dir / "serve_scale.pkl", Scale()), workers=1, num_cpus=WORKER_CPUS)
+    session.register_model(
+        "strlen", save_pickled(model_dir / "serve_len.pkl", Lengths()), workers=1, num_cpus=WORKER_CPUS, returns="BIGINT"
+    )
+    port = free_port()
+    started = session.sql(f"!serve port={port} token={TOKEN} allow_scripts=true")
+    url = started["url"][0]
+    assert url == f"http://127.0.0.1:{port}" and started["functions"][0] == "lin, scale, strlen"
+    yield url
+    session.sql("!serve stop")
+    for name in ("lin", "scale", "strlen"):
+        if name in session.functions:
+            session.unregister(name)
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        yield c
+
+
+def lin(rows) -> np.ndarray:
+    return Weighted((1.0, 10.0)).predict(np.asarray(rows, dtype=np.float64))
+
+
+def test_healthz_needs_no_token_and_every_other_endpoint_does(server, client):
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok", "functions": ["lin", "scale", "strlen"]}
+    for path in ("/v1/functions", "/metrics", "/model/predict?data=[[1,2]]&pipeline=lin"):
+        assert httpx.get(f"{server}{path}").status_code == 401
+        assert httpx.get(f"{server}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(f"{server}/v1/functions/lin", json={"inputs": [[1, 2]]}).status_code == 401
+    described = {f["name"]: f for f in client.get("/v1/functions").json()}
+    assert described["lin"]["returns"] == "DOUBLE" and described["lin"]["inputs"] == {"width": 2}
+    assert described["lin"]["versions"] == [{"version": "1", "share": 1.0, "workers": 2}]
+
+
+def test_a_function_answers_as_the_model_in_process(client):
+    rows = np.random.default_rng(0).random((50, 2))
+    answer = client.post("/v1/functions/lin", json={"inputs": rows.tolist()})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["version"] == "1" and answer.headers[VERSION] == "lin=1"
+    np.testing.assert_allclose(answer.json()["outputs"], lin(rows), rtol=0, atol=1e-12)
+
+
+def test_arrow_bodies_in_and_out(client):
+    rows = np.random.default_rng(1).random((1000, 2))
+    table = pa.table({"a": rows[:, 0], "b": rows[:, 1]})
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    answer = client.post("/v1/functions/lin", content=sink.getvalue(), headers={"Content-Type": "application/vnd.apache.arrow.stream"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/vnd.apache.arrow.stream"
+    scores = pa.ipc.open_stream(answer.content).read_all()["output"].to_numpy()
+    np.testing.assert_array_equal(scores, lin(rows))
+
+
+def test_byzer_predict_takes_its_three_data_types_as_form_query_or_json(client):
+    vectors = [[1.0, 2.0], [3.0, 4.5]]
+    form = client.post("/model/predict", data={"data": str(vectors), "sql": "select lin(feature[1], feature[2]) as p"})
+    assert form.status_code == 200 and form.json() == [{"p": p} for p in lin(vectors)] and form.headers[VERSION] == "lin=1"
+    query = client.get("/model/predict", params={"data": str(vectors), "sql": "lin(feature[1], feature[2]) as p"})  # `select` optional
+    assert query.json() == form.json()
+    texts = client.post("/model/predict", json={"dataType": "string", "data": ["a", "hello"], "sql": "select strlen(feature) as n"})
+    assert texts.json() == [{"n": 1}, {"n": 5}]
+    rows = client.post("/model/predict", json={"dataType": "row", "data": [{"a": 1, "b": 2}, {"a": 3, "b": 5}], "sql": "lin(a, b) as y, a"})
+    assert rows.json() == [{"y": y, "a": a} for y, a in zip(lin([[1, 2], [3, 5]]), (1, 3), strict=True)]
+
+
+def test_byzer_pipeline_and_any_sql_around_the_model(client):
+    vectors = [[1.0, 2.0], [0.5, 0.25]]
+    piped = client.post("/model/predict", data={"data": str(vectors), "pipeline": "scale, lin"})  # lin(scale(feature)) as feature
+    assert piped.status_code == 200, piped.text
+    assert piped.json() == [{"feature": f} for f in lin(np.asarray(vectors) * 2)] and piped.headers[VERSION] == "lin=1, scale=1"
+    sql = "select round(lin(a, b) * 2 + 1, 6) as y, upper(name) as who, case when lin(a, b) > 30 then 'high' else 'low' end as level"
+    rows = [{"a": 1.0, "b": 2.0, "name": "x"}, {"a": 1.5, "b": 3.0, "name": "y"}]
+    answer = client.post("/model/predict", json={"dataType": "row", "data": rows, "sql": sql})
+    expected = lin([[1.0, 2.0], [1.5, 3.0]])
+    assert answer.json() == [{"y": round(expected[0] * 2 + 1, 6), "who": "X", "level": "low"},
+                             {"y": round(expected[1] * 2 + 1, 6), "who": "Y", "level": "high"}]
+
+
+BAD = [
+    ("post", "/v1/functions/lin", {"content": b"not json"}, 400, "not JSON"),
+    ("post", "/v1/functions/lin", {"json": {"inputs": [[1, 2, 3]]}}, 400, "expected 2 input values per row, got 3"),
+    ("post", "/v1/functions/lin", {"json": {"rows": [[1, 2]]}}, 400, '{"inputs": [[arg, ...], ...]}'),
+    ("post", "/v1/functions/lin", {"json": {"inputs": [["a", "b"]]}}, 400, "argument 1 is VARCHAR"),
+    ("post", "/v1/functions/nope", {"json": {"inputs": [[1, 2]]}}, 404, "no function named 'nope'"),
+    ("post", "/model/predict", {"data": {"data": "[[1, 2]", "pipeline": "lin"}}, 400, "data is not JSON"),
+    ("post", "/model/predict", {"data": {"data": '[["x"]]', "pipeline": "lin"}}, 400, "element 1 is not an array of numbers"),
+    ("post", "/model/predict", {"data": {"data": "[[1, 2]]", "dataType": "image", "pipeline": "lin"}}, 400, "dataType 'image'"),
+    ("post", "/model/predict", {"data": {"data": "[[1, 2]]"}}, 400, "give sql"),
+    ("post", "/model/predict", {"data": {"data": "[[1, 2]]", "sql": "lin(nope) as p"}}, 400, "nope"),
+    ("post", "/model/predict", {"data": {"data": "[[1, 2]]", "sql": "1 as x from __rayudf_request; select 2"}}, 400, "one select list"),
+    ("post", "/model/predict", {"data": {"data": "[[1, 2]]", "sql": "(select count(*) from read_text('/etc/hostname')) as n"}}, 400,
+     "disabled"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "says"), BAD, ids=[f"{b[1]} {b[4]}" for b in BAD])
+def test_bad_input_is_a_400_that_names_what_is_wrong(client, method, path, body, status, says):
+    answer = getattr(client, method)(path, **body)
+    assert answer.status_code == status and says in answer.json()["error"], answer.text
+
+
+def test_a_body_over_the_limit_is_a_413(client):
+    from sql_magics.serving.app import MAX_BODY_BYTES
+
+    answer = client.post("/v1/functions/lin", content=b" " * (MAX_BODY_BYTES + 1))
+    assert answer.status_code == 413 and "at most" in answer.json()["error"]
+
+
+def test_a_model_that_raises_answers_its_message_and_the_server_goes_on(client):
+    answer = client.post("/v1/functions/lin", json={"inputs": [[1.0, 2.0], [-1.0, 2.0]]})
+    assert answer.status_code == 422
+    said = "function lin: the model raised ValueError: poison row (a = -1) (row 2 of the 2 rows of this call: [-1.0, 2.0])"
+    assert answer.json()["error"] == said
+    assert client.post("/v1/functions/lin", json={"inputs": [[1, 2]]}).json()["outputs"] == [21.0]
+
+
+def test_concurrent_requests_share_calls_to_the_workers(session, server, client, model_dir):
+    session.register_model("slow", save_pickled(model_dir / "serve_slow.pkl", Weighted(pause_s=0.3)), workers=1, num_cpus=WORKER_CPUS)
+    try:
+        rows = np.random.default_rng(2).random((16, 2))
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda row: client.post("/v1/functions/slow", json={"inputs": [row.tolist()]}), rows))
+        assert [a.status_code for a in answers] == [200] * 16
+        np.testing.assert_allclose([a.json()["outputs"][0] for a in answers], lin(rows), rtol=0, atol=1e-12)
+        metrics = client.get("/metrics").text
+        count = 'rayudf_batch_requests_count{function="slow"}'
+        calls = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(count))
+        assert calls < 16  # 16 requests, fewer calls: while the worker scored, the others queued and went together
+        assert 'rayudf_requests_total{function="slow",endpoint="v1",code="200"} 16' in metrics
+    finally:
+        session.unregister("slow")
+
+
+def test_a_hung_batch_answers_504_and_the_function_recovers(session, client, model_dir):
+    session.register_model(
+        "hangs", save_pickled(model_dir / "serve_hangs.pkl", Weighted()), workers=1, num_cpus=WORKER_CPUS, batch_timeout_s=2
+    )
+    try:
+        answer = client.post("/v1/functions/hangs", json={"inputs": [[-5.0, 1.0]]})
+        assert answer.status_code == 504 and "batch_timeout_s=2 s" in answer.json()["error"]
+        assert client.post("/v1/functions/hangs", json={"inputs": [[1.0, 1.0]]}).json()["outputs"] == [11.0]
+    finally:
+        session.unregister("hangs")
+
+
+def _hammer(client, stop: threading.Event, answers: list, rows: np.ndarray) -> None:
+    while not stop.is_set():
+        answers.append((client.post("/v1/functions/lin", json={"inputs": rows.tolist()}), time.monotonic()))
+
+
+def test_a_swap_under_load_fails_no_request_and_no_answer_mixes_versions(session, server, client, model_dir):
+    rows = np.random.default_rng(3).random((4, 2))
+    weights = {"1": (1.0, 10.0)}
+    stop, answers = threading.Event(), []
+    threads = [threading.Thread(target=_hammer, args=(client, stop, answers, rows)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        for version, w in (("2", (2.0, 20.0)), ("3", (3.0, 30.0))):
+            session.register_model("lin", save_pickled(model_dir / f"serve_lin{version}.pkl", Weighted(w)), workers=2, num_cpus=WORKER_CPUS)
+            weights[version] = w
+            swapped = time.monotonic()
+            time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        session.register_model("lin", save_pickled(model_dir / "serve_lin.pkl", Weighted((1.0, 10.0))), workers=2, num_cpus=WORKER_CPUS)
+    assert len(answers) > 20 and {a.status_code for a, _ in answers} == {200}
+    for answer, _ in answers:  # each answer is one version's, entire
+        version = answer.json()["version"]
+        assert answer.headers[VERSION] == f"lin={version}"
+        np.testing.assert_allclose(answer.json()["outputs"], Weighted(weights[version]).predict(rows), rtol=0, atol=1e-12)
+    assert {a.json()["version"] for a, _ in answers} == {"1", "2", "3"}
+    assert {a.json()["version"] for a, at in answers if at > swapped + 1.0} == {"3"}
+
+
+def test_a_canary_answers_its_share_and_models_shows_the_split(session, client, model_dir):
+    session.register_model("canary", save_pickled(model_dir / "serve_c1.pkl", Weighted((1.0, 10.0))), workers=1, num_cpus=WORKER_CPUS)
+    try:
+        session.register_model(
+            "canary", save_pickled(model_dir / "serve_c2.pkl", Weighted((2.0, 20.0))), workers=1, num_cpus=WORKER_CPUS, traffic=0.3
+        )
+        assert session.sql("!models").set_index("function").loc["canary", "traffic"] == "1=0.7, 2=0.3"
+        time.sleep(1.0)  # the replica hears of the canary
+        answers = [client.post("/v1/functions/canary", json={"inputs": [[1, 1]]}).json() for _ in range(300)]
+        by_version = {v: [a["outputs"][0] for a in answers if a["version"] == v] for v in ("1", "2")}
+        assert set(by_version["1"]) <= {11.0} and set(by_version["2"]) <= {22.0}
+        # 300 draws at 0.3: 90 expected, standard deviation 7.9; 5 of them either way
+        assert 50 < len(by_version["2"]) < 130 and len(by_version["1"]) + len(by_version["2"]) == 300
+        statements = [session.sql("select canary(1.0, 1.0) as y from range(1)")["y"][0] for _ in range(60)]  # statements split too
+        assert set(statements) == {11.0, 22.0}
+    finally:
+        session.unregister("canary")
+
+
+def test_a_worker_killed_under_load_loses_no_request(session, client, model_dir):
+    registered = session.register_model(
+        "sturdy", save_pickled(model_dir / "serve_sturdy.pkl", Weighted(pause_s=0.05)), workers=2, num_cpus=WORKER_CPUS
+    )
+    try:
+        rows = np.random.default_rng(4).random((30, 2))
+        with ThreadPoolExecutor(6) as pool:
+            running = [pool.submit(client.post, "/v1/functions/sturdy", json={"inputs": [row.tolist()] * 50}) for row in rows]
+            while sum(s["batches"] for s in registered.udf.stats()) < 3:
+                time.sleep(0.02)
+            victim = next(s["pid"] for s in registered.udf.stats() if s["alive"])
+            os.kill(victim, signal.SIGKILL)
+            answers = [r.result() for r in running]
+        assert [a.status_code for a in answers] == [200] * len(rows)
+        for row, answer in zip(rows, answers, strict=True):
+            np.testing.assert_allclose(answer.json()["outputs"], lin([row] * 50), rtol=0, atol=1e-12)
+        assert victim not in [s["pid"] for s in registered.udf.stats()]
+    finally:
+        session.unregister("sturdy")
+
+
+def test_run_script_runs_in_the_session_and_swaps_what_it_registers(session, client, model_dir):
+    answer = client.post("/run/script", data={"sql": "select 41 + 1 as answer as t", "includeSchema": "true"})  # table t
+    assert answer.json() == {"schema": {"type": "struct", "fields": [{"name": "answer", "type": "int32", "nullable": True}]},
+                             "data": [{"answer": 42}]}
+    path = save_pickled(model_dir / "serve_script.pkl", Weighted((5.0, 50.0)))
+    script = f'register sklearn.`{path}` as lin where workers="2" and num_cpus="{WORKER_CPUS}"; select count(*) as n from range(3)'
+    try:
+        assert client.post("/run/script", json={"sql": script}).json() == [{"n": 3}]
+        time.sleep(1.0)  # the replica hears of the new version
+        assert client.post("/v1/functions/lin", json={"inputs": [[1, 1]]}).json()["outputs"] == [55.0]
+    finally:
+        session.register_model("lin", save_pickled(model_dir / "serve_lin.pkl", Weighted((1.0, 10.0))), workers=2, num_cpus=WORKER_CPUS)
+    own = client.post("/run/script", json={"sql": "create table mine as select 1 as x; select * from mine", "owner": "ann",
+                                           "sessionPerUser": "true"})
+    assert own.json() == [{"x": 1}] and "mine" not in session.sql("show tables")["name"].tolist()  # ann's own session
+    bad = client.post("/run/script", data={"sql": "select nope from nowhere"})
+    assert bad.status_code == 500 and "nowhere" in bad.json()["error"]
+
+
+def test_serve_status_and_a_second_server_refused(session, server):
+    assert session.sql("!serve status")["url"].tolist() == [server]
+    with pytest.raises(Exception, match="already serves"):
+        session.sql(f"!serve port={free_port()}")
+
+
+def test_binding_beyond_this_machine_needs_a_token():
+    check_binding("127.0.0.1", None)
+    check_binding("0.0.0.0", TOKEN)
+    with pytest.raises(ConfigError, match="binding 0.0.0.0 opens the server beyond this machine; give a token"):
+        check_binding("0.0.0.0", None)
+
+
+def test_metrics_count_requests_latency_and_batches_per_function(client):
+    client.post("/v1/functions/lin", json={"inputs": [[1, 2]]})
+    text = client.get("/metrics").text
+    for needed in ('rayudf_requests_total{function="lin",endpoint="v1",code="200"}', 'rayudf_request_seconds_bucket{function="lin"',
+                   'rayudf_batch_requests_count{function="lin"}', 'rayudf_batch_rows_sum{function="lin"}', "rayudf_errors_total"):
+        assert needed in text, needed
+
+
+def test_async_clients_at_concurrency_32_all_succeed(server):
+    async def load() -> list[int]:
+        async with httpx.AsyncClient(base_url=server, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+            answers = await asyncio.gather(*(c.post("/v1/functions/lin", json={"inputs": [[i, 1]]}) for i in range(32)))
+        return [a.json()["outputs"][0] for a in answers]
+
+    assert asyncio.run(load()) == list(lin([[i, 1] for i in range(32)]))
