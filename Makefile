@@ -44,9 +44,12 @@ lint: setup
 test: setup chromium lint
 	$(BIN)/python -m pytest
 
-# The benchmark (README, "Performance"): about 5 minutes; writes bench/RESULTS.md. BENCH_ARGS="--rows 20000" for a quick look.
+# The benchmarks (README, "Performance"): SQL scoring, about 15 minutes, writes bench/RESULTS.md;
+# serving (docs/serving.md), about 4 minutes, writes bench/SERVING.md.
+# BENCH_ARGS="--rows 20000" and SERVING_ARGS="--rounds 1 --requests 100" for a quick look.
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.serving $(SERVING_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_data out bench_data .pytest_cache

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from arrow_bridge.tensors import features, to_arrow
+from arrow_bridge.tensors import check_arguments, features, to_arrow
 from udf_engine.actors.failures import Partial
 from udf_engine.errors import RowError
 
@@ -51,6 +51,12 @@ class Call:
         kept = [c.filter(pa.array(valid)) for c in cols] if valid is not None else cols
         count = rows if valid is None else int(valid.sum())
         return cls(rows, valid, features(kept, function=function, width=width) if count else None)
+
+    @classmethod
+    def of_matrix(cls, matrix: np.ndarray, *, function: str, width: int | None) -> Call:
+        """A call whose arguments are numbers already in one ``(rows, arguments)`` matrix (no NULL)."""
+        check_arguments(function, width, matrix.shape[1])
+        return cls(len(matrix), None, matrix)
 
     def batches(self, batch_size: int) -> list:
         """The matrix in pieces of ``batch_size`` rows."""

@@ -88,6 +88,12 @@ def _list_tensor(col: pa.Array, function: str, width: int | None, column_type: p
     return _numeric(child, function, "argument 1", column_type).reshape(n, got)
 
 
+def check_arguments(function: str, width: int | None, given: int) -> None:
+    """Refuse ``given`` number arguments a row to a model that takes ``width`` input values."""
+    if width is not None and given != width:
+        raise InputError(f"function {function}: expected {width} input values per row, got {given} arguments")
+
+
 def features(cols: Sequence[Any], *, function: str, width: int | None = None) -> np.ndarray:
     """The model input for one call: an ``(n, width)`` matrix, or ``(n,)`` strings or bytes."""
     arrays = [_as_array(c) for c in cols]
@@ -102,8 +108,7 @@ def features(cols: Sequence[Any], *, function: str, width: int | None = None) ->
     for i, col in enumerate(arrays, 1):
         if _is_list(col.type):
             raise InputError(f"function {function}: argument {i} is {sql_type_name(col.type)}, an array; pass one array or only scalars")
-    if width is not None and len(arrays) != width:
-        raise InputError(f"function {function}: expected {width} input values per row, got {len(arrays)} arguments")
+    check_arguments(function, width, len(arrays))
     return np.column_stack([_numeric(c, function, f"argument {i}", c.type) for i, c in enumerate(arrays, 1)])
 
 

@@ -37,7 +37,7 @@ from sql_magics.serving.requests import (
     RequestError,
     UnknownFunctionError,
     arrow_columns,
-    inputs_columns,
+    inputs_arguments,
     predict_request,
     rows_json,
     values_json,
@@ -227,10 +227,10 @@ class Ingress:
                 body = await _body(request)
                 arrow = request.headers.get("content-type", "").startswith(ARROW_STREAM)
                 try:
-                    columns = arrow_columns(body) if arrow else inputs_columns(body.decode())
+                    arguments = arrow_columns(body) if arrow else inputs_arguments(body.decode())
                 except UnicodeDecodeError:
                     raise RequestError(f"the body is not UTF-8 JSON (send Arrow with Content-Type: {ARROW_STREAM})") from None
-                scored = await self._functions.score(name, columns, pins)
+                scored = await self._functions.score(name, arguments, pins)
             if request.headers.get("accept", "").startswith(ARROW_STREAM) or arrow:
                 return Response(_arrow_bytes(pa.table({"output": scored.array})), media_type=ARROW_STREAM)
             return JSONResponse({"outputs": values_json(scored.array.to_pylist()), "version": pins.client(name).label})

@@ -1,12 +1,14 @@
 """Coalescing one function's calls from concurrent requests into fewer, larger calls to its workers.
 
 Ray Serve's ``@serve.batch`` waits its timeout for every batch, also when no other request is on
-its way (a request alone pays the whole wait), and spreads what arrives over the batches forming
-at once. Here a call waits only for requests known to be coming: a request announces itself when
-it arrives at the replica (:meth:`Coalescer.coming`), and a call about to start waits, at most
-``wait_s``, while announced requests have not yet brought their rows. Otherwise a call starts at
-once with everything queued (at most ``max_batch_size`` requests), as soon as one of its ``slots``
-is free: while the workers score, the requests that come queue for the next call.
+its way (a request alone pays the whole wait). Here a call waits, at most ``wait_s`` from when it
+could start, only while more requests are known or expected to come: a request announces itself
+when it arrives at the replica (:meth:`Coalescer.coming`), and requests that came while others
+waited or were scored show how often they come (one that finds the function idle, as each does at
+concurrency 1, says nothing of the next). Otherwise a call starts at once with everything queued
+(at most ``max_batch_size`` requests). One call runs at a time, and the requests that come while
+it runs queue for the next; a full call (``max_batch_size`` requests) may start beside running
+ones, up to ``slots`` at once, so that a load that fills calls keeps every worker busy.
 
 Example:
     >>> async def double(items):
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -38,6 +41,9 @@ class _Announcement:
         self.pending = True
 
 
+# A call waiting for requests that came often stops waiting after this many of their gaps without one.
+_GAPS_OF_SILENCE = 3
+
 # The announcement of the request the running task serves (tasks it starts share it).
 _announced: contextvars.ContextVar[_Announcement | None] = contextvars.ContextVar("rayudf_announced", default=None)
 
@@ -48,12 +54,15 @@ class Coalescer:
     def __init__(self, score: Callable[[list], Awaitable[list]], *, max_batch_size: int, wait_s: float, slots: int) -> None:
         self._score = score  # items -> one result each, in order: one call to the workers
         self._max = max_batch_size  # requests one call takes at most
-        self._wait_s = wait_s  # how long a call may wait for announced requests
-        self._slots = slots  # calls running at once at most: enough to keep every worker busy
+        self._wait_s = wait_s  # how long a call may wait for requests known or expected to come
+        self._slots = slots  # full calls running at once at most: enough to keep every worker busy
         self._queue: deque[tuple[Any, asyncio.Future, float]] = deque()  # (item, its result, when it came)
         self._running = 0  # calls running now
         self._coming = 0  # requests announced that have not brought their rows
         self._timer: asyncio.TimerHandle | None = None  # wakes a waiting call when its wait is over
+        self._last = 0.0  # when the latest request brought its rows
+        self._gap = math.inf  # how far apart requests come while others wait or are scored (a moving mean)
+        self._freed = 0.0  # when a slot was last freed: a call that takes it may wait from then
         self.calls = 0  # calls made so far
 
     @contextmanager
@@ -78,8 +87,14 @@ class Coalescer:
     async def __call__(self, item: Any) -> Any:
         """The result for ``item``, from the call it shares with others."""
         self._arrived(_announced.get(), pump=False)  # pumped below, with the item queued
+        now = time.monotonic()
+        if self._queue or self._running:
+            self._gap = now - self._last if self._gap == math.inf else 0.7 * self._gap + 0.3 * (now - self._last)
+        else:
+            self._gap = math.inf
+        self._last = now
         result = asyncio.get_running_loop().create_future()
-        self._queue.append((item, result, time.monotonic()))
+        self._queue.append((item, result, now))
         self._pump()
         return await result
 
@@ -89,9 +104,15 @@ class Coalescer:
             self._timer.cancel()
             self._timer = None
         while self._queue and self._running < self._slots:
-            waited = time.monotonic() - self._queue[0][2]
-            if len(self._queue) < self._max and self._coming > 0 and waited < self._wait_s:
-                self._timer = asyncio.get_running_loop().call_later(self._wait_s - waited, self._pump)
+            if self._running and len(self._queue) < self._max:
+                return  # beside a running call, only a full one starts: the rest gather while it runs
+            now = time.monotonic()
+            deadline = max(self._queue[0][2], self._freed) + self._wait_s
+            flowing_until = self._last + _GAPS_OF_SILENCE * self._gap  # later, the requests have stopped coming
+            expected = self._coming > 0 or (self._last + self._gap < deadline and now < flowing_until)
+            if len(self._queue) < self._max and now < deadline and expected:
+                wake = deadline if self._coming > 0 else min(deadline, flowing_until)
+                self._timer = asyncio.get_running_loop().call_later(wake - now, self._pump)
                 return
             taken = [self._queue.popleft() for _ in range(min(self._max, len(self._queue)))]
             self._running += 1
@@ -111,4 +132,5 @@ class Coalescer:
                     future.set_result(value)
         finally:
             self._running -= 1
+            self._freed = time.monotonic()
             self._pump()

@@ -43,7 +43,7 @@ from sql_magics.serving.coalescer import Coalescer
 from sql_magics.serving.directory import FunctionEntry, VersionEntry
 from sql_magics.serving.metrics import Metrics
 from sql_magics.serving.requests import REQUEST_TABLE, PredictRequest, RequestError, UnknownFunctionError
-from udf_engine.actors.dispatcher import MAX_IN_FLIGHT_PER_WORKER, Dispatcher
+from udf_engine.actors.dispatcher import Dispatcher
 from udf_engine.actors.failures import Partial
 from udf_engine.errors import InputError, ModelError, RayUDFError, RowError
 
@@ -89,10 +89,10 @@ class Function:
         self.entry = entry
         self._metrics = metrics
         workers = max(v.workers for v in entry.versions)
-        # as many calls at once as keep every worker busy; each takes what queued meanwhile
+        # one call at a time takes what queued meanwhile; full calls may run one per worker
         self.coalesced = Coalescer(
             self._score_together, max_batch_size=entry.max_batch_size, wait_s=entry.batch_wait_timeout_s,
-            slots=workers * MAX_IN_FLIGHT_PER_WORKER,
+            slots=workers,
         )
 
     def choose(self) -> VersionClient:
@@ -224,10 +224,11 @@ class Functions:
         """Keys of the versions requests in flight use."""
         return [key for key, n in self.busy.items() if n > 0]
 
-    async def score(self, name: str, cols: list[pa.Array], pins: Pins) -> Scored:
-        """Score argument columns with ``name`` (the version ``pins`` chose)."""
+    async def score(self, name: str, arguments: list[pa.Array] | np.ndarray, pins: Pins) -> Scored:
+        """Score argument columns (or a matrix of number arguments) with ``name`` (the version ``pins`` chose)."""
         function, client = pins.function(name), pins.client(name)
-        call = Call.of(cols, function=name, width=client.width)
+        read = Call.of_matrix if isinstance(arguments, np.ndarray) else Call.of
+        call = read(arguments, function=name, width=client.width)
         if call.matrix is None:
             return call.scored([], function.arrow_type)
         outcome = await function.coalesced((client, call.matrix))

@@ -10,8 +10,11 @@ Example:
     (['feature'], 'f(feature) as p')
     >>> predict_request({"dataType": "row", "data": [{"a": 1}], "pipeline": "f, g"}).select
     'g(f(feature)) as feature'
-    >>> [c.to_pylist() for c in inputs_columns({"inputs": [[1, 2.5], [3, 4]]})]
-    [[1, 3], [2.5, 4.0]]
+    >>> inputs_arguments({"inputs": [[1, 2.5], [3, 4]]})        # numbers only: one matrix
+    array([[1. , 2.5],
+           [3. , 4. ]])
+    >>> [c.to_pylist() for c in inputs_arguments({"inputs": [["a", 1], ["b", None]]})]
+    [['a', 'b'], [1, None]]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from udf_engine.errors import RayUDFError
@@ -107,8 +111,9 @@ def _select_list(params: Mapping[str, Any]) -> str:
     raise RequestError("give sql (a select list over the data's columns, e.g. sql=\"select f(feature) as p\") or pipeline")
 
 
-def inputs_columns(body: Any) -> list[pa.Array]:
-    """The argument columns of ``{"inputs": [[arg, ...], ...]}``: one row of arguments per element."""
+def inputs_arguments(body: Any) -> np.ndarray | list[pa.Array]:
+    """The arguments of ``{"inputs": [[arg, ...], ...]}`` (one array of arguments per row): one matrix
+    when every argument is a number (read at once, whatever the width), else one Arrow column each."""
     body = _json(body, "the body")
     inputs = body.get("inputs") if isinstance(body, dict) else None
     if not isinstance(inputs, list) or not all(isinstance(row, list) for row in inputs):
@@ -116,9 +121,17 @@ def inputs_columns(body: Any) -> list[pa.Array]:
     if not inputs:
         raise RequestError("inputs holds no rows")
     width = len(inputs[0])
+    if not width:
+        raise RequestError("inputs: row 1 holds no arguments")
     for i, row in enumerate(inputs):
         if len(row) != width:
             raise RequestError(f"inputs: row {i + 1} has {len(row)} arguments, row 1 has {width}")
+    try:
+        matrix = np.asarray(inputs)
+    except ValueError:  # arrays of several lengths among the arguments: Arrow says which
+        matrix = None
+    if matrix is not None and matrix.ndim == 2 and matrix.dtype.kind in "biuf":  # numbers, no null: as columns of them stack
+        return matrix
     columns = []
     for j in range(width):
         try:
