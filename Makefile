@@ -9,7 +9,8 @@ CHROMIUM := /usr/bin/chromium
 
 setup: $(STAMP)
 
-# The mlflow extra (mlflow-skinny, and SQLAlchemy/Alembic for sqlite: tracking stores) and the
+# The mlflow extra (mlflow-skinny, skops for the scikit-learn format MLflow 3 logs by default, and
+# SQLAlchemy/Alembic for sqlite: tracking stores) and the
 # serve extra (Ray Serve) are installed too: the tests run `register mlflow.` against a real local
 # registry and `rayudf serve` behind a real Ray Serve on 127.0.0.1.
 # rfc3987-syntax (pulled in by Jupyter through jsonschema[format-nongpl]) compiles ~35 Earley

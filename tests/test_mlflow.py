@@ -123,6 +123,46 @@ def test_a_source_that_does_not_resolve_names_it_and_the_tracking_uri(session, r
         session.sql("register mlflow.`/no/such/dir` as mf_nope")
 
 
+def _log_with_defaults(uri: str, model, **options) -> str:
+    import mlflow
+    import mlflow.sklearn
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as run:
+            logged = mlflow.sklearn.log_model(model, name="model", **options)  # every other default
+        assert mlflow.models.get_model_info(logged.model_uri).flavors["sklearn"]["serialization_format"] == "skops"
+    finally:
+        mlflow.set_tracking_uri(None)
+    return f"runs:/{run.info.run_id}/model"
+
+
+def test_a_sklearn_model_logged_with_mlflows_defaults_scores_like_the_model(session, registry, features, digits):
+    """MLflow 3 logs scikit-learn models with skops by default (model.skops): rayudf[mlflow] loads them."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.tree import DecisionTreeClassifier
+
+    model = LogisticRegression(max_iter=300).fit(*digits)
+    run_uri = _log_with_defaults(registry["uri"], model)
+    session.register_model(
+        "mf_skops", run_uri, format="mlflow", tracking_uri=registry["uri"], returns="BIGINT", workers=1, num_cpus=WORKER_CPUS
+    )  # no signature: MLflow logs none by default
+    try:
+        np.testing.assert_array_equal(_scores(session, "mf_skops"), model.predict(features))
+    finally:
+        session.unregister("mf_skops")
+    # a tree stores node indices skops checks only when told the file is trusted: MLflow takes that at log time
+    tree = DecisionTreeClassifier(max_depth=6, random_state=0).fit(*digits)
+    tree_uri = _log_with_defaults(registry["uri"], tree, skops_trusted_types=["sklearn.tree._tree.Tree"])
+    session.register_model(
+        "mf_tree", tree_uri, format="mlflow", tracking_uri=registry["uri"], returns="BIGINT", workers=1, num_cpus=WORKER_CPUS
+    )
+    try:
+        np.testing.assert_array_equal(_scores(session, "mf_tree"), tree.predict(features))
+    finally:
+        session.unregister("mf_tree")
+
+
 def test_missing_extra_is_named(session, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # what an environment without the extra looks like to import
     with pytest.raises(ExecutionError, match=r"pip install 'rayudf\[mlflow\]'"):
