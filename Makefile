@@ -46,11 +46,13 @@ test: setup chromium lint
 	$(BIN)/python -m pytest
 
 # The benchmarks (README, "Performance"): SQL scoring, about 15 minutes, writes bench/RESULTS.md;
-# serving (docs/serving.md), about 4 minutes, writes bench/SERVING.md.
+# serving (docs/serving.md), about 4 minutes, writes bench/SERVING.md; interactive speed (a new
+# session's first registrations), about 6 minutes, writes bench/INTERACTIVE.md.
 # BENCH_ARGS="--rows 20000" and SERVING_ARGS="--rounds 1 --requests 100" for a quick look.
 bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 	$(BIN)/python -m bench.serving $(SERVING_ARGS)
+	$(BIN)/python -m bench.interactive $(INTERACTIVE_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_data out bench_data .pytest_cache

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sql_magics import Session
 
-    with Session(ray_address=args.ray_address) as session:
+    with Session(ray_address=args.ray_address, warm="none") as session:
         if args.memory_limit:
             session.sql(f"set memory_limit = '{args.memory_limit}'")
         registered = session.register_model("fbig", args.model, workers=2, batch_size=args.batch_size)

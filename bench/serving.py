@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     models = {kind: builds[kind]() for kind in args.models.split(",")}
     ray.init(num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
-    session = Session()
+    session = Session(warm="none")
     port = _free_port()
     for kind, (path, _) in models.items():
         session.register_model(f"m_{kind}", path, workers=2, max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)

@@ -126,7 +126,7 @@ class Executor:
         if key == "sql.dialect":
             state.dialect = check_dialect(value)
         elif key == "ray.address":
-            self.registry.runtime.address = value
+            self.registry.runtime.retarget(value)
         elif key == WORKER_SCAN and value.lower() not in WORKER_SCAN_VALUES:
             raise ExecutionError(f"set {WORKER_SCAN}: {value!r} is not one of {', '.join(WORKER_SCAN_VALUES)}")
         elif self.db.is_setting(key):

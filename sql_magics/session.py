@@ -31,14 +31,41 @@ from sql_magics.planner.scans import WorkerScans
 from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOUT_S, TOKEN_VARIABLE, ServerHandle, Serving
 from sql_magics.state import ScriptState
 from sql_magics.tables.database import Database
-from udf_engine import RayRuntime
+from udf_engine import ConfigError, RayRuntime
+from udf_engine.models.loaders import WARM_FRAMEWORKS
+
+# Which framework a new session warms spares of ahead of its first registration, unless told
+# (Session(warm=...)): "keras" (the default), "onnx", or "none" (no Ray until a statement needs it).
+WARM_VARIABLE = "RAYUDF_WARM"
+_NO_WARMING = ("none", "0", "false", "off", "no", "")
+
+
+def warm_framework(warm: str | bool | None) -> str | None:
+    """The framework to warm (None: nothing, Ray starts when first needed) for ``Session(warm=...)``.
+
+    Example:
+        >>> warm_framework(False), warm_framework("onnx"), warm_framework(True)
+        (None, 'onnx', 'keras')
+    """
+    if warm is None:
+        warm = os.environ.get(WARM_VARIABLE, "keras")
+    if isinstance(warm, bool):
+        return "keras" if warm else None
+    if warm.strip().lower() in _NO_WARMING:
+        return None
+    if warm not in WARM_FRAMEWORKS:
+        raise ConfigError(f"warm={warm!r}: give one of {', '.join(WARM_FRAMEWORKS)} or none (${WARM_VARIABLE} takes the same)")
+    return warm
 
 
 class Session:
     """A DuckDB connection whose SQL can call models served by Ray actors.
 
     ``sql(text)`` runs a script of the statement language (docs/statements.md):
-    MLSQL-style statements plus any DuckDB SQL.
+    MLSQL-style statements plus any DuckDB SQL. A new session starts Ray and warm spares of
+    ``warm``'s framework in the background (see :func:`warm_framework`), so that its first
+    registration finds workers with the framework imported; ``warm="none"`` (or
+    ``RAYUDF_WARM=none``) starts Ray only when a statement needs it.
     """
 
     def __init__(
@@ -48,7 +75,9 @@ class Session:
         *,
         ray_address: str | None = None,
         ray_init: dict | None = None,
+        warm: str | bool | None = None,
     ) -> None:
+        framework = warm_framework(warm)
         self.state = ScriptState(dialect)
         # The planner reads the registry's model functions as each statement starts; the registry is made next.
         planner = WorkerScans(lambda: self.registry.model_functions(), enabled=self.state.worker_scans)
@@ -58,6 +87,8 @@ class Session:
         self.registry = FunctionRegistry(self.db, runtime, session_id=session_id, worker_env=self.state.python_env)
         self.serving = Serving(self.registry, session_id=session_id, run_script=self._script)  # serves nothing until started
         self._owners: dict[str, Session] = {}  # /run/script's sessions per owner (sessionPerUser), made on first use
+        if framework:  # Ray and spares start now, in the background: the first registration finds them ready
+            self.registry.start_ahead(framework)
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -155,7 +186,7 @@ class Session:
         """Run a script for Byzer's ``/run/script``, in this session or in ``owner``'s own (sharing this
         Ray): the rows of its last statement, or of what it made (``select ... as t``, as Byzer answers)."""
         if owner is not None and owner not in self._owners:
-            self._owners[owner] = Session(ray_address=self.registry.runtime.address)
+            self._owners[owner] = Session(ray_address=self.registry.runtime.address, warm=False)  # on this Ray, already up
         session = self if owner is None else self._owners[owner]
         result = session.run(sql)
         if result.made is None:

@@ -19,6 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Sessions (and the CLIs and kernels tests start) warm no spares ahead of need unless a test asks:
+# spares would take the shared test cluster's CPUs. tests/test_warm_pool.py covers warming ahead.
+os.environ["RAYUDF_WARM"] = "none"
 
 # Small enough that several UDFs fit at once in the test cluster's 4 logical CPUs.
 WORKER_CPUS = 0.5

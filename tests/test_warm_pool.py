@@ -28,7 +28,8 @@ def spare_pids(session, count: int, timeout_s: float = 120.0) -> list[int]:
     """The pids of the pool's spares, once ``count`` wait and have imported their framework."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        spares = ray.get(pool_of(session).spares.remote())
+        pool = pool_of(session)  # a session warming ahead of need starts it in the background
+        spares = [] if pool is None else ray.get(pool.spares.remote())
         if len(spares) >= count:
             return [s["pid"] for s in ray.get([h.stats.remote() for h in spares])]  # answered once imports are done
         time.sleep(0.5)
@@ -80,3 +81,27 @@ def test_spares_give_their_resources_to_a_registration_that_needs_them(session, 
     register("needs_room", save_pickled(model_dir / "room.pkl", Weighted()), workers=1, num_cpus=free + WORKER_CPUS / 2)
     assert gone(spare)
     assert session.sql("select needs_room(1.0, 2.0) as y from range(1)")["y"][0] == pytest.approx(21.0)
+
+
+def test_a_new_session_warms_spares_before_its_first_registration(ray_cluster, keras_model, digits):
+    from sql_magics import Session
+
+    model, path = keras_model
+    pixels, _ = digits
+    with Session(warm="keras") as fresh:
+        assert fresh.sql("select 42 as x from range(1)")["x"].tolist() == [42]  # the first statement does not wait for the warming
+        spares = spare_pids(fresh, 2)  # a default registration's workers: 2
+        assert all(os.sched_getscheduler(pid) == os.SCHED_OTHER for pid in spares)  # only their imports ran idly
+        registered = fresh.register_model("warm_ahead", path)  # every option its default: the kind warmed
+        assert sorted(s["pid"] for s in registered.udf.stats()) == sorted(spares)
+        scored = fresh.sql("select warm_ahead(v) as p from (select unnest($v) as v)", parameters={"v": pixels[:20].tolist()})
+        np.testing.assert_allclose(np.array(scored["p"].tolist()), model.predict(pixels[:20], verbose=0), atol=1e-5)
+    assert all(gone(pid) for pid in spares)
+
+
+def test_warm_names_a_framework_or_none():
+    from sql_magics import Session
+    from udf_engine import ConfigError
+
+    with pytest.raises(ConfigError, match=r"warm='torch': give one of keras, onnx or none \(\$RAYUDF_WARM takes the same\)"):
+        Session(warm="torch")

@@ -9,6 +9,8 @@ Example:
     >>> runtime.ensure()                 # doctest: +SKIP
     >>> runtime.address is None
     True
+    >>> runtime.start_ahead(then=warm_spares)   # doctest: +SKIP
+    ... # Ray starts on a thread of its own; the caller goes on at once
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -116,13 +119,74 @@ class RayRuntime:
         self.starter = starter or (lambda call: call())
         self._init_options = init_options  # extra ray.init arguments (num_cpus=..., num_gpus=...)
         self._started_here = False
+        self._starting = threading.Lock()  # one start at a time: ahead of need, and the first statement that needs Ray
+        self._stopped = threading.Event()  # lets the thread that started Ray ahead end
+        self._ahead = False  # Ray was started ahead of need ...
+        self._used = False  # ... and a statement has used it since (ensure, join)
+        self._ahead_work: tuple[Callable[[], Any] | None, Callable[[], Any] | None] = (None, None)  # start_ahead's then, leaving
 
     def ensure(self) -> None:
-        """Make sure Ray is up (idempotent)."""
+        """Make sure Ray is up (idempotent; waits for a start ahead of need that is under way)."""
         import ray
 
+        self._used = True
         if not ray.is_initialized():
-            self.starter(self._init)
+            with self._starting:
+                self.starter(self._init)
+
+    def start_ahead(self, then: Callable[[], Any] | None = None, leaving: Callable[[], Any] | None = None) -> None:
+        """Start Ray now, in the background, and run ``then`` once it is up (warm spares, say).
+
+        The start runs on a thread of its own that lives until :meth:`shutdown`: Ray's processes
+        die with the thread that started them. A statement that needs Ray meanwhile waits for it
+        (:meth:`ensure`); one that does not runs at once. A failure here is only logged: the
+        statement that next needs Ray starts it again and says what is wrong. If a statement then
+        names another Ray before any has used this one (:meth:`retarget`, :meth:`join`),
+        ``leaving()`` stops what ``then`` made, and the start moves there.
+        """
+
+        def start(stopped: threading.Event) -> None:
+            import ray
+
+            try:
+                with self._starting:
+                    up = ray.is_initialized()  # by the caller: then not this runtime's to leave
+                    self._init()
+                    self._ahead = not up
+                if then is not None:
+                    then()
+            except Exception:  # noqa: BLE001 - ahead of need: nobody waits for this, ensure() reports it
+                _log.info("starting Ray ahead of need failed", exc_info=True)
+            stopped.wait()
+
+        self._ahead_work = (then, leaving)
+        self._stopped = stopped = threading.Event()  # this start's own: a later start must not wake it
+        threading.Thread(target=start, args=(stopped,), name="rayudf-ray-ahead", daemon=True).start()
+
+    def retarget(self, address: str) -> None:
+        """Use the Ray at ``address`` from now on (``set ray.address``), moving a start ahead of need there."""
+        if not self._move_ahead(address):
+            self.address = address
+
+    def _move_ahead(self, address: str) -> bool:
+        """Whether a Ray started ahead of need elsewhere than ``address``, which no statement has used,
+        was left for a start ahead at ``address``."""
+        import ray
+
+        with self._starting:  # a start ahead of need that is under way ends first
+            moved = (
+                self._ahead and not self._used and ray.is_initialized()
+                and address not in (self.address, ray.get_runtime_context().gcs_address)
+            )
+            if moved:
+                then, leaving = self._ahead_work
+                if leaving is not None:
+                    leaving()
+                self._leave(disconnect=True)
+                self.address = address
+        if moved:
+            self.start_ahead(then, leaving)
+        return moved
 
     def _init(self) -> None:
         import ray
@@ -145,6 +209,8 @@ class RayRuntime:
         """
         import ray
 
+        if address is not None:
+            self._move_ahead(address)
         if address is not None and not ray.is_initialized():
             previous, self.address = self.address, address
             try:
@@ -165,8 +231,14 @@ class RayRuntime:
 
     def shutdown(self) -> None:
         """Stop the local Ray if this runtime started it."""
+        with self._starting:  # a start ahead of need that is under way ends first
+            self._leave(disconnect=False)
+
+    def _leave(self, *, disconnect: bool) -> None:
+        """Stop the local Ray if this runtime started it, else only leave it if ``disconnect`` (lock held)."""
         import ray
 
-        if self._started_here and ray.is_initialized():
+        if (self._started_here or disconnect) and ray.is_initialized():
             ray.shutdown()
-        self._started_here = False
+        self._started_here = self._ahead = self._used = False
+        self._stopped.set()

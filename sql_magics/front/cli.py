@@ -90,7 +90,7 @@ def run(script: Path, sets: tuple[str, ...], ray_address: str | None, limit: int
     from sql_magics.session import Session
 
     variables, text = _parse_sets(sets), _read(script)
-    with _statement_errors(debug), Session(ray_address=ray_address) as session:
+    with _statement_errors(debug), Session(ray_address=ray_address, warm=None if _registers(text) else False) as session:
         session.pin_variables(variables)
         result = session.run(text, source_name=str(script), base_dir=script.parent)
         for warning in result.warnings:
@@ -103,6 +103,18 @@ def run(script: Path, sets: tuple[str, ...], ray_address: str | None, limit: int
                 click.echo(f"... {len(frame)} rows, {limit} shown")
         elif result.notice:
             click.echo(result.notice)
+
+
+def _registers(text: str) -> bool:
+    """Whether a script may register a model (``register``, or an ``include`` that might), so that
+    its session warms spares ahead (the default) while the statements before run; other scripts
+    start no Ray they would not use. A script that does not parse warms nothing: it runs nothing."""
+    from sql_magics.language.parser import parse
+
+    try:
+        return any(statement.kind in ("register", "include") for statement in parse(text))
+    except ParseError:
+        return False
 
 
 @main.command()

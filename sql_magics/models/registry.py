@@ -37,10 +37,12 @@ from arrow_bridge.function import ModelFunction, RowCounter, Version, add_functi
 from sql_magics.errors import ExecutionError, clean_duckdb_error
 from sql_magics.tables.database import Database
 from udf_engine import ConfigError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, WorkerError, put_model
-from udf_engine.actors.warm_pool import start_pool, stop_pool
+from udf_engine.actors.warm_pool import WorkerKind, start_pool, stop_pool
 from udf_engine.errors import ResourceError
+from udf_engine.models.loaders import WARM_FRAMEWORKS
 from udf_engine.models.store import DEFAULT_VERSION
 from udf_engine.ray_runtime import actor_name
+from udf_engine.settings import UDFConf
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The register option naming the MLflow tracking server (`set mlflow.tracking_uri` fills it).
@@ -95,6 +97,8 @@ class FunctionRegistry:
         self._scored = RowCounter()  # rows scored by every model function of this registry
         self.pool_name = actor_name(session_id, "pool")  # the session's warm pool (udf_engine.actors.warm_pool)
         self._pool: Any = None  # its handle, once started
+        self._pool_lock = threading.Lock()  # one start of the pool: ahead of need (warm_up) or at a registration
+        self._closed = False  # once close() ran: nothing starts any more
         self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising
         self._watchers: list[Callable[[], None]] = []  # told after each change of the functions (a server publishes them)
 
@@ -201,9 +205,33 @@ class FunctionRegistry:
     def _warm_pool(self) -> str:
         """The name of this session's warm pool, started with the first registration (Ray stops an
         actor nobody holds a handle of, so the registry holds one)."""
-        if self._pool is None:  # once: a second start would hand back a handle that does not own it
-            self._pool = start_pool(self.pool_name)
+        with self._pool_lock:
+            if self._pool is None:  # once: a second start would hand back a handle that does not own it
+                self._pool = start_pool(self.pool_name)
         return self.pool_name
+
+    def start_ahead(self, framework: str) -> None:
+        """Start Ray in the background, then spares importing ``framework`` (a key of WARM_FRAMEWORKS)
+        for the workers a registration with default options asks for: that registration takes them."""
+        self.runtime.start_ahead(then=lambda: self._warm_up(framework), leaving=self._drop_pool)
+
+    def _warm_up(self, framework: str) -> None:
+        import ray
+
+        with self._pool_lock:
+            if self._closed:
+                return
+            if self._pool is None:
+                self._pool = start_pool(self.pool_name)
+            pool = self._pool
+        conf = UDFConf.from_options({"env": dict(self._worker_env)} if self._worker_env else {})
+        ray.get(pool.refill.remote(WorkerKind.of(conf, WARM_FRAMEWORKS[framework]), conf.workers))
+
+    def _drop_pool(self) -> None:
+        """Stop the warm pool and its spares; the next registration starts another."""
+        with self._pool_lock:
+            stop_pool(self.pool_name)
+            self._pool = None
 
     def add_udf(self, function: str, udf: RemoteUDF, *, kind: str, path: str, options: dict) -> RegisteredFunction:
         """Make a built UDF callable from SQL, as a new version if the name exists; on failure its workers stop."""
@@ -320,8 +348,8 @@ class FunctionRegistry:
                 self._retire(function)
             except Exception as err:  # noqa: BLE001 - the other functions' workers must stop all the same
                 failures.append(f"{function.name}: {err}")
-        stop_pool(self.pool_name)
-        self._pool = None
+        self._closed = True
+        self._drop_pool()
         if failures:
             raise WorkerError("could not stop the workers of " + "; ".join(failures))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,6 +75,34 @@ def limit_math_threads(threads: int) -> None:
     threadpool_limits(threads)  # pools numpy already started ignore the env vars
 
 
+def _import_idly(modules: Sequence[str]) -> None:
+    """Import ``modules`` on a thread that runs only when the cores are otherwise idle (Linux's
+    SCHED_IDLE, which a thread may take without privileges; elsewhere the imports run as they are).
+
+    A warm spare imports its framework ahead of need this way, so a running statement does not slow
+    down. Lowering the niceness would not do: Ray already runs every worker at niceness 15, the
+    busy ones too. The worker's own thread keeps its priority for the model it loads later.
+    """
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):  # not Linux: import all the same
+            pass
+        try:
+            for module in modules:
+                importlib.import_module(module)
+        except BaseException as err:  # noqa: BLE001 - raised again in the worker's own thread
+            failed.append(err)
+
+    importer = threading.Thread(target=run, name="rayudf-spare-imports")
+    importer.start()
+    importer.join()
+    if failed:
+        raise failed[0]
+
+
 class UDFWorker:
     """Holds one loaded model; ``apply`` scores a batch, ``stats`` reports its counters.
 
@@ -101,8 +130,11 @@ class UDFWorker:
         self._model: Any = None
         self._id, self._apply_func, self._threads, self._load_s = worker_id, apply_func, None, 0.0
         self._on_error = UDFConf().on_error  # what scan() does with rows the model raises on
-        for module in imports:
-            importlib.import_module(module)
+        if init_func is None:
+            _import_idly(imports)
+        else:
+            for module in imports:
+                importlib.import_module(module)
         ctx = ray.get_runtime_context()
         self._node = ctx.get_node_id()
         self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]

@@ -201,6 +201,10 @@ WARM_IMPORTS: dict[Callable, tuple[str, ...]] = {
     UDFBuildInFunc.init_tf: ("tensorflow", "keras"),
     UDFBuildInFunc.init_onnx: ("onnxruntime",),
 }
+# The frameworks a session may warm before its first registration (Session(warm=...)), by name.
+WARM_FRAMEWORKS: dict[str, tuple[str, ...]] = {
+    "keras": WARM_IMPORTS[UDFBuildInFunc.init_tf], "onnx": WARM_IMPORTS[UDFBuildInFunc.init_onnx],
+}
 # The model kinds a user may name, and the format a file of that kind is read as when its
 # suffix does not tell. A kind accepts any model its format's loader loads (keras: SavedModels too).
 MODEL_KINDS: dict[str, str] = {
