@@ -1,6 +1,11 @@
 """One worker's share of a query's Parquet source: read it with DuckDB, score it with the model
 in the same process, and hand back only what the query needs.
 
+When the query only picks columns (no filter, arguments that are columns), the share's row
+groups are read with Arrow's Parquet reader instead, which decodes a list column in half the time
+DuckDB takes to read and convert it. It is done only for types both readers give alike (see
+:func:`read_alike`), so the values are the same either way; any other column goes through DuckDB.
+
 The driver (``sql_magics.planner``) cuts the files into shares of whole row groups and
 sends one :class:`ShareScan` per share to a model worker, whose ``scan`` calls :meth:`ShareScan.run`
 with the model's batch scorer. The result holds the columns the query reads besides the model
@@ -17,12 +22,13 @@ Example:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from arrow_bridge.quoting import quote_literal
 from arrow_bridge.scoring import score_columns
@@ -71,6 +77,67 @@ def _duckdb() -> duckdb.DuckDBPyConnection:
     return con
 
 
+def read_alike(read: pa.DataType, target: pa.DataType) -> bool:
+    """Whether a column Arrow's Parquet reader reads as ``read`` holds the values DuckDB reads from it
+    as ``target``: integers, floats, booleans, text, dates, timestamps of one unit, and lists of them.
+
+    Example:
+        >>> read_alike(pa.list_(pa.float32(), 784), pa.list_(pa.float32())), read_alike(pa.timestamp("ms"), pa.timestamp("us"))
+        (True, False)
+    """
+    if _is_list(read) and _is_list(target):
+        return read_alike(read.value_type, target.value_type)
+    if pa.types.is_timestamp(read) and pa.types.is_timestamp(target):
+        return read.unit == target.unit and (read.tz is None) == (target.tz is None)  # the same instants, zone names aside
+    if _is_text(read) and _is_text(target):
+        return True
+    plain = pa.types.is_integer, pa.types.is_float32, pa.types.is_float64, pa.types.is_boolean, pa.types.is_date32
+    return read == target and any(kind(read) for kind in plain)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def read_picked(
+    file: str, rows: tuple[int, int], picked: Sequence[tuple[str, str]], schema: pa.Schema, threads: int = 1
+) -> pa.Table | None:
+    """Rows ``rows`` (first, last) of ``file``, column ``source`` as ``name`` for each (name, source) picked,
+    typed as ``schema``, with their row numbers as ROW_COLUMN; None when a column is not :func:`read_alike`,
+    or Arrow's reader fails (or finds text that is not UTF-8): DuckDB then reads it, or says in its words what is wrong."""
+    parquet = pq.ParquetFile(file)
+    stored = parquet.schema_arrow
+    for name, source in picked:
+        if stored.get_field_index(source) < 0 or "." in source:  # not there, there twice, or a nested path to Arrow
+            return None
+        if not read_alike(stored.field(source).type, schema.field(name).type):
+            return None
+    first, last = rows
+    groups, start, offset = [], None, 0
+    for group in range(parquet.metadata.num_row_groups):
+        size = parquet.metadata.row_group(group).num_rows
+        if offset <= last and offset + size > first:
+            groups.append(group)
+            start = offset if start is None else start
+        offset += size
+    if not groups:
+        return None
+    try:  # what Arrow's reader cannot read (some files DuckDB writes), DuckDB reads or names as wrong
+        read = parquet.read_row_groups(groups, columns=list(dict.fromkeys(s for _, s in picked)), use_threads=threads > 1)
+        read = read.slice(first - start, last - first + 1)
+        table = pa.table({name: read[source] for name, source in picked}).cast(schema)
+        for column in table.columns:
+            if _is_text(column.type):
+                column.validate(full=True)
+    except (pa.ArrowException, OSError):
+        return None
+    return table.append_column(ROW_COLUMN, pa.array(range(first, first + table.num_rows), pa.int64()))
+
+
 @dataclass(frozen=True)
 class ShareScan:
     """Read rows ``rows`` (first, last; file row numbers) of one Parquet file and score them."""
@@ -85,6 +152,7 @@ class ShareScan:
     rows: tuple[int, int]
     width: int | None  # values per input row, when the model says so
     batch_size: int
+    picked: tuple[tuple[str, str], ...] | None = None  # (column, file column) when ``query`` only picks columns
 
     def __len__(self) -> int:
         """The rows of the share (before filters), as a batch's length counts its rows."""
@@ -93,14 +161,7 @@ class ShareScan:
     def run(self, score: Callable[[list], list[Any]], threads: int = 1) -> ShareResult:
         """Read the share with DuckDB (``threads`` of it: the worker's share of the cores), score each
         model call's arguments with ``score(batches)``, return the result."""
-        con = _duckdb()
-        con.execute(f"SET threads = {int(threads)}")
-        first, last = self.rows
-        con.execute(
-            f"CREATE OR REPLACE TEMP VIEW {SHARE_VIEW} AS SELECT * FROM read_parquet({quote_literal(self.file)}, "
-            f"{FILE_ROW} = true) WHERE {FILE_ROW} BETWEEN {int(first)} AND {int(last)}"
-        )
-        read = con.sql(self.query).to_arrow_table()
+        read = self._read(threads)
         row_numbers = read[ROW_COLUMN]
         # the driver's types: a file of a glob may store a column narrower than the first file does
         table = read.drop_columns([ROW_COLUMN]).cast(self.schema)
@@ -121,3 +182,16 @@ class ShareScan:
             result.reason = scored.reason or result.reason
         result.table = pa.table(columns)
         return result
+
+    def _read(self, threads: int) -> pa.Table:
+        """The share's rows as ``query`` gives them."""
+        if self.picked is not None and (read := read_picked(self.file, self.rows, self.picked, self.schema, threads)) is not None:
+            return read
+        con = _duckdb()
+        con.execute(f"SET threads = {int(threads)}")
+        first, last = self.rows
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW {SHARE_VIEW} AS SELECT * FROM read_parquet({quote_literal(self.file)}, "
+            f"{FILE_ROW} = true) WHERE {FILE_ROW} BETWEEN {int(first)} AND {int(last)}"
+        )
+        return con.sql(self.query).to_arrow_table()

@@ -13,6 +13,11 @@ interleaved:
    aggregates again, settled;
 5. the same aggregate with the model in-process (the limit).
 
+The aggregates run as a notebook's ``%%sql`` runs them: planned, so on the worker path. Then, in
+one session, the fixed cost of a worker-path query at 10k, 60k and 200k rows: its wall time less
+the busiest worker's time reading and scoring its shares (``busy_s`` of ``!workers``), next to the
+same aggregate in-process.
+
 Example:
     $ python -m bench.interactive --rounds 1 --pause 5          # a quick look
     $ make bench                                               # with the rest of the benchmark
@@ -36,6 +41,7 @@ from bench import contenders as c
 from bench.data import build_model, write_table
 
 QUERIES = 5  # aggregates run right after a registration, and settled
+FIXED_ROWS = (10_000, 60_000, 200_000)  # table sizes the fixed cost per worker-path query is measured at
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,8 +63,8 @@ def _first_row(session, name: str, model: Path, table: Path) -> float:
     return time.perf_counter() - started
 
 
-def _aggregates(con, name: str, table: Path) -> list[float]:
-    return [c.timed(lambda: c.fetch(con, c.aggregate_query(name, table)))[0] for _ in range(QUERIES)]
+def _aggregates(session, name: str, table: Path) -> list[float]:
+    return [c.timed(lambda: c.fetch_planned(session, c.aggregate_query(name, table)))[0] for _ in range(QUERIES)]
 
 
 def _round(args, warm: str, model: Path, table: Path) -> dict:
@@ -70,11 +76,11 @@ def _round(args, warm: str, model: Path, table: Path) -> dict:
         time.sleep(args.pause)
         result = {"first_s": _first_row(session, "f1", model, table)}
         result["second_s"] = _first_row(session, "f2", model, table)
-        result["warming_s"] = _aggregates(session.con, "f2", table)
+        result["warming_s"] = _aggregates(session, "f2", table)
         time.sleep(args.settle)
         result["paused_s"] = _first_row(session, "f3", model, table)
         time.sleep(args.settle)
-        result["settled_s"] = _aggregates(session.con, "f2", table)
+        result["settled_s"] = _aggregates(session, "f2", table)
     return result
 
 
@@ -84,8 +90,35 @@ def _in_process(model_path: Path, table: Path) -> list[float]:
 
     con = duckdb.connect()
     c.register_in_process(con, "f_local", keras.models.load_model(model_path, compile=False), 2048)
-    c.fetch(con, c.aggregate_query("f_local", table))  # traced once, file cached
-    return _aggregates(con, "f_local", table)
+    query = c.aggregate_query("f_local", table)
+    c.fetch(con, query)  # traced once, file cached
+    return [c.timed(lambda: c.fetch(con, query))[0] for _ in range(QUERIES)]
+
+
+def _fixed_costs(model_path: Path, tables: dict[int, Path]) -> dict[int, dict]:
+    """Per table size: worker-path walls, their fixed costs (wall less the busiest worker's busy
+    seconds in that query), and the same aggregate in-process."""
+    from sql_magics import Session
+
+    costs: dict[int, dict] = {}
+    with Session(warm="none") as session:
+        session.register_model("f", model_path)
+        udf = session.functions["f"].udf
+        for rows, table in tables.items():
+            query = c.aggregate_query("f", table)
+            c.fetch_planned(session, query)  # the file cached, the shape traced
+            walls, fixed = [], []
+            for _ in range(QUERIES):
+                before = {w["worker"]: w["busy_s"] for w in udf.stats()}
+                wall = c.timed(lambda: c.fetch_planned(session, query))[0]  # noqa: B023 - called at once
+                busiest = max(w["busy_s"] - before.get(w["worker"], 0.0) for w in udf.stats())
+                walls.append(wall)
+                fixed.append(wall - busiest)
+            shares = session.db.planner.explain(session.con, query)["shares"]
+            costs[rows] = {"wall_s": walls, "fixed_s": fixed, "shares_per_worker": int(shares) / udf.conf.workers}
+    for rows, table in tables.items():
+        costs[rows]["local_s"] = _in_process(model_path, table)
+    return costs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             results[warm].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print("  " + json.dumps(results[warm][-1]), flush=True)
     limit = _in_process(model, table)
-    _report(args, " ".join(["python -m bench.interactive", *(argv if argv is not None else sys.argv[1:])]), results, limit)
+    sized = {rows: write_table(work / f"interactive_{rows}x784.parquet", rows=rows, width=784, row_group=10_000) for rows in FIXED_ROWS}
+    fixed = _fixed_costs(model, sized)
+    _report(args, " ".join(["python -m bench.interactive", *(argv if argv is not None else sys.argv[1:])]), results, limit, fixed)
     return 0
 
 
@@ -113,7 +148,7 @@ def _passed(args) -> list[str]:
     return ["--pause", str(args.pause), "--settle", str(args.settle), "--rows", str(args.rows), "--workdir", str(args.workdir)]
 
 
-def _report(args, command: str, results: dict, limit: list[float]) -> None:
+def _report(args, command: str, results: dict, limit: list[float], fixed: dict[int, dict]) -> None:
     def med(warm: str, key: str) -> float:
         values = [v for run in results[warm] for v in (run[key] if isinstance(run[key], list) else [run[key]])]
         return statistics.median(values)
@@ -138,7 +173,20 @@ def _report(args, command: str, results: dict, limit: list[float]) -> None:
         f"{local / med('keras', 'settled_s'):.2f}x ({med('keras', 'settled_s'):.3f} s) | "
         f"{local / med('none', 'settled_s'):.2f}x ({med('none', 'settled_s'):.3f} s) | >= 0.95x |",
         "",
-        "Ratios are speeds (higher is faster). Every run: " + json.dumps(results),
+        f"The same aggregate in one settled session, {QUERIES} runs each, medians: the fixed cost of a worker-path",
+        "query is its wall time less the busiest worker's time reading and scoring its shares (so it holds",
+        "what each share costs besides: a Ray call, and its result through the object store).",
+        "",
+        "| rows | worker path | in-process | speed | shares per worker | fixed cost (target <= 20 ms) |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {rows:,} | {statistics.median(f['wall_s']):.3f} s | {statistics.median(f['local_s']):.3f} s | "
+            f"{statistics.median(f['local_s']) / statistics.median(f['wall_s']):.2f}x | {f['shares_per_worker']:g} | "
+            f"{1000 * statistics.median(f['fixed_s']):.1f} ms |"
+            for rows, f in fixed.items()
+        ),
+        "",
+        "Ratios are speeds (higher is faster). Every run: " + json.dumps({**results, "fixed": fixed}),
     ]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:-2]))

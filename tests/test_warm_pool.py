@@ -71,15 +71,35 @@ def test_a_second_model_of_a_kind_loads_into_warm_spares(session, register, kera
     assert spare not in [s["pid"] for s in second.udf.stats()]
 
 
+def test_the_workers_of_an_unregistered_function_are_spares_for_the_next(session, register, keras_model, digits, digits_parquet):
+    model, path = keras_model
+    pixels, _ = digits
+    register("reuse_seed", path, workers=1, num_cpus=WORKER_CPUS)  # its master asks the pool for a spare of the kind
+    waiting = spare_pids(session, 1)
+    first = register("reuse_first", path, workers=1, num_cpus=WORKER_CPUS)
+    (spare,) = [s["pid"] for s in first.udf.stats()]
+    assert spare in waiting  # lent by the pool
+    session.sql(f"select count(reuse_first(pixels)) as n from '{digits_parquet}'")
+    session.unregister("reuse_first")
+    deadline = time.monotonic() + 30
+    while spare not in spare_pids(session, 1) and time.monotonic() < deadline:  # given back, its model dropped
+        time.sleep(0.2)
+    second = register("reuse_second", path, workers=1, num_cpus=WORKER_CPUS)
+    (worker,) = second.udf.stats()
+    assert (worker["pid"], worker["rows"], worker["batches"]) == (spare, 0, 0)  # the same process, counting afresh
+    scored = session.sql(f"select reuse_second(pixels) as p from '{digits_parquet}' order by id")["p"]
+    np.testing.assert_allclose(np.stack(scored.to_numpy()), model.predict(pixels, verbose=0), rtol=1e-5, atol=1e-6)
+
+
 def test_spares_give_their_resources_to_a_registration_that_needs_them(session, register, keras_model, model_dir):
     _, path = keras_model
     register("warm_owner", path, workers=1, num_cpus=WORKER_CPUS)
-    (spare,) = spare_pids(session, 1)
-    time.sleep(1.0)  # Ray's view of free resources catches up with the spare's reservation
+    spares = spare_pids(session, 1)  # and those given back by the functions of earlier tests
+    time.sleep(1.0)  # Ray's view of free resources catches up with the spares' reservations
     free = ray.available_resources().get("CPU", 0.0)
-    # this worker fits only if the spare (holding WORKER_CPUS) is stopped
+    # this worker fits only if a spare (holding WORKER_CPUS) is stopped
     register("needs_room", save_pickled(model_dir / "room.pkl", Weighted()), workers=1, num_cpus=free + WORKER_CPUS / 2)
-    assert gone(spare)
+    assert all(gone(pid) for pid in spares)
     assert session.sql("select needs_room(1.0, 2.0) as y from range(1)")["y"][0] == pytest.approx(21.0)
 
 

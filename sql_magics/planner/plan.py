@@ -78,6 +78,7 @@ class Plan:
     call_args: tuple[int, ...] = ()
     files: list[str] = field(default_factory=list)
     shares: list[Share] = field(default_factory=list)
+    picked: tuple[tuple[str, str], ...] | None = None  # (column, file column) when worker_query only picks columns
 
     def describe(self) -> dict:
         """What ``!plan`` shows: one value per PLAN_COLUMNS."""
@@ -304,12 +305,17 @@ def _plan(con, node, calls, builtin, models, functions, prefix, suffix) -> Plan:
     probe = to_sql(con, select(select_list, {**copy.deepcopy(source), "alias": alias}, conjoin(pushed)))
     schema = con.sql(f"{probe} LIMIT 0").to_arrow_table().schema
     worker_query = to_sql(con, select([*select_list, column([FILE_ROW], ROW_COLUMN)], table(SHARE_VIEW, alias), conjoin(pushed)))
+    picked = None  # a query that only picks columns may be read straight from the files (arrow_bridge.share_scan)
+    if not pushed and all(e.get("class") == "COLUMN_REF" for exprs in arg_exprs for e in exprs):
+        picked = tuple((c, c) for c in passthrough) + tuple(
+            (arg_column(i, j), columns[e["column_names"][-1].lower()]) for i, exprs in enumerate(arg_exprs) for j, e in enumerate(exprs)
+        )
 
     scan_name = f"{PREFIX}scan_{secrets.token_hex(4)}"
     scope["from_table"] = table(scan_name, alias)
     return Plan(
         WORKERS, "", fn.name, prefix + to_sql(con, node) + suffix, scan_name, worker_query, schema, passthrough,
-        tuple(len(e) for e in arg_exprs), files, shares_of(files, fn.udf.conf.workers),
+        tuple(len(e) for e in arg_exprs), files, shares_of(files, fn.udf.conf.workers), picked,
     )
 
 

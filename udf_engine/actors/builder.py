@@ -40,6 +40,8 @@ NAME_POLL_S = 0.05
 # small cost next to starting a worker.
 RESOURCES_GRACE_S = 5.0
 RESOURCES_POLL_S = 0.1
+# File sets a UDF remembers its workers could read (can_read), before it forgets them all.
+_READABLE_KEPT = 256
 _log = logging.getLogger(__name__)
 
 
@@ -155,6 +157,7 @@ class RemoteUDF:
     conf: UDFConf
     info: dict  # what the workers reported when the model loaded (input_width, load_s)
     model_refs: list = field(default_factory=list)  # the model's rows in the object store (a master restarting needs them)
+    readable: set = field(default_factory=set)  # (worker ids, files) every one of those workers could read (can_read)
 
     def map(self, batches: Sequence[Any]) -> list[Any]:
         """Score batches on the workers; results in input order."""
@@ -165,8 +168,16 @@ class RemoteUDF:
         return self.dispatcher.scan(tasks)
 
     def can_read(self, files: Sequence[tuple[str, int]]) -> bool:
-        """Whether the workers that answer (at least one) see each (path, size) as a file of that size."""
+        """Whether the workers that answer (at least one) see each (path, size) as a file of that size;
+        asked once per set of workers and files while every worker says yes."""
+        key = (frozenset(w for w, _ in self.dispatcher.workers()), tuple(files))
+        if key in self.readable:
+            return True
         answers = self.dispatcher.ask_all("can_read", list(files))
+        if len(answers) == len(key[0]) and all(answers):
+            if len(self.readable) >= _READABLE_KEPT:
+                self.readable.clear()
+            self.readable.add(key)
         return bool(answers) and all(answers)
 
     def probe(self, batch: Any) -> Any:

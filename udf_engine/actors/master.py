@@ -53,6 +53,7 @@ class _Slot:
     handle: Any
     ready: Any = None  # what the worker answers once it has loaded the model (ready(), or a spare's load())
     replaced: int = 0  # how many times this slot's worker has been replaced
+    lent: bool = False  # a spare of the warm pool, given back to it at shutdown
     last_error: str = ""  # why the last replacement of this slot's worker failed ("" if none did)
 
 
@@ -103,11 +104,11 @@ class UDFMaster:
         spare = None
         if self._pool is not None:
             try:
-                spare = await self._pool.take.remote(self._kind, self._prefix)
+                spare = await self._pool.take.remote(self._kind, self._prefix, self._conf.workers)
             except ray.exceptions.RayError:  # the pool is gone (the session closing): a new process then
                 self._pool = None
         if spare is not None:
-            return _Slot(index, worker_id, spare, spare.load.remote(*args))
+            return _Slot(index, worker_id, spare, spare.load.remote(*args), lent=True)
         handle = worker_actor(self._kind, name=worker_id, namespace=NAMESPACE).remote(*args)
         return _Slot(index, worker_id, handle, handle.ready.remote())
 
@@ -236,11 +237,19 @@ class UDFMaster:
         return row
 
     async def shutdown(self) -> None:
-        """Stop watching and kill every worker."""
+        """Stop watching; give the workers the warm pool lent back to it (spares again), kill the others."""
         if self._watch is not None:
             self._watch.cancel()
+        giving_back = False
+        if self._pool is not None and any(s.lent for s in self._slots):
+            try:
+                await self._pool.give_back.remote(self._prefix, self._conf.workers)
+                giving_back = True
+            except ray.exceptions.RayError:  # the pool is gone, and its spares with it
+                pass
         for slot in self._slots:
-            ray.kill(slot.handle)
+            if not (slot.lent and giving_back):
+                ray.kill(slot.handle)
         self._slots = []
-        if self._pool is not None:
+        if self._pool is not None and not giving_back:
             self._pool.release.remote(self._prefix)

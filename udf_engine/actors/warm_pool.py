@@ -12,7 +12,10 @@ for ``IDLE_S`` are stopped (an idle TensorFlow process holds ~700 MB, ~310 MB of
 
 A spare lent to a master is owned by the pool, not by the master: a master that restarts
 asks the pool to stop what it lent to its previous life (:meth:`WarmPool.release`), so
-workers still never outlive their function or the session.
+workers still never outlive their function or the session. A master that shuts down (its
+function unregistered or replaced) gives them back instead (:meth:`WarmPool.give_back`): with
+their model dropped they are spares again, for a function of the same size (TensorFlow keeps
+the math threads it started with, and those follow from the number of workers).
 
 Example:
     >>> kind = WorkerKind(("keras",), WorkerResources(num_cpus=0.25))
@@ -31,7 +34,7 @@ from typing import Any
 
 import ray
 
-from udf_engine.actors.worker import CONCURRENCY_GROUPS, UDFWorker
+from udf_engine.actors.worker import CONCURRENCY_GROUPS, CONTROL_TIMEOUT_S, UDFWorker
 from udf_engine.ray_runtime import NAMESPACE
 from udf_engine.resources import WorkerResources, fits
 
@@ -70,6 +73,13 @@ def worker_actor(kind: WorkerKind, **extra: Any) -> Any:
 class _Spare:
     handle: Any
     since: float = field(default_factory=time.monotonic)
+    workers: int | None = None  # given back: the number of workers of the function it served; None: never loaded
+
+
+@dataclass
+class _Lent:
+    kind: WorkerKind
+    handle: Any
 
 
 class WarmPool:
@@ -77,18 +87,19 @@ class WarmPool:
 
     def __init__(self) -> None:
         self._spares: dict[WorkerKind, list[_Spare]] = {}  # waiting, oldest first
-        self._lent: dict[str, list[Any]] = {}  # by the actor prefix of the master that took them
+        self._lent: dict[str, list[_Lent]] = {}  # by the actor prefix of the master that took them
         self._lock = threading.Lock()
         threading.Thread(target=self._reap_forever, name="rayudf-pool-reaper", daemon=True).start()
 
-    def take(self, kind: WorkerKind, owner: str) -> Any | None:
-        """A spare of ``kind`` for the master of actor prefix ``owner``, or None."""
+    def take(self, kind: WorkerKind, owner: str, workers: int) -> Any | None:
+        """A spare of ``kind`` for the master of actor prefix ``owner`` (its function has ``workers``), or None."""
         with self._lock:
-            spares = self._spares.get(kind) or []
+            spares = [s for s in self._spares.get(kind, []) if s.workers in (None, workers)]
             if not spares:
                 return None
-            spare = spares.pop()  # the newest: the oldest are the first to go idle
-            self._lent.setdefault(owner, []).append(spare.handle)
+            spare = spares[-1]  # the newest: the oldest are the first to go idle
+            self._spares[kind].remove(spare)
+            self._lent.setdefault(owner, []).append(_Lent(kind, spare.handle))
             return spare.handle
 
     def refill(self, kind: WorkerKind, count: int) -> int:
@@ -103,9 +114,28 @@ class WarmPool:
     def release(self, owner: str) -> None:
         """Stop what was lent to the master of actor prefix ``owner`` (it restarted, or stopped)."""
         with self._lock:
-            handles = self._lent.pop(owner, [])
-        for handle in handles:
-            ray.kill(handle)
+            lent = self._lent.pop(owner, [])
+        for each in lent:
+            ray.kill(each.handle)
+
+    def give_back(self, owner: str, workers: int) -> None:
+        """Take back what was lent to the master of actor prefix ``owner`` (its function, of ``workers``
+        workers, is gone): each worker that drops its model in time waits as a spare again; in the
+        background, so a registration asking meanwhile is not held up."""
+        with self._lock:
+            lent = self._lent.pop(owner, [])
+        if lent:
+            threading.Thread(target=self._take_back, args=(lent, workers), name="rayudf-pool-give-back", daemon=True).start()
+
+    def _take_back(self, lent: list[_Lent], workers: int) -> None:
+        for each in lent:
+            try:
+                ray.get(each.handle.unload.remote(), timeout=CONTROL_TIMEOUT_S)
+            except (ray.exceptions.RayError, TimeoutError):  # dead, or stuck in a batch: not worth keeping
+                ray.kill(each.handle)
+                continue
+            with self._lock:
+                self._spares.setdefault(each.kind, []).append(_Spare(each.handle, workers=workers))
 
     def waiting(self, kind: WorkerKind) -> int:
         """How many spares of ``kind`` wait."""

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import importlib
 import math
 import os
@@ -120,16 +121,10 @@ class UDFWorker:
         *,
         imports: Sequence[str] = (),
     ) -> None:
-        self._batches = 0  # batches scored by apply()
-        self._rows = 0  # rows in those batches
-        self._busy_s = 0.0  # wall time spent inside apply_func
-        self._errors = 0  # apply() calls that raised
-        self._scans = 0  # shares of a file source this worker read and scored itself (scan())
         self._batch_started: float | None = None  # when the batch now running began (None: idle)
-        self._init_error: BaseException | None = None  # re-raised by ready()
-        self._model: Any = None
-        self._id, self._apply_func, self._threads, self._load_s = worker_id, apply_func, None, 0.0
-        self._on_error = UDFConf().on_error  # what scan() does with rows the model raises on
+        self._threads: int | None = None  # the math threads a model runs with (set as it loads)
+        self._forget()
+        self._id, self._apply_func = worker_id, apply_func
         if init_func is None:
             _import_idly(imports)
         else:
@@ -140,6 +135,26 @@ class UDFWorker:
         self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         if init_func is not None:
             self._load(worker_id, init_func, apply_func, model_refs, conf or {})
+
+    def _forget(self) -> None:
+        """No model, no function, no counts: a worker's state before its first model."""
+        self._batches = 0  # batches scored by apply()
+        self._rows = 0  # rows in those batches
+        self._busy_s = 0.0  # wall time spent inside apply_func
+        self._errors = 0  # apply() calls that raised
+        self._scans = 0  # shares of a file source this worker read and scored itself (scan())
+        self._init_error: BaseException | None = None  # re-raised by ready()
+        self._model: Any = None
+        self._id, self._apply_func, self._load_s = "", None, 0.0
+        self._on_error = UDFConf().on_error  # what scan() does with rows the model raises on
+
+    def unload(self) -> int:
+        """Drop the model and what its function counted, so the process, its framework imported, is
+        a spare again for the next function of its kind (udf_engine.actors.warm_pool); answers the pid.
+        Queued behind the batches it holds, as any call but the control ones."""
+        self._forget()
+        gc.collect()
+        return os.getpid()
 
     def load(self, worker_id: str, init_func: Callable, apply_func: Callable, model_refs: Sequence[Any], conf: dict) -> dict:
         """Give a warm spare its model; answers as ``ready`` does."""
