@@ -38,7 +38,7 @@ from sql_magics.language.variables import parameter_names, substitute, substitut
 from sql_magics.models import kinds
 from sql_magics.models.registry import FunctionRegistry
 from sql_magics.serving.server import Serving
-from sql_magics.state import WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState
+from sql_magics.state import WARM, WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState, warm_framework
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import column_count, replace_relation, table_from_arrow
 from sql_magics.tables.database import Database
@@ -119,7 +119,7 @@ class Executor:
         return ScriptResult(frame, None if frame is not None else self._notice, self._warnings, self._made)
 
     def assign(self, key: str, value: str) -> None:
-        """``set key = value``: a ${key} variable, or a setting (sql.dialect, ray.address, DuckDB's own)."""
+        """``set key = value``: a ${key} variable, or a setting (sql.dialect, ray.address, warm, DuckDB's own)."""
         state = self.state
         if key in state.pinned:
             return
@@ -127,6 +127,8 @@ class Executor:
             state.dialect = check_dialect(value)
         elif key == "ray.address":
             self.registry.runtime.retarget(value)
+        elif key == WARM:
+            self.registry.warm(warm_framework(value, named=f"set {WARM} = "))
         elif key == WORKER_SCAN and value.lower() not in WORKER_SCAN_VALUES:
             raise ExecutionError(f"set {WORKER_SCAN}: {value!r} is not one of {', '.join(WORKER_SCAN_VALUES)}")
         elif self.db.is_setting(key):

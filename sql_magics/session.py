@@ -29,33 +29,9 @@ from sql_magics.models.kinds import register_model
 from sql_magics.models.registry import FunctionRegistry, RegisteredFunction
 from sql_magics.planner.scans import WorkerScans
 from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOUT_S, TOKEN_VARIABLE, ServerHandle, Serving
-from sql_magics.state import ScriptState
+from sql_magics.state import ScriptState, warm_framework
 from sql_magics.tables.database import Database
-from udf_engine import ConfigError, RayRuntime
-from udf_engine.models.loaders import WARM_FRAMEWORKS
-
-# Which framework a new session warms spares of ahead of its first registration, unless told
-# (Session(warm=...)): "keras" (the default), "onnx", or "none" (no Ray until a statement needs it).
-WARM_VARIABLE = "RAYUDF_WARM"
-_NO_WARMING = ("none", "0", "false", "off", "no", "")
-
-
-def warm_framework(warm: str | bool | None) -> str | None:
-    """The framework to warm (None: nothing, Ray starts when first needed) for ``Session(warm=...)``.
-
-    Example:
-        >>> warm_framework(False), warm_framework("onnx"), warm_framework(True)
-        (None, 'onnx', 'keras')
-    """
-    if warm is None:
-        warm = os.environ.get(WARM_VARIABLE, "keras")
-    if isinstance(warm, bool):
-        return "keras" if warm else None
-    if warm.strip().lower() in _NO_WARMING:
-        return None
-    if warm not in WARM_FRAMEWORKS:
-        raise ConfigError(f"warm={warm!r}: give one of {', '.join(WARM_FRAMEWORKS)} or none (${WARM_VARIABLE} takes the same)")
-    return warm
+from udf_engine import RayRuntime
 
 
 class Session:

@@ -125,3 +125,16 @@ def test_warm_names_a_framework_or_none():
 
     with pytest.raises(ConfigError, match=r"warm='torch': give one of keras, onnx or none \(\$RAYUDF_WARM takes the same\)"):
         Session(warm="torch")
+
+
+def test_set_warm_starts_spares_of_a_framework_and_none_stops_them(ray_cluster):
+    from sql_magics import ExecutionError, Session
+
+    with Session(warm="none") as fresh:
+        assert pool_of(fresh) is None  # nothing warmed yet
+        fresh.sql('set warm = "keras"')
+        spares = spare_pids(fresh, 2)  # a default registration's workers
+        fresh.sql('set warm = "none"')
+        assert all(gone(pid) for pid in spares)
+        with pytest.raises(ExecutionError, match=r"line 1: set warm = 'torch': give one of keras, onnx or none"):
+            fresh.sql('set warm = "torch"')

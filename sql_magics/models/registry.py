@@ -99,6 +99,8 @@ class FunctionRegistry:
         self._pool: Any = None  # its handle, once started
         self._pool_lock = threading.Lock()  # one start of the pool: ahead of need (warm_up) or at a registration
         self._closed = False  # once close() ran: nothing starts any more
+        self._warming: str | None = None  # the framework whose spares wait for a default registration (set warm)
+        self._ahead = False  # whether Ray was started ahead of need (start_ahead), by this registry
         self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising
         self._watchers: list[Callable[[], None]] = []  # told after each change of the functions (a server publishes them)
 
@@ -213,19 +215,38 @@ class FunctionRegistry:
     def start_ahead(self, framework: str) -> None:
         """Start Ray in the background, then spares importing ``framework`` (a key of WARM_FRAMEWORKS)
         for the workers a registration with default options asks for: that registration takes them."""
-        self.runtime.start_ahead(then=lambda: self._warm_up(framework), leaving=self._drop_pool)
+        self._warming, self._ahead = framework, True
+        self.runtime.start_ahead(then=self._warm_up, leaving=self._drop_pool)
 
-    def _warm_up(self, framework: str) -> None:
+    def warm(self, framework: str | None) -> None:
+        """``set warm``: the waiting spares make way for spares of ``framework`` (None: no spares)."""
+        with self._pool_lock:
+            if framework == self._warming:
+                return
+            self._warming = framework
+            if self._pool is not None:
+                import ray
+
+                ray.get(self._pool.drop.remote())
+        if framework is None:
+            return
+        if not self._ahead:  # Ray not started ahead yet: now, the spares once it is up
+            self.start_ahead(framework)
+        elif _ray_up():
+            threading.Thread(target=self._warm_up, name="rayudf-warm-up", daemon=True).start()
+        # else the start ahead is under way, and warms what _warming says once Ray is up
+
+    def _warm_up(self) -> None:
+        """Refill the pool with spares of the framework now warmed, for a default registration."""
         import ray
 
-        with self._pool_lock:
-            if self._closed:
+        with self._pool_lock:  # held while the spares are placed, so a `set warm` that follows drops them
+            if self._closed or self._warming is None:
                 return
             if self._pool is None:
                 self._pool = start_pool(self.pool_name)
-            pool = self._pool
-        conf = UDFConf.from_options({"env": dict(self._worker_env)} if self._worker_env else {})
-        ray.get(pool.refill.remote(WorkerKind.of(conf, WARM_FRAMEWORKS[framework]), conf.workers))
+            conf = UDFConf.from_options({"env": dict(self._worker_env)} if self._worker_env else {})
+            ray.get(self._pool.refill.remote(WorkerKind.of(conf, WARM_FRAMEWORKS[self._warming]), conf.workers))
 
     def _drop_pool(self) -> None:
         """Stop the warm pool and its spares; the next registration starts another."""
@@ -358,3 +379,9 @@ class FunctionRegistry:
         """Stop the workers of every version of a function DuckDB no longer has."""
         if registered.model_function is not None:
             registered.model_function.close()
+
+
+def _ray_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
