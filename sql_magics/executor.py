@@ -95,7 +95,8 @@ class Executor:
         self._warnings: list[str] = []  # for the whole script, included files too
 
     def run(self, script: list[statements.Statement], *, base_dir: Path, source_name: str = "") -> ScriptResult:
-        """Run a script's statements in order."""
+        """Run a script's statements in order; the workers of its later ``register`` statements start meanwhile."""
+        self._prepare(script)
         frame = None
         for statement in script:
             self._notice = self._made = None
@@ -136,6 +137,19 @@ class Executor:
         state.variables[key] = value
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _prepare(self, script: list[statements.Statement]) -> None:
+        """Spares for the model registrations after the first statement, as their text reads now
+        (a ${variable} a statement before them sets is not known yet: then nothing is prepared)."""
+        for statement in script[1:]:
+            if isinstance(statement, statements.Set) and statement.key == "ray.address":
+                return  # the workers go to another Ray: nothing starts here
+            if isinstance(statement, statements.Register):
+                try:
+                    path, options = self.substituted(statement.path), substitute_options(statement.options, self.state.variables)
+                except ExecutionError:
+                    continue
+                kinds.prepare(self.registry, statement.model_kind, path, options)
 
     @contextmanager
     def _turn(self, statement: statements.Statement) -> Iterator[None]:

@@ -138,3 +138,22 @@ def test_set_warm_starts_spares_of_a_framework_and_none_stops_them(ray_cluster):
         assert all(gone(pid) for pid in spares)
         with pytest.raises(ExecutionError, match=r"line 1: set warm = 'torch': give one of keras, onnx or none"):
             fresh.sql('set warm = "torch"')
+
+
+def test_a_script_starts_the_workers_of_a_later_registration_while_earlier_statements_run(ray_cluster, keras_model, digits):
+    import psutil
+
+    from sql_magics import Session
+
+    model, path = keras_model
+    pixels, _ = digits
+    with Session(warm="none") as fresh:
+        started = time.time()
+        fresh.sql(f'''
+            set pause = "sleep 6" where type="shell";
+            register keras.`{path}` as later where workers="1";
+        ''')
+        (worker,) = fresh.functions["later"].udf.stats()
+        assert psutil.Process(worker["pid"]).create_time() < started + 3  # began during the pause, not after it
+        scored = fresh.sql("select later(v) as p from (select unnest($v) as v)", parameters={"v": pixels[:20].tolist()})
+        np.testing.assert_allclose(np.array(scored["p"].tolist()), model.predict(pixels[:20], verbose=0), atol=1e-5)

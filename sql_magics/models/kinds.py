@@ -33,9 +33,10 @@ from sql_magics.state import ScriptState
 from sql_magics.tables.catalog import loaded_table
 from udf_engine import ConfigError, RemoteUDF, UDFBuildInFunc
 from udf_engine.byzer.pyjava_compat import pyjava_modules
+from udf_engine.errors import RayUDFError
 from udf_engine.models import sources
-from udf_engine.models.loaders import MODEL_KINDS
-from udf_engine.models.store import DEFAULT_VERSION
+from udf_engine.models.loaders import LOADERS, MODEL_KINDS
+from udf_engine.models.store import DEFAULT_VERSION, detect_format
 from udf_engine.settings import DEFAULT_METHOD
 
 # `register model.`path``: the kind is the model's own format, read from the path or the table.
@@ -61,6 +62,20 @@ def register(registry: FunctionRegistry, state: ScriptState, kind: str, source: 
     if lowered == SCRIPT_KIND.lower():
         return register_script(registry, function, options)
     raise ExecutionError(f"register: kind {kind!r} is not supported (supported: {', '.join(REGISTER_KINDS)})")
+
+
+def prepare(registry: FunctionRegistry, kind: str, source: str, options: dict) -> None:
+    """Have spares ready for ``register <kind>.`<source>` where <options>``, a later statement of the
+    running script, when it loads a model from a file of a framework worth importing ahead
+    (``FunctionRegistry.prepare``); anything else, or options it would refuse, is left to that statement."""
+    lowered = kind.lower()
+    try:
+        if lowered in MODEL_KINDS:
+            registry.prepare(LOADERS[MODEL_KINDS[lowered]], options)
+        elif lowered == DETECTED_KIND and Path(source).is_file():
+            registry.prepare(LOADERS[detect_format(source)], options)
+    except (RayUDFError, KeyError, OSError):
+        pass
 
 
 def register_model(

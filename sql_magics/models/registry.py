@@ -22,8 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -39,7 +41,7 @@ from sql_magics.tables.database import Database
 from udf_engine import ConfigError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, WorkerError, put_model
 from udf_engine.actors.warm_pool import WorkerKind, start_pool, stop_pool
 from udf_engine.errors import ResourceError
-from udf_engine.models.loaders import WARM_FRAMEWORKS
+from udf_engine.models.loaders import WARM_FRAMEWORKS, WARM_IMPORTS
 from udf_engine.models.store import DEFAULT_VERSION
 from udf_engine.ray_runtime import actor_name
 from udf_engine.settings import UDFConf
@@ -49,6 +51,9 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TRACKING_URI = "tracking_uri"
 # Options the bridge and the registry read; every other option goes to the engine.
 _BRIDGE_OPTIONS = ("returns", "version", "sample", TRACKING_URI)
+# How long spares for a script's later registration (prepare) wait for a Ray starting ahead of need.
+PREPARE_WAIT_S = 30.0
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +106,7 @@ class FunctionRegistry:
         self._closed = False  # once close() ran: nothing starts any more
         self._warming: str | None = None  # the framework whose spares wait for a default registration (set warm)
         self._ahead = False  # whether Ray was started ahead of need (start_ahead), by this registry
+        self._preparing: list[threading.Thread] = []  # placing spares for registrations to come (prepare)
         self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising
         self._watchers: list[Callable[[], None]] = []  # told after each change of the functions (a server publishes them)
 
@@ -194,15 +200,21 @@ class FunctionRegistry:
         """The context to build ``function`` in: this registry's Ray and actor names, the model rows in
         the object store, and the workers' environment; ``more`` are RayContext's other fields (``row_wise``, ``names``)."""
         self.runtime.ensure()
+        while self._preparing:  # spares placed for this registration are there before it asks for workers
+            self._preparing.pop().join()
         return RayContext(
             function,
-            conf={"env": dict(self._worker_env), **conf} if self._worker_env else dict(conf),
+            conf=self._with_env(conf),
             model_refs=put_model(rows),
             actor_prefix=f"{self.actor_prefix(function)}.r{self._next_registration(function)}",
             runtime=self.runtime,
             warm_pool=self._warm_pool(),
             **more,
         )
+
+    def _with_env(self, conf: Mapping[str, Any]) -> dict:
+        """A function's engine options with the session's worker environment (``!python env``)."""
+        return {"env": dict(self._worker_env), **conf} if self._worker_env else dict(conf)
 
     def _warm_pool(self) -> str:
         """The name of this session's warm pool, started with the first registration (Ray stops an
@@ -245,8 +257,38 @@ class FunctionRegistry:
                 return
             if self._pool is None:
                 self._pool = start_pool(self.pool_name)
-            conf = UDFConf.from_options({"env": dict(self._worker_env)} if self._worker_env else {})
+            conf = UDFConf.from_options(self._with_env({}))
             ray.get(self._pool.refill.remote(WorkerKind.of(conf, WARM_FRAMEWORKS[self._warming]), conf.workers))
+
+    def prepare(self, init_func: Callable, options: Mapping[str, Any]) -> None:
+        """Have spares ready for a registration a later statement of the running script makes (a model
+        ``init_func`` loads, with ``options``), when its framework is worth importing ahead: they are
+        placed in the background once Ray is up, import while the statements before it run, and that
+        registration takes them. It never starts Ray itself, so a ``set ray.address`` may still move it."""
+        conf = UDFConf.from_options(self._with_env({k: v for k, v in options.items() if k not in _BRIDGE_OPTIONS}))
+        kind = WorkerKind.of(conf, WARM_IMPORTS.get(init_func, ()))
+        if kind.kept_warm and (self._ahead or _ray_up()):
+            thread = threading.Thread(target=self._place, args=(kind, conf.workers), name="rayudf-prepare", daemon=True)
+            self._preparing.append(thread)
+            thread.start()
+
+    def _place(self, kind: WorkerKind, count: int) -> None:
+        import ray
+
+        deadline = time.monotonic() + PREPARE_WAIT_S
+        while not _ray_up():  # a start ahead of need under way
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+        try:
+            with self._pool_lock:
+                if self._closed:
+                    return
+                if self._pool is None:
+                    self._pool = start_pool(self.pool_name)
+                ray.get(self._pool.refill.remote(kind, count))
+        except Exception:  # noqa: BLE001 - ahead of need: the registration starts its workers itself and says what fails
+            _log.info("placing spares ahead of a registration failed", exc_info=True)
 
     def _drop_pool(self) -> None:
         """Stop the warm pool and its spares; the next registration starts another."""
