@@ -2,9 +2,10 @@
 in the same process, and hand back only what the query needs.
 
 When the query only picks columns (no filter, arguments that are columns), the share's row
-groups (up to ARROW_READ_BYTES) are read with Arrow's Parquet reader instead, which decodes a list column in half the time
-DuckDB takes to read and convert it. It is done only for types both readers give alike (see
-:func:`read_alike`), so the values are the same either way; any other column goes through DuckDB.
+groups (up to ARROW_READ_BYTES) are read with Arrow's Parquet reader instead, which decodes a
+list column in half the time DuckDB takes to read and convert it. It is done only for types both
+readers give alike (see :func:`read_alike`), so the values are the same either way; any other
+column goes through DuckDB.
 
 The driver (``sql_magics.planner``) cuts the files into shares of whole row groups and
 sends one :class:`ShareScan` per share to a model worker, whose ``scan`` calls :meth:`ShareScan.run`
