@@ -141,19 +141,26 @@ def test_set_warm_starts_spares_of_a_framework_and_none_stops_them(ray_cluster):
 
 
 def test_a_script_starts_the_workers_of_a_later_registration_while_earlier_statements_run(ray_cluster, keras_model, digits):
-    import psutil
+    from concurrent.futures import ThreadPoolExecutor
 
     from sql_magics import Session
 
     model, path = keras_model
     pixels, _ = digits
-    with Session(warm="none") as fresh:
-        started = time.time()
-        fresh.sql(f'''
-            set pause = "sleep 6" where type="shell";
-            register keras.`{path}` as later where workers="1";
-        ''')
+    script = f'''
+        set pause = "sleep 8" where type="shell";
+        register keras.`{path}` as later where workers="1";
+    '''
+    with Session(warm="none") as fresh, ThreadPoolExecutor(1) as runner:
+        running = runner.submit(fresh.sql, script)
+        spares, deadline = [], time.monotonic() + 30
+        while not spares and not running.done() and time.monotonic() < deadline:
+            pool = pool_of(fresh)
+            spares = [] if pool is None else ray.get(pool.spares.remote())
+            time.sleep(0.1)
+        assert spares and not running.done()  # placed while the statement before the register runs
+        running.result()
         (worker,) = fresh.functions["later"].udf.stats()
-        assert psutil.Process(worker["pid"]).create_time() < started + 3  # began during the pause, not after it
+        assert worker["pid"] in [ray.get(h.stats.remote())["pid"] for h in spares]  # the registration took it
         scored = fresh.sql("select later(v) as p from (select unnest($v) as v)", parameters={"v": pixels[:20].tolist()})
         np.testing.assert_allclose(np.array(scored["p"].tolist()), model.predict(pixels[:20], verbose=0), atol=1e-5)
