@@ -38,7 +38,7 @@ from sql_magics.language.variables import parameter_names, substitute, substitut
 from sql_magics.models import kinds
 from sql_magics.models.registry import FunctionRegistry
 from sql_magics.serving.server import Serving
-from sql_magics.state import WARM, WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState, warm_framework
+from sql_magics.state import RAY_ADDRESS, WARM, WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState, warm_framework
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import column_count, replace_relation, table_from_arrow
 from sql_magics.tables.database import Database
@@ -126,7 +126,7 @@ class Executor:
             return
         if key == "sql.dialect":
             state.dialect = check_dialect(value)
-        elif key == "ray.address":
+        elif key == RAY_ADDRESS:
             self.registry.runtime.retarget(value)
         elif key == WARM:
             self.registry.warm(warm_framework(value, named=f"set {WARM} = "))
@@ -142,7 +142,7 @@ class Executor:
         """Spares for the model registrations after the first statement, as their text reads now
         (a ${variable} a statement before them sets is not known yet: then nothing is prepared)."""
         for statement in script[1:]:
-            if isinstance(statement, statements.Set) and statement.key == "ray.address":
+            if isinstance(statement, statements.Set) and statement.key == RAY_ADDRESS:
                 return  # the workers go to another Ray: nothing starts here
             if isinstance(statement, statements.Register):
                 try:

@@ -18,6 +18,8 @@ from udf_engine.models.loaders import WARM_FRAMEWORKS
 # `set worker_scan = "off"` keeps every query on the driver path (sql_magics.planner); "on" is the default.
 WORKER_SCAN = "worker_scan"
 WORKER_SCAN_VALUES = ("on", "off")
+# `set ray.address = "host:port"`: the Ray cluster the session's workers run on (before Ray starts).
+RAY_ADDRESS = "ray.address"
 # Which framework's spares wait for the next registration: Session(warm=...) for a new session
 # ("keras" unless $RAYUDF_WARM says otherwise), `set warm = "..."` from then on; "none" for no spares.
 WARM = "warm"

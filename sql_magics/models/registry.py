@@ -220,9 +220,25 @@ class FunctionRegistry:
         """The name of this session's warm pool, started with the first registration (Ray stops an
         actor nobody holds a handle of, so the registry holds one)."""
         with self._pool_lock:
-            if self._pool is None:  # once: a second start would hand back a handle that does not own it
-                self._pool = start_pool(self.pool_name)
+            self._started_pool()
         return self.pool_name
+
+    def _started_pool(self) -> Any:
+        """This session's pool, started if it is not (the pool lock held): once, as a second start
+        would hand back a handle that does not own it."""
+        if self._pool is None:
+            self._pool = start_pool(self.pool_name)
+        return self._pool
+
+    def _refill(self, wanted: Callable[[], tuple[WorkerKind, int] | None]) -> None:
+        """Have the spares ``wanted()`` names (a kind, and how many; None: none) wait in the pool. Decided
+        and placed holding the pool lock, so a ``set warm`` that follows drops them; nothing once closed."""
+        import ray
+
+        with self._pool_lock:
+            if self._closed or (want := wanted()) is None:
+                return
+            ray.get(self._started_pool().refill.remote(*want))
 
     def start_ahead(self, framework: str) -> None:
         """Start Ray in the background, then spares importing ``framework`` (a key of WARM_FRAMEWORKS)
@@ -250,15 +266,14 @@ class FunctionRegistry:
 
     def _warm_up(self) -> None:
         """Refill the pool with spares of the framework now warmed, for a default registration."""
-        import ray
+        self._refill(self._warmed_kind)
 
-        with self._pool_lock:  # held while the spares are placed, so a `set warm` that follows drops them
-            if self._closed or self._warming is None:
-                return
-            if self._pool is None:
-                self._pool = start_pool(self.pool_name)
-            conf = UDFConf.from_options(self._with_env({}))
-            ray.get(self._pool.refill.remote(WorkerKind.of(conf, WARM_FRAMEWORKS[self._warming]), conf.workers))
+    def _warmed_kind(self) -> tuple[WorkerKind, int] | None:
+        """The workers a registration with default options asks for, of the framework warmed now (None: none)."""
+        if self._warming is None:
+            return None
+        conf = UDFConf.from_options(self._with_env({}))
+        return WorkerKind.of(conf, WARM_FRAMEWORKS[self._warming]), conf.workers
 
     def prepare(self, init_func: Callable, options: Mapping[str, Any]) -> None:
         """Have spares ready for a registration a later statement of the running script makes (a model
@@ -273,20 +288,13 @@ class FunctionRegistry:
             thread.start()
 
     def _place(self, kind: WorkerKind, count: int) -> None:
-        import ray
-
         deadline = time.monotonic() + PREPARE_WAIT_S
         while not _ray_up():  # a start ahead of need under way
             if time.monotonic() > deadline:
                 return
             time.sleep(0.1)
         try:
-            with self._pool_lock:
-                if self._closed:
-                    return
-                if self._pool is None:
-                    self._pool = start_pool(self.pool_name)
-                ray.get(self._pool.refill.remote(kind, count))
+            self._refill(lambda: (kind, count))
         except Exception:  # noqa: BLE001 - ahead of need: the registration starts its workers itself and says what fails
             _log.info("placing spares ahead of a registration failed", exc_info=True)
 
