@@ -1,4 +1,5 @@
-"""The ``!`` commands, in one table: ``!python conf|env``, ``!workers``, ``!models``, ``!delta``, ``!ray``, ``!plan``.
+"""The ``!`` commands, in one table: ``!python conf|env``, ``!workers``, ``!models``, ``!delta``, ``!ray``, ``!plan``,
+``!serve``, ``!streams``, ``!kill stream``, ``!show progress/<stream>``.
 
 Each command is a function of the executor running it (a :class:`Context`: the session's
 database, registry and script state) and of its words.
@@ -29,6 +30,7 @@ from sql_magics.models.registry import FunctionRegistry
 from sql_magics.planner.plan import PLAN_COLUMNS
 from sql_magics.serving.server import TOKEN_VARIABLE, Serving
 from sql_magics.state import ScriptState
+from sql_magics.streaming.streams import Streams
 from sql_magics.tables import lake
 from sql_magics.tables.database import Database
 
@@ -48,6 +50,7 @@ class Context(Protocol):
     registry: FunctionRegistry
     state: ScriptState
     serving: Serving | None
+    streams: Streams
 
     def substituted(self, text: str) -> str:
         """Text with its ${key} variables substituted."""
@@ -191,6 +194,32 @@ def _serve_options(args: list[str]) -> dict:
     return options
 
 
+def streams(context: Context, args: list[str]) -> pd.DataFrame:
+    """``!streams``: the session's streams, running or not (name, state, batches, rows, rows/s, input lag, last error)."""
+    if args:
+        raise ExecutionError("!streams: takes no arguments (!show progress/<name> shows one stream)")
+    return context.streams.frame()
+
+
+def kill(context: Context, args: list[str]) -> pd.DataFrame:
+    """``!kill stream <name>``: stop a stream after its batch in progress commits; its row of ``!streams``, stopped."""
+    if len(args) != 2 or args[0].lower() != "stream":
+        raise ExecutionError("!kill: expected !kill stream <name>")
+    name = context.substituted(args[1])
+    context.streams.kill(name)
+    return context.streams.frame([name])
+
+
+def show(context: Context, args: list[str]) -> pd.DataFrame:
+    """Byzer's ``!show progress/<name>``: one stream's row of ``!streams``."""
+    word = args[0] if len(args) == 1 else ""
+    kind, _, name = word.partition("/")
+    if kind.lower() != "progress" or not name:
+        raise ExecutionError("!show: only !show progress/<stream name> is supported here (!streams lists the streams)")
+    context.streams.get(name)
+    return context.streams.frame([name])
+
+
 COMMANDS: dict[str, Callable[[Context, list[str]], pd.DataFrame | None]] = {
     "python": python,
     "workers": workers_frame,
@@ -199,6 +228,9 @@ COMMANDS: dict[str, Callable[[Context, list[str]], pd.DataFrame | None]] = {
     "ray": ray,
     "plan": plan,
     "serve": serve,
+    "streams": streams,
+    "kill": kill,
+    "show": show,
 }
 
 

@@ -39,6 +39,9 @@ from sql_magics.models import kinds
 from sql_magics.models.registry import FunctionRegistry
 from sql_magics.serving.server import Serving
 from sql_magics.state import RAY_ADDRESS, WARM, WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState, warm_framework
+from sql_magics.streaming.query import STREAM_NAME, STREAM_OPTIONS, StreamDraft, start_stream
+from sql_magics.streaming.sources import batch_load_error, source_for
+from sql_magics.streaming.streams import Streams
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import column_count, replace_relation, table_from_arrow
 from sql_magics.tables.database import Database
@@ -82,12 +85,15 @@ class Executor:
 
     def __init__(
         self, db: Database, registry: FunctionRegistry, state: ScriptState, *, parameters: dict | None = None,
-        serving: Serving | None = None,
+        serving: Serving | None = None, streams: Streams | None = None, echo: Callable[[str], None] = print,
     ) -> None:
         self.db = db
         self.registry = registry
         self.state = state
         self.serving = serving  # the session's HTTP server (!serve), when it has one
+        self.streams = streams if streams is not None else Streams()  # the session's streams (!streams)
+        self.echo = echo  # where a stream's progress lines and console sink print
+        self._stream: StreamDraft | None = None  # the stream this script is, after its set streamName
         self.parameters = parameters or {}  # values for $name query parameters
         self._including: list[Path] = []  # include stack, to refuse cycles
         self._notice: str | None = None  # what the statement that ran last says when it yields no rows
@@ -117,6 +123,11 @@ class Executor:
                     self._warn_nulled(nulled_before, statement, source_name)
             if result is not None:
                 frame = result
+        if not self._including and self._stream is not None and self._stream.source is not None and not self._stream.started:
+            self._warnings.append(
+                f"stream {self._stream.name}: nothing started it; a stream starts at save append <table> as <sink> "
+                'options checkpointLocation="/dir" (docs/streaming.md)'
+            )
         return ScriptResult(frame, None if frame is not None else self._notice, self._warnings, self._made)
 
     def assign(self, key: str, value: str) -> None:
@@ -132,6 +143,8 @@ class Executor:
             self.registry.warm(warm_framework(value, named=f"set {WARM} = "))
         elif key == WORKER_SCAN and value.lower() not in WORKER_SCAN_VALUES:
             raise ExecutionError(f"set {WORKER_SCAN}: {value!r} is not one of {', '.join(WORKER_SCAN_VALUES)}")
+        elif key == STREAM_NAME:
+            self._stream = StreamDraft(value)
         elif self.db.is_setting(key):
             self.db.set_setting(key, value)
         state.variables[key] = value
@@ -194,12 +207,18 @@ class Executor:
         path, options = self.substituted(stmt.path), substitute_options(stmt.options, self.state.variables)
         fmt, table = stmt.format.lower(), self.substituted(stmt.table)
         con = self.db.con
+        if self._stream is not None and (source := source_for(con, stmt.format, path, options, table, lake_root=self._lake_root())):
+            self._stream.read_from(source)
+            self._notice = f"stream {self._stream.name} reads {table} from {source.description()}"
+            return
+        if self._stream is None and (refused := batch_load_error(stmt.format, path)):
+            raise refused
         if fmt == formats.JSON_LINES_FORMAT.lower():
             self._load_json_lines(table, path)
         elif fmt in formats.TABLE_FORMATS:
             replace_relation(con, table, f"SELECT * FROM {quote_identifier(path)}")
         elif fmt == formats.LAKE_FORMAT:
-            lake.load(con, table, path, options, root=self.state.variables.get(lake.ROOT_VARIABLE))
+            lake.load(con, table, path, options, root=self._lake_root())
         else:
             replace_relation(con, table, f"SELECT * FROM {formats.reader_sql(fmt, path, options)}")
 
@@ -215,9 +234,16 @@ class Executor:
             raise ExecutionError(f"load jsonStr: variable {variable} is not JSON lines: {err}") from None
         table_from_arrow(self.db.con, table, arrow)
 
+    def _lake_root(self) -> str | None:
+        return self.state.variables.get(lake.ROOT_VARIABLE)
+
     def select(self, stmt: statements.Select, **_: object) -> pd.DataFrame | None:
         query = self.as_duckdb(stmt.sql)
         table = self.substituted(stmt.table)  # Byzer's `select ... as `${name}``
+        if self._stream is not None and self._stream.reads(query):
+            self._stream.defer(table, query)
+            self._notice = f"stream {self._stream.name}: {table} runs in each micro-batch"
+            return None
         kind = replace_relation(self.db.con, table, query, self._bound(query))
         if table == statements.OUTPUT_TABLE:
             return self._frame(f"SELECT * FROM {quote_identifier(table)}")
@@ -232,13 +258,41 @@ class Executor:
     def save(self, stmt: statements.Save, **_: object) -> None:
         path, options = self.substituted(stmt.path), substitute_options(stmt.options, self.state.variables)
         fmt, table = stmt.format.lower(), self.substituted(stmt.table)
-        if fmt in formats.TABLE_FORMATS:
+        if self._stream is not None and table.lower() in (t.lower() for t in self._stream.tables()):
+            self._start_stream(stmt, table, fmt, path, options)
+        elif given := [k for k in options if k in STREAM_OPTIONS and k != "mode"]:
+            raise ExecutionError(
+                f"save {table}: {given[0]} is an option of a stream; a stream script starts with set {STREAM_NAME}=\"name\" "
+                "and loads a directory, a Delta table or mockStream (docs/streaming.md)"
+            )
+        elif fmt in formats.TABLE_FORMATS:
             formats.save_table(self.db, table, path, stmt.mode)
         elif fmt == formats.LAKE_FORMAT:
-            root = self.state.variables.get(lake.ROOT_VARIABLE)
-            lake.save(self.db.con, table, path, stmt.mode, options, stmt.partition_by, root=root)
+            lake.save(self.db.con, table, path, stmt.mode, options, stmt.partition_by, root=self._lake_root())
         else:
             formats.save_file(self.db, table, fmt, path, stmt.mode, options, stmt.partition_by)
+
+    def _start_stream(self, stmt: statements.Save, table: str, fmt: str, path: str, options: dict[str, str]) -> None:
+        """``save append <stream table> as <sink>``: the stream starts, in the background unless ``trigger="once"``."""
+        draft = self._stream
+        if draft.started:
+            raise ExecutionError(f"stream {draft.name}: started already; a stream script has one save append of its tables")
+        if stmt.mode != statements.APPEND:
+            raise ExecutionError(f"stream {draft.name}: save {stmt.mode} {table}: a stream adds each micro-batch, so it needs save append")
+        query = start_stream(
+            draft, table, fmt, path, options, stmt.partition_by, self.db, self.registry, lake_root=self._lake_root(),
+            on_batch=self.echo if self.streams.progress else None, echo=self.echo,
+        )
+        if query.trigger.once:
+            self.streams.remember(query)
+            query.run()
+            self._notice = f"stream {draft.name} ran once: {query.batches} batches, {query.rows:,} rows into {query.sink.description()}"
+            return
+        self.streams.start(query)
+        self._notice = (
+            f"stream {draft.name} started: {query.source.description()} into {query.sink.description()}; "
+            f"!streams shows it, !kill stream {draft.name} stops it"
+        )
 
     def register(self, stmt: statements.Register, **_: object) -> None:
         path, options = self.substituted(stmt.path), substitute_options(stmt.options, self.state.variables)

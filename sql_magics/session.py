@@ -30,6 +30,7 @@ from sql_magics.models.registry import FunctionRegistry, RegisteredFunction
 from sql_magics.planner.scans import WorkerScans
 from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOUT_S, TOKEN_VARIABLE, ServerHandle, Serving
 from sql_magics.state import ScriptState, warm_framework
+from sql_magics.streaming.streams import Streams
 from sql_magics.tables.database import Database
 from udf_engine import RayRuntime
 
@@ -63,6 +64,7 @@ class Session:
         self.registry = FunctionRegistry(self.db, runtime, session_id=session_id, worker_env=self.state.python_env)
         self.serving = Serving(self.registry, session_id=session_id, run_script=self._script)  # serves nothing until started
         self._owners: dict[str, Session] = {}  # /run/script's sessions per owner (sessionPerUser), made on first use
+        self.streams = Streams()  # the streams its stream scripts started (docs/streaming.md)
         if framework:  # Ray and spares start now, in the background: the first registration finds them ready
             self.registry.start_ahead(framework)
 
@@ -112,7 +114,7 @@ class Session:
         self.state.pinned.update(values)
 
     def _executor(self, parameters: dict | None = None) -> Executor:
-        return Executor(self.db, self.registry, self.state, parameters=parameters, serving=self.serving)
+        return Executor(self.db, self.registry, self.state, parameters=parameters, serving=self.serving, streams=self.streams)
 
     # -- models -----------------------------------------------------------------------
 
@@ -172,8 +174,10 @@ class Session:
     # -- lifecycle --------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop serving and every function's workers, close DuckDB, and stop Ray if this session started it."""
+        """Stop streams (each after its batch in progress) and serving, then every function's workers, close
+        DuckDB, and stop Ray if this session started it."""
         try:
+            self.streams.close()
             self.serving.stop()
             for owned in self._owners.values():
                 owned.close()

@@ -144,3 +144,63 @@ def test_demo_command(ray_address, tmp_path):
     accuracy = (held_out["predicted"] == held_out["label"]).mean()
     assert len(scored) == 1797 and len(held_out) == 450 and accuracy > 0.9
     assert f"accuracy {accuracy:.3f} on the 450 held-out images" in done.stdout
+
+
+def test_stream_example_scores_files_dropped_in_until_sigterm_then_exits_0(ray_address, keras_model, digits, tmp_path):
+    import signal
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model, path = keras_model
+    pixels, _ = digits
+    incoming, scored = tmp_path / "incoming", tmp_path / "scored"
+    incoming.mkdir()
+    stream = subprocess.Popen(
+        [
+            RAYUDF, "run", "examples/stream_scores.sql", "--ray-address", ray_address, "--set", f"incoming={incoming}",
+            "--set", f"scored={scored}", "--set", f"checkpoint={tmp_path / 'ck'}", "--set", f"model={path}", "--set", "workers=1",
+        ],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for name, (low, high) in {"a.parquet": (0, 300), "b.parquet": (300, 700)}.items():
+            rows = pa.table({
+                "id": pa.array(np.arange(low, high), pa.int64()),
+                "pixels": pa.FixedSizeListArray.from_arrays(pa.array(pixels[low:high].ravel()), pixels.shape[1]),
+            })
+            pq.write_table(rows, incoming / f".{name}")
+            os.replace(incoming / f".{name}", incoming / name)  # whole, by rename
+        deadline = time.monotonic() + 240
+        while sum(pq.ParquetFile(p).metadata.num_rows for p in scored.glob("*.parquet")) < 700:
+            assert stream.poll() is None and time.monotonic() < deadline, stream.stderr.read() if stream.poll() is not None else "timed out"
+            time.sleep(0.2)
+        stream.send_signal(signal.SIGTERM)
+        out, err = stream.communicate(timeout=120)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+    assert stream.returncode == 0, err
+    assert "stream digit_scores started" in out and "stream digit_scores: batch 0 committed" in out
+    assert "stopping: each stream commits its batch in progress" in err
+    written = pd.read_parquet(scored).sort_values("id")
+    assert written["id"].tolist() == list(range(700))
+    np.testing.assert_array_equal(written["predicted"].to_numpy(), model.predict(pixels[:700], verbose=0).argmax(axis=1))
+
+
+def test_a_stream_that_fails_exits_1_naming_the_bad_file(tmp_path):
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    (incoming / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    script = tmp_path / "stream.sql"
+    script.write_text(f"""set streamName="breaks";
+load parquet.`{incoming}` as events;
+select * from events as copied;
+save append copied as parquet.`{tmp_path / 'out'}` options duration="0" and checkpointLocation="{tmp_path / 'ck'}";
+""")
+    done = rayudf("run", str(script))
+    assert done.returncode == 1, done.stderr
+    assert "stream breaks started" in done.stdout
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: stream breaks: bad file {incoming / 'broken.parquet'}: ")
+    assert not (tmp_path / "out").exists()

@@ -72,3 +72,19 @@ def test_every_magic_option_is_documented():
     assert options  # the magic has options to document
     for name, trait in options.items():
         assert f"| `{name}` | {trait.default_value}" in jupyter_doc, name
+
+
+def test_every_stream_option_source_sink_and_column_is_in_streaming_md():
+    from sql_magics.streaming.query import STREAM_OPTIONS
+    from sql_magics.streaming.sinks import SINK_FORMATS, ConsoleSink, DeltaSink
+    from sql_magics.streaming.sources import MAX_FILES_PER_TRIGGER, MOCK_FORMAT, DeltaSource, MockSource
+    from sql_magics.streaming.streams import STREAM_COLUMNS
+
+    streaming_doc = (ROOT / "docs" / "streaming.md").read_text()
+    for name in (*STREAM_OPTIONS, *DeltaSink.OPTIONS, *ConsoleSink.OPTIONS, *DeltaSource.OPTIONS, *MockSource.OPTIONS):
+        assert f"`{name}" in streaming_doc, name
+    for fmt in (*SINK_FORMATS, MOCK_FORMAT):
+        assert f"{fmt}.`" in streaming_doc, fmt
+    assert f"`maxFilesPerTrigger` (default {MAX_FILES_PER_TRIGGER})" in streaming_doc
+    assert f"!streams;                        -- {', '.join(STREAM_COLUMNS)}" in streaming_doc
+    assert f"!streams;                       -- the session's streams (see streaming.md): {', '.join(STREAM_COLUMNS)}" in STATEMENTS_DOC

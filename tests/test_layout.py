@@ -75,19 +75,22 @@ SQL = "sql_magics"
 # The surface calls these; they never import it: the executor side never reaches back into the Session.
 SURFACE = (f"{SQL}.session", f"{SQL}.front")
 TOP = (f"{SQL}.executor", f"{SQL}.commands", *SURFACE)
-WINGS = tuple(f"{SQL}.{wing}" for wing in ("language", "tables", "models", "planner", "byzer", "serving", "front"))
+WINGS = tuple(f"{SQL}.{wing}" for wing in ("language", "tables", "models", "planner", "byzer", "serving", "streaming", "front"))
+MODES = (f"{SQL}.serving", f"{SQL}.streaming")
 WING_RULES = {
     # the ground every wing may stand on
     f"{SQL}.errors": (*WINGS, f"{SQL}.state", f"{SQL}.handoff", *TOP),
     f"{SQL}.handoff": (*WINGS, f"{SQL}.state", f"{SQL}.errors", *TOP),
     f"{SQL}.state": (*(w for w in WINGS if w != f"{SQL}.language"), *TOP),
     # each wing, lowest first, and what it must not import: the wings above it and the top
-    f"{SQL}.language": (f"{SQL}.state", f"{SQL}.tables", f"{SQL}.models", f"{SQL}.planner", f"{SQL}.byzer", f"{SQL}.serving", *TOP),
-    f"{SQL}.tables": (f"{SQL}.models", f"{SQL}.planner", f"{SQL}.byzer", f"{SQL}.serving", *TOP),
-    f"{SQL}.planner": (f"{SQL}.models", f"{SQL}.byzer", f"{SQL}.serving", *TOP),
-    f"{SQL}.byzer": (f"{SQL}.models", f"{SQL}.planner", f"{SQL}.serving", *TOP),
-    f"{SQL}.models": (f"{SQL}.planner", f"{SQL}.serving", *TOP),
-    f"{SQL}.serving": (f"{SQL}.planner", *TOP),  # the web-service mode: over the models and their tables
+    f"{SQL}.language": (f"{SQL}.state", f"{SQL}.tables", f"{SQL}.models", f"{SQL}.planner", f"{SQL}.byzer", *MODES, *TOP),
+    f"{SQL}.tables": (f"{SQL}.models", f"{SQL}.planner", f"{SQL}.byzer", *MODES, *TOP),
+    f"{SQL}.planner": (f"{SQL}.models", f"{SQL}.byzer", *MODES, *TOP),
+    f"{SQL}.byzer": (f"{SQL}.models", f"{SQL}.planner", *MODES, *TOP),
+    f"{SQL}.models": (f"{SQL}.planner", *MODES, *TOP),
+    # the web-service and streaming modes: over the models and their tables, and not over each other
+    f"{SQL}.serving": (f"{SQL}.planner", f"{SQL}.streaming", *TOP),
+    f"{SQL}.streaming": (f"{SQL}.planner", f"{SQL}.serving", *TOP),
     f"{SQL}.executor": SURFACE,
     f"{SQL}.commands": (f"{SQL}.executor", *SURFACE),
     "udf_engine.models": ("udf_engine.actors", "udf_engine.byzer"),

@@ -31,6 +31,7 @@ FUNCTIONS = {
     "02_batch_scoring.ipynb": ["lr_predict"],
     "03_byzer_style.ipynb": ["clf_predict"],
     "04_byzer_python.ipynb": ["model_predict"],
+    "05_streaming.ipynb": ["lr_stream"],
 }
 
 
@@ -131,10 +132,14 @@ def test_notebook_runs_top_to_bottom(name, kernel_env, tmp_path):
         assert any("image/png" in out.get("data", {}) for _, out in outputs(nb)), "no plot"
     elif name.startswith("03"):
         assert "predictions match the in-process model on 100 rows" in cell_output_text(nb, "assert_array_equal")
-    else:
+    elif name.startswith("04"):
         assert "table mnist_model created" in cell_output_text(nb, "#%python")
         assert "match the model run in-process on 100 rows" in cell_output_text(nb, "assert_array_equal")
         assert "WRITE" in cell_output_text(nb, "!delta info")  # the lake's history of the model table
+    else:
+        assert "stream arrivals started" in cell_output_text(nb, "set streamName")  # the cell returned, the stream runs on
+        assert "arrivals" in cell_output_text(nb, "%sql !streams")
+        assert "exactly once: 3,000 rows, each scored as the model does in-process" in cell_output_text(nb, "exactly once")
 
     # Shutting the kernel down (or %sql --close) stops the notebook's workers.
     deadline = time.monotonic() + 20

@@ -6,6 +6,7 @@ stderr; ``--debug`` shows the traceback instead.
 
 Example:
     $ rayudf run examples/digits_score.sql --set rows=100 --limit 5
+    $ rayudf run examples/stream_scores.sql      # a stream script: runs until SIGINT/SIGTERM
     $ rayudf serve examples/serve_digits.sql --port 8000
     $ rayudf demo
 """
@@ -27,7 +28,7 @@ from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOU
 from udf_engine.errors import RayUDFError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# How often `rayudf serve` looks whether it was signalled to stop.
+# How often `rayudf serve` and a stream script's `rayudf run` look whether they were signalled to stop.
 _SIGNAL_POLL_S = 0.2
 
 
@@ -86,11 +87,14 @@ def main() -> None:
 @click.option("--limit", default=20, show_default=True, help="rows of the last result to print (0: all)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def run(script: Path, sets: tuple[str, ...], ray_address: str | None, limit: int, debug: bool) -> None:
-    """Run a script of statements and print the last result as a table."""
+    """Run a script of statements and print the last result as a table. A stream script
+    (docs/streaming.md) prints a line per micro-batch and runs until SIGINT or SIGTERM, which
+    let the batch in progress commit; a stream that fails exits 1 with its error."""
     from sql_magics.session import Session
 
     variables, text = _parse_sets(sets), _read(script)
     with _statement_errors(debug), Session(ray_address=ray_address, warm=None if _registers(text) else False) as session:
+        session.streams.progress = True
         session.pin_variables(variables)
         result = session.run(text, source_name=str(script), base_dir=script.parent)
         for warning in result.warnings:
@@ -103,6 +107,22 @@ def run(script: Path, sets: tuple[str, ...], ray_address: str | None, limit: int
                 click.echo(f"... {len(frame)} rows, {limit} shown")
         elif result.notice:
             click.echo(result.notice)
+        if session.streams.running():
+            _run_streams(session.streams)
+
+
+def _run_streams(streams) -> None:
+    """Wait while the script's streams run; on SIGINT or SIGTERM, stop them after their batch in progress."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which puts a handler of its own on SIGTERM
+        signal.signal(signum, lambda *_: stop.set())
+    while streams.running() and not stop.wait(_SIGNAL_POLL_S):
+        pass
+    if stop.is_set():
+        click.echo("stopping: each stream commits its batch in progress", err=True)
+    streams.close()
+    if failed := streams.failed():
+        raise _Failed("; ".join(f"stream {query.name}: {query.last_error}" for query in failed), 1)
 
 
 def _registers(text: str) -> bool:

@@ -57,13 +57,20 @@ def _reader_options(options: Mapping[str, str]) -> list[str]:
     return pairs
 
 
-def reader_sql(fmt: str, path: str, options: Mapping[str, str]) -> str:
-    """The DuckDB table function call that reads ``path``; a directory reads all its files."""
+def reader_sql(fmt: str, path: str | list[str], options: Mapping[str, str]) -> str:
+    """The DuckDB table function call that reads ``path``; a directory reads all its files, a list those files.
+
+    Example:
+        >>> reader_sql("parquet", ["a.parquet", "b.parquet"], {})
+        "read_parquet(['a.parquet', 'b.parquet'])"
+    """
     if fmt not in _READERS:
         raise ExecutionError(f"load: format {fmt!r} is not supported (supported: {', '.join(LOAD_FORMATS)})")
-    if Path(path).is_dir():
-        path = str(Path(path) / "**" / _SUFFIX[fmt])
-    args = [quote_literal(path), *_reader_options(options)]
+    if isinstance(path, list):
+        source = f"[{', '.join(quote_literal(p) for p in path)}]"
+    else:
+        source = quote_literal(str(Path(path) / "**" / _SUFFIX[fmt]) if Path(path).is_dir() else path)
+    args = [source, *_reader_options(options)]
     return f"{_READERS[fmt]}({', '.join(args)})"
 
 

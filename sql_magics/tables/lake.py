@@ -22,8 +22,9 @@ a key's values side by side). That is neither the change data feed nor the rows 
 added. Unlike Byzer, ``startingVersion="0"`` means version 0 (Byzer reads the latest there).
 
 Options other than those in :data:`LOAD_OPTIONS` and :data:`SAVE_OPTIONS` are refused,
-naming the ones there are: Byzer's streaming options (``duration``, ``checkpointLocation``)
-have no meaning here, and a misspelt ``idCols`` must not silently turn a merge into an append.
+naming the ones there are: Byzer's streaming options (``duration``, ``checkpointLocation``) belong to
+stream scripts (``set streamName``, :mod:`sql_magics.streaming`), and a misspelt ``idCols`` must not
+silently turn a merge into an append.
 
 Example:
     >>> import duckdb, tempfile
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import duckdb
 import pandas as pd
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import SchemaMismatchError
 
 from arrow_bridge.quoting import quote_identifier
@@ -160,7 +161,7 @@ def save(
     exists = location.exists()
     if not writes(mode, exists, what=f"save delta: {location.name}", where=f" at {location.path}"):
         return
-    id_cols = [c.strip() for c in options.get("idCols", "").split(",") if c.strip()]
+    id_cols = id_columns(options)
     if id_cols and mode != APPEND:
         raise ExecutionError(f'save delta: idCols merges rows into the table, so it needs save append (not {mode})')
     with _failing(f"save delta: {location.name}"):
@@ -168,11 +169,37 @@ def save(
     with _failing(f"save delta: {location.name}", f"; {_unchanged(location, before)}"), con.cursor() as cursor:
         # its own connection: the stream holds it until delta-rs has read every row
         rows = cursor.sql(f"SELECT * FROM {quote_identifier(table)}").to_arrow_reader()
-        if exists and id_cols:
-            _merge(location, rows, id_cols, options)
-        else:
-            write_mode, schema_mode = _WRITE_MODES[mode], _schema_mode(options)
-            write_deltalake(str(location.path), rows, mode=write_mode, partition_by=partition_by or None, schema_mode=schema_mode)
+        write(location, rows, mode, options, partition_by, exists=exists)
+
+
+def id_columns(options: Mapping[str, str]) -> list[str]:
+    """The columns of ``idCols="a,b"``: a save append on them merges."""
+    return [c.strip() for c in options.get("idCols", "").split(",") if c.strip()]
+
+
+def write(
+    location: Location, rows, mode: str, options: Mapping[str, str], partition_by: list[str], *, exists: bool,
+    transaction: tuple[str, int] | None = None,
+) -> None:
+    """One Delta commit of ``rows`` (Arrow) under ``mode``: a merge on ``idCols`` into a table that exists.
+    ``transaction`` is (app id, version) recorded in the commit, as Spark's streaming Delta sink does."""
+    id_cols = id_columns(options)
+    commit = CommitProperties(app_transactions=[Transaction(*transaction)]) if transaction else None
+    if exists and id_cols:
+        _merge(location, rows, id_cols, options, commit)
+    else:
+        write_mode, schema_mode = _WRITE_MODES[mode], _schema_mode(options)
+        write_deltalake(
+            str(location.path), rows, mode=write_mode, partition_by=partition_by or None, schema_mode=schema_mode,
+            commit_properties=commit,
+        )
+
+
+def transaction_version(location: Location, app_id: str) -> int | None:
+    """The last version ``app_id`` recorded in the table's commits (a stream's last committed batch), or None."""
+    if not location.exists():
+        return None
+    return DeltaTable(str(location.path)).transaction_version(app_id)
 
 
 def show_tables(*, root: str | None = None) -> pd.DataFrame:
@@ -297,14 +324,17 @@ def _schema_mode(options: Mapping[str, str]) -> str | None:
     return "merge" if options.get("mergeSchema", "").lower() == "true" else None
 
 
-def _merge(location: Location, rows, id_cols: list[str], options: Mapping[str, str]) -> None:
+def _merge(location: Location, rows, id_cols: list[str], options: Mapping[str, str], commit: CommitProperties | None) -> None:
     missing = [c for c in id_cols if c not in rows.schema.names]
     if missing:
         columns = ", ".join(rows.schema.names)
         raise ExecutionError(f"save delta: idCols {missing[0]!r} is not a column of the saved table (columns: {columns})")
     predicate = " AND ".join(f"target.{quote_identifier(c)} = source.{quote_identifier(c)}" for c in id_cols)
     table = DeltaTable(str(location.path))
-    merger = table.merge(rows, predicate, source_alias="source", target_alias="target", merge_schema=_schema_mode(options) == "merge")
+    merger = table.merge(
+        rows, predicate, source_alias="source", target_alias="target", merge_schema=_schema_mode(options) == "merge",
+        commit_properties=commit,
+    )
     merger.when_matched_update_all().when_not_matched_insert_all().execute()
 
 

@@ -1,0 +1,6 @@
+"""The streaming mode: a Byzer stream script (``set streamName``) runs its selects over each micro-batch of a source into a sink.
+
+checkpoint (what each batch read, and which batches committed) -> sources (files, Delta
+versions, mockStream) -> sinks (Delta, files, console, DuckDB tables) -> query (one stream's
+loop) -> streams (a session's streams: ``!streams``, ``!kill stream``). docs/streaming.md.
+"""

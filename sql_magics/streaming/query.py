@@ -1,0 +1,292 @@
+"""One stream: its script gathered (:class:`StreamDraft`) and its loop of micro-batches (:class:`StreamQuery`).
+
+A stream script is read as Byzer reads one: ``set streamName="name"`` makes it a stream, a
+``load`` of a directory, a Delta table or ``mockStream`` is its source, the selects that read
+the source (or a select that does) wait, and ``save append <table> as <sink> options
+duration="10" and checkpointLocation="/ck"`` starts it. Each micro-batch then makes the
+source's table hold the batch's rows, runs those selects as written, stages the saved
+table's rows and has the sink commit them; the checkpoint records the input before and the
+commit after, so a restart re-runs at most one batch, which the sinks write once.
+
+Example:
+    >>> draft = StreamDraft("scores")
+    >>> draft.read_from(source)                                                   # doctest: +SKIP
+    >>> draft.reads("select id, f(x) as p from events"), draft.reads("select 1")  # doctest: +SKIP
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from arrow_bridge.quoting import quote_identifier
+from sql_magics.errors import ExecutionError
+from sql_magics.models.registry import FunctionRegistry
+from sql_magics.streaming.checkpoint import Checkpoint
+from sql_magics.streaming.faults import reached
+from sql_magics.streaming.sinks import Sink, sink_for
+from sql_magics.streaming.sources import FileSource, Source
+from sql_magics.tables import formats
+from sql_magics.tables.catalog import replace_relation
+from sql_magics.tables.database import Database
+
+STREAM_NAME = "streamName"
+"""The variable whose ``set`` makes a script a stream (Byzer's)."""
+STREAM_OPTIONS = ("duration", "checkpointLocation", "mode", "trigger", "on_bad_file")
+"""The options of a stream's ``save`` that are the stream's own; the others are the sink's."""
+OUTPUT_MODES = ("append",)
+"""Spark's output modes this stream runs; Complete and Update are refused (each batch's select sees that batch alone)."""
+ONCE_TRIGGERS = ("once", "availableNow")
+BAD_FILE_CHOICES = ("fail", "skip")
+# With duration="0" and nothing new, how long to wait before looking again: a directory listing
+# or a Delta log poll costs well under a millisecond, and 50 ms is little next to a batch.
+IDLE_POLL_S = 0.05
+# How long !kill and a session's close wait for a stream's batch to commit before giving up on it.
+STOP_TIMEOUT_S = 600.0
+
+RUNNING, WAITING, STOPPED, FINISHED, FAILED = "running", "waiting", "stopped", "finished", "failed"
+
+
+def _named(name: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w$]){re.escape(name)}(?![\w$])", re.I)
+
+
+@dataclass
+class StreamDraft:
+    """What a stream script has said so far: its name, its source and the selects over it."""
+
+    name: str
+    source: Source | None = None
+    chain: list[tuple[str, str]] = field(default_factory=list)  # (table, DuckDB query) of each select that reads the stream
+    started: bool = False
+
+    def read_from(self, source: Source) -> None:
+        if self.source is not None:
+            raise ExecutionError(
+                f"stream {self.name}: a stream reads one source, and {self.source.table} is it already "
+                f"(load {source.table} from a single file, or as a batch script)"
+            )
+        self.source = source
+
+    def tables(self) -> list[str]:
+        """The stream's tables: the source's and each waiting select's."""
+        return ([self.source.table] if self.source else []) + [table for table, _ in self.chain]
+
+    def reads(self, query: str) -> bool:
+        """Whether a query reads one of the stream's tables (then it runs in each batch, not now)."""
+        return any(_named(table).search(query) for table in self.tables())
+
+    def defer(self, table: str, query: str) -> None:
+        self.chain = [(t, q) for t, q in self.chain if t.lower() != table.lower()] + [(table, query)]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """When batches run: every ``duration`` seconds (0: back to back), or ``once`` over what is there."""
+
+    duration: float
+    once: bool
+    skip_bad: bool
+
+    @classmethod
+    def of(cls, options: Mapping[str, str], what: str) -> Trigger:
+        try:
+            duration = float(options.get("duration", "0"))
+        except ValueError:
+            raise ExecutionError(f'{what}: duration must be seconds (duration="10"), not {options["duration"]!r}') from None
+        if duration < 0:
+            raise ExecutionError(f"{what}: duration must be 0 or more seconds, not {duration:g}")
+        trigger = options.get("trigger", "")
+        if trigger and trigger.lower() not in (t.lower() for t in ONCE_TRIGGERS):
+            raise ExecutionError(f'{what}: trigger {trigger!r} is not supported (trigger="once" runs what is there and returns)')
+        mode = options.get("mode", "Append")
+        if mode.lower() not in OUTPUT_MODES:
+            raise ExecutionError(
+                f"{what}: mode={mode!r} is not supported; a stream runs its select over each micro-batch alone, so only "
+                'mode="Append" (aggregate per batch, or aggregate the sink\'s table in a batch query)'
+            )
+        bad = options.get("on_bad_file", "fail").lower()
+        if bad not in BAD_FILE_CHOICES:
+            raise ExecutionError(f"{what}: on_bad_file must be one of {', '.join(BAD_FILE_CHOICES)}, not {bad!r}")
+        return cls(duration, bool(trigger), bad == "skip")
+
+
+class StreamQuery:
+    """A started stream: its checkpoint, source, selects and sink, and the loop that runs its batches.
+
+    :meth:`run` runs it in the calling thread (``trigger="once"``), :meth:`start` in a thread of
+    its own until :meth:`stop`, which lets the batch in progress commit.
+    """
+
+    def __init__(
+        self, draft: StreamDraft, output: str, sink: Sink, trigger: Trigger, checkpoint: str, db: Database,
+        registry: FunctionRegistry, *, on_batch: Callable[[str], None] | None = None,
+    ) -> None:
+        assert draft.source is not None
+        self.name = draft.name
+        self.source = draft.source
+        self.chain = list(draft.chain)
+        self.output = output  # the table the save names: the chain's selects up to it run in each batch
+        self.sink = sink
+        self.trigger = trigger
+        self.db = db
+        self.registry = registry
+        self.on_batch = on_batch  # called with one progress line per batch (rayudf run prints it)
+        identity = {"name": self.name, "source": self.source.description(), "sink": sink.description()}
+        self.checkpoint = Checkpoint.open(checkpoint, identity)
+        if isinstance(self.source, FileSource):
+            self.source.skip_bad = trigger.skip_bad
+            self.source.schema = self.checkpoint.metadata.get("schema")
+        self.source.resume(self.checkpoint.offsets())
+        self.state = WAITING
+        self.batches = 0  # batches committed by this run of the stream
+        self.rows = 0  # rows those batches committed
+        self.busy_s = 0.0  # seconds spent in those batches
+        self.last_batch_s: float | None = None  # the last batch's seconds, from its start to its commit
+        self.last_error = ""  # what stopped the stream, if something did
+        self.skipped: list[dict] = []  # the bad files on_bad_file="skip" passed over
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- control --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.checkpoint.claim()  # here, so that a checkpoint in use is refused to the statement, not in the thread
+        self._thread = threading.Thread(target=self._background, name=f"rayudf-stream-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop after the batch in progress commits."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self.state in (RUNNING, WAITING) and not self._stop.is_set()
+
+    def _background(self) -> None:
+        try:
+            self.run()
+        except Exception:  # noqa: BLE001 - recorded in state and last_error for !streams
+            pass
+
+    def run(self) -> None:
+        """The loop: a pending batch first (a restart), then new input every ``duration`` seconds until stopped."""
+        try:
+            self.checkpoint.claim()
+            pending = self.checkpoint.pending()
+            if pending is not None:
+                self._batch(*pending)
+            while not self._stop.is_set():
+                tick = time.monotonic()
+                with self.db.exclusive():
+                    offsets = self.source.next_input(self.db.con)
+                if offsets is None:
+                    if self.trigger.once:
+                        if self.source.drained():
+                            break
+                        continue  # a mock that drew 0 rows this time: draw again, no wait
+                    self.state = WAITING
+                    self._stop.wait(max(IDLE_POLL_S, self.trigger.duration - (time.monotonic() - tick)))
+                    continue
+                batch = self.checkpoint.next_batch()
+                self.checkpoint.write_offsets(batch, offsets)
+                reached("offsets_written", batch)
+                self._batch(batch, offsets)
+                if not self.trigger.once:
+                    self._stop.wait(max(0.0, self.trigger.duration - (time.monotonic() - tick)))
+            self.state = FINISHED if self.trigger.once and not self._stop.is_set() else STOPPED
+        except BaseException as err:
+            self.state, self.last_error = FAILED, str(err) or type(err).__name__
+            raise
+        finally:
+            self.checkpoint.release()
+
+    def _batch(self, batch: int, offsets: dict) -> None:
+        """Run one micro-batch and commit it: input recorded already, output staged, sink, commit recorded."""
+        self.state = RUNNING
+        started = time.monotonic()
+        staged = self.checkpoint.staging(batch) / "batch.parquet"
+        with self.db.exclusive(), self.registry.statement():
+            rows = self._stage(batch, offsets, staged)
+            reached("staged", batch)
+            if rows:
+                self.sink.commit(self.db, staged, batch, self.checkpoint.query_id)
+            reached("sink_committed", batch)
+        if isinstance(self.source, FileSource) and self.source.schema and "schema" not in self.checkpoint.metadata:
+            self.checkpoint.remember("schema", self.source.schema)
+        self.checkpoint.write_commit(batch, {"rows": rows})
+        reached("batch_committed", batch)
+        self.checkpoint.clear_staging(batch)
+        self.skipped += offsets.get("skipped", [])
+        elapsed = time.monotonic() - started
+        self.batches, self.rows, self.busy_s, self.last_batch_s = self.batches + 1, self.rows + rows, self.busy_s + elapsed, elapsed
+        if self.on_batch is not None:
+            self.on_batch(self.progress_line(batch, rows, elapsed))
+
+    def _stage(self, batch: int, offsets: dict, staged) -> int:
+        """The batch's rows of the saved table, written to ``staged``; how many. A file that fails the
+        batch is named (and with on_bad_file="skip", recorded and left out of a second try)."""
+        if isinstance(self.source, FileSource) and not offsets.get("files"):
+            return 0  # every new file was bad and skipped
+        try:
+            self._run_selects(offsets, staged)
+        except Exception:
+            bad = self.source.culprit(self.db.con, offsets) if isinstance(self.source, FileSource) else None
+            if bad is None:
+                raise
+            if not self.trigger.skip_bad:
+                raise bad from None
+            offsets = {
+                "files": [f for f in offsets["files"] if f != bad.path],
+                "skipped": [*offsets.get("skipped", []), {"file": bad.path, "reason": bad.reason}],
+            }
+            self.checkpoint.write_offsets(batch, offsets)  # nothing of the batch is committed: its input may change
+            return self._stage(batch, offsets, staged)
+        return pq.ParquetFile(staged).metadata.num_rows
+
+    def _run_selects(self, offsets: dict, staged) -> None:
+        con = self.db.con
+        self.source.bind(con, offsets)
+        for table, query in self.chain:
+            replace_relation(con, table, query)
+            if table.lower() == self.output.lower():
+                break
+        formats.copy_to(self.db, f"SELECT * FROM {quote_identifier(self.output)}", staged, "parquet", {}, [])
+
+    # -- what !streams shows --------------------------------------------------------
+
+    def rows_per_s(self) -> float:
+        return self.rows / self.busy_s if self.busy_s else 0.0
+
+    def progress_line(self, batch: int, rows: int, elapsed: float) -> str:
+        rate = rows / elapsed if elapsed else 0.0
+        return f"stream {self.name}: batch {batch} committed {rows:,} rows in {elapsed:.2f} s ({rate:,.0f} rows/s), input lag {self.lag()}"
+
+    def lag(self) -> int | str:
+        try:
+            return self.source.lag()
+        except Exception as err:  # noqa: BLE001 - a source that cannot be listed now; the loop will say why
+            return f"? ({err})"
+
+
+def start_stream(
+    draft: StreamDraft, output: str, fmt: str, path: str, options: Mapping[str, str], partition_by: list[str], db: Database,
+    registry: FunctionRegistry, *, lake_root: str | None, on_batch: Callable[[str], None] | None = None,
+    echo: Callable[[str], None] = print,
+) -> StreamQuery:
+    """The stream a ``save append <output> as <fmt>.`<path>` options ...`` starts (not yet running)."""
+    what = f"stream {draft.name}: save {output} as {fmt}"
+    if "checkpointLocation" not in options:
+        raise ExecutionError(f'{what}: a stream needs checkpointLocation="/dir", where it records what each batch read')
+    trigger = Trigger.of(options, what)
+    sink_options = {k: v for k, v in options.items() if k not in STREAM_OPTIONS}
+    sink = sink_for(fmt, path, sink_options, partition_by, lake_root=lake_root, echo=echo)
+    draft.started = True
+    return StreamQuery(draft, output, sink, trigger, options["checkpointLocation"], db, registry, on_batch=on_batch)

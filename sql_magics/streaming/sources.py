@@ -1,0 +1,475 @@
+"""Where a stream's rows come from: files that appear in a directory, the versions a Delta table gains, Byzer's mockStream.
+
+Each source answers three questions: what the next micro-batch reads (:meth:`next_input`, a
+JSON-able record the checkpoint keeps before the batch runs), how to make the stream's table
+hold those rows (:meth:`bind`, the same rows again when a restart re-runs the batch), and how
+much input waits (:meth:`lag`). :meth:`resume` replays the records of the batches before.
+
+Example:
+    >>> import duckdb, tempfile, pathlib
+    >>> con, folder = duckdb.connect(), pathlib.Path(tempfile.mkdtemp())
+    >>> _ = con.execute(f"copy (select 1 as x) to '{folder}/a.parquet'")
+    >>> source = FileSource("parquet", str(folder), {}, "events")
+    >>> batch = source.next_input(con)
+    >>> [pathlib.Path(f).name for f in batch["files"]], source.next_input(con)
+    (['a.parquet'], None)
+    >>> source.bind(con, batch)
+    >>> con.execute("select x from events").fetchall()
+    [(1,)]
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import importlib.util
+import json
+import os
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import duckdb
+import pyarrow as pa
+from deltalake import DeltaTable
+
+from sql_magics.byzer.schemas import parse_schema
+from sql_magics.errors import ExecutionError, clean_duckdb_error
+from sql_magics.tables import formats, lake
+from sql_magics.tables.catalog import loaded_table, replace_relation, table_from_arrow
+
+MOCK_FORMAT = "mockStream"
+KAFKA_FORMATS = ("kafka", "kafka8", "kafka9")
+# Python's Kafka clients; with none installed a Kafka source is refused naming them.
+_KAFKA_CLIENTS = ("confluent_kafka", "kafka")
+# At most this many new files go in one micro-batch unless maxFilesPerTrigger says otherwise
+# (Spark's default for file sources: a backlog is read in batches, not all at once).
+MAX_FILES_PER_TRIGGER = 1000
+# A directory is listed again, even with its mtime unchanged, unless its last listing came this
+# long after that mtime: a file renamed in within a filesystem's timestamp granularity of a
+# listing may leave the directory's mtime as it was.
+RELIST_WITHIN_NS = 2_000_000_000
+MOCK_VALUE_COLUMN = "kafkaValue"
+"""With ``valueFormat``, mockStream's rows are the fields of ``value`` plus the other columns in this struct (Byzer's name)."""
+
+
+class BadFileError(ExecutionError):
+    """A file of a file source that cannot be read as the stream's rows (corrupt, or another schema)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"bad file {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class Source(Protocol):
+    table: str  # the table the stream's selects read
+
+    def description(self) -> str:
+        """What the source reads, as the checkpoint's identity of it: ``parquet:/data/in``."""
+        ...
+
+    def resume(self, offsets: list[tuple[int, dict]]) -> None:
+        """Take up after the batches the checkpoint recorded (every record, in batch order)."""
+        ...
+
+    def next_input(self, con: duckdb.DuckDBPyConnection) -> dict | None:
+        """What the next micro-batch reads (and from then on counts as read), or None when nothing new waits."""
+        ...
+
+    def bind(self, con: duckdb.DuckDBPyConnection, offsets: dict) -> None:
+        """Make :attr:`table` hold the rows of a batch that read ``offsets``."""
+        ...
+
+    def lag(self) -> int:
+        """Input that waits to be read: files, Delta versions, mock rows."""
+        ...
+
+    def drained(self) -> bool:
+        """After :meth:`next_input` found nothing: whether nothing is left for ``trigger="once"`` (a mock may send 0 rows)."""
+        ...
+
+
+def source_for(
+    con: duckdb.DuckDBPyConnection, fmt: str, path: str, options: Mapping[str, str], table: str, *, lake_root: str | None
+) -> Source | None:
+    """The stream source a stream script's ``load`` names, or None when the load is of a fixed table (a
+    single file, a Delta ``version``), which loads as in a batch script."""
+    lowered = fmt.lower()
+    if lowered in KAFKA_FORMATS:
+        raise _no_kafka(fmt, path)
+    if lowered == MOCK_FORMAT.lower():
+        return MockSource(con, path, options, table)
+    if lowered == formats.LAKE_FORMAT:
+        if {"version", "versionAsOf"} & set(options):
+            return None
+        return DeltaSource(path, options, table, root=lake_root)
+    if lowered in formats.FILE_FORMATS:
+        if Path(path).is_file():
+            return None
+        return FileSource(lowered, path, options, table)
+    return None
+
+
+def batch_load_error(fmt: str, path: str) -> ExecutionError | None:
+    """Why a script that is not a stream cannot load ``fmt``, if it is a format only a stream reads."""
+    if fmt.lower() in KAFKA_FORMATS:
+        return _no_kafka(fmt, path)
+    if fmt.lower() == MOCK_FORMAT.lower():
+        return ExecutionError(
+            f'load {fmt}.`{path}`: {MOCK_FORMAT} is a stream source; a stream script starts with set streamName="name" '
+            "(docs/streaming.md)"
+        )
+    return None
+
+
+def _no_kafka(fmt: str, path: str) -> ExecutionError:
+    installed = [name for name in _KAFKA_CLIENTS if importlib.util.find_spec(name)]
+    found = f"the Kafka client {installed[0]} is installed, but" if installed else "no Kafka client is installed and"
+    return ExecutionError(
+        f"load {fmt}.`{path}`: Kafka is not available here ({found} rayudf reads no Kafka topic); "
+        f"stream from files, a Delta table or {MOCK_FORMAT}.`table` (docs/streaming.md)"
+    )
+
+
+def _hidden(name: str) -> bool:
+    """Spark's rule: names starting with ``.`` or ``_`` are not data (files being written, _SUCCESS, _delta_log)."""
+    return name.startswith((".", "_"))
+
+
+class FileSource:
+    """New files under a directory (and its sub-directories) or matching a glob: each file is read once."""
+
+    def __init__(self, fmt: str, path: str, options: Mapping[str, str], table: str) -> None:
+        self.table = table
+        self.fmt = fmt
+        self.path = path
+        reader = dict(options)
+        self.max_files = _positive(reader.pop("maxFilesPerTrigger", str(MAX_FILES_PER_TRIGGER)), "maxFilesPerTrigger")
+        self.options = reader  # the reader's own options (header, delimiter, ...)
+        self.seen: set[str] = set()  # every file a batch read (or skipped), absolute
+        self.schema: list[list[str]] | None = None  # [[column, type], ...] of the stream's files, from the first file read
+        self._waiting = 0  # new files the last listing found beyond those taken
+        self._listed: dict[str, tuple] = {}  # directory -> (its mtime, when listed, files, sub-directories)
+        self._sorted: list[str] | None = None  # the last listing, oldest first
+        self.skip_bad = False  # on_bad_file="skip": a bad file is recorded in the batch's offsets and not read
+
+    def description(self) -> str:
+        return f"{self.fmt}:{os.path.abspath(os.path.expanduser(self.path))}"
+
+    def resume(self, offsets: list[tuple[int, dict]]) -> None:
+        for _, record in offsets:
+            self.seen.update(record.get("files", []))
+            self.seen.update(s["file"] for s in record.get("skipped", []))
+
+    def listing(self) -> list[str]:
+        """The data files there now, oldest first (by modification time, then name)."""
+        root = Path(self.path).expanduser()
+        if root.is_dir():
+            stamped, changed = self._walk(os.path.abspath(root))
+            if not changed and self._sorted is not None:
+                return self._sorted
+            self._sorted = [name for _, name in sorted(stamped)]
+            return self._sorted
+        else:
+            stamped = []
+            for name in glob.glob(os.path.expanduser(self.path), recursive=True):
+                try:
+                    if os.path.isfile(name) and not _hidden(os.path.basename(name)):
+                        stamped.append((os.stat(name).st_mtime_ns, os.path.abspath(name)))
+                except FileNotFoundError:  # renamed away between the listing and the stat
+                    continue
+        return [name for _, name in sorted(stamped)]
+
+    def _walk(self, root: str) -> tuple[list[tuple[int, str]], bool]:
+        """(mtime, path) of the files under ``root``, and whether a directory was listed again. A
+        directory whose mtime is what it was, well before its last listing, has the same entries:
+        only the others are listed again, so that a stream waiting on a directory of many files
+        looks at it often for little."""
+        found, stack, changed = [], [root], False
+        while stack:
+            directory = stack.pop()
+            try:
+                modified = os.stat(directory).st_mtime_ns
+            except FileNotFoundError:
+                changed = True
+                continue
+            cached = self._listed.get(directory)
+            if cached is None or cached[0] != modified or cached[1] - modified < RELIST_WITHIN_NS:
+                known = cached[2] if cached is not None else {}
+                cached = (modified, time.time_ns(), *self._scan(directory, known))
+                self._listed[directory] = cached
+                changed = True
+            found += [(mtime, path) for path, mtime in cached[2].items()]
+            stack += cached[3]
+        return found, changed
+
+    @staticmethod
+    def _scan(directory: str, known: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+        """A directory's files (path -> mtime; a file listed before keeps the mtime it had) and sub-directories."""
+        files, subdirectories = {}, []
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if _hidden(entry.name):
+                        continue
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            subdirectories.append(entry.path)
+                        elif entry.path in known:
+                            files[entry.path] = known[entry.path]
+                        elif entry.is_file():
+                            files[entry.path] = entry.stat().st_mtime_ns
+                    except FileNotFoundError:  # renamed away while listed
+                        continue
+        except FileNotFoundError:
+            pass
+        return files, subdirectories
+
+    def next_input(self, con: duckdb.DuckDBPyConnection) -> dict | None:
+        new = [f for f in self.listing() if f not in self.seen]
+        taken, self._waiting = new[: self.max_files], max(0, len(new) - self.max_files)
+        files, skipped = [], []
+        for path in taken:
+            try:
+                self._check(con, path)
+            except BadFileError as bad:
+                if not self.skip_bad:
+                    raise
+                skipped.append({"file": path, "reason": bad.reason})
+                continue
+            files.append(path)
+        if not files and not skipped:
+            return None
+        self.seen.update(taken)
+        return {"files": files, "skipped": skipped} if skipped else {"files": files}
+
+    def _columns(self, con: duckdb.DuckDBPyConnection, path: str) -> list[list[str]]:
+        with con.cursor() as cursor:
+            try:
+                rows = cursor.execute(f"DESCRIBE SELECT * FROM {formats.reader_sql(self.fmt, [path], self.options)}").fetchall()
+            except duckdb.Error as err:
+                raise BadFileError(path, clean_duckdb_error(err)) from None
+        # CSV and JSON types are guessed from each file's values, so only their names must agree
+        return [[name, kind if self.fmt == "parquet" else ""] for name, kind, *_ in rows]
+
+    def _check(self, con: duckdb.DuckDBPyConnection, path: str) -> None:
+        columns = self._columns(con, path)
+        if self.schema is None:
+            self.schema = columns
+        elif columns != self.schema:
+            shown = ", ".join(" ".join(c).strip() for c in columns)
+            wanted = ", ".join(" ".join(c).strip() for c in self.schema)
+            raise BadFileError(path, f"its columns are ({shown}), the stream's files have ({wanted})")
+
+    def culprit(self, con: duckdb.DuckDBPyConnection, offsets: dict) -> BadFileError | None:
+        """After a batch failed reading its files: the first file that cannot be read whole, if one cannot."""
+        for path in offsets.get("files", []):
+            with con.cursor() as cursor:
+                try:
+                    cursor.execute(f"SELECT * FROM {formats.reader_sql(self.fmt, [path], self.options)}").fetch_arrow_table()
+                except duckdb.Error as err:
+                    return BadFileError(path, clean_duckdb_error(err))
+        return None
+
+    def bind(self, con: duckdb.DuckDBPyConnection, offsets: dict) -> None:
+        # A view of read_parquet([...]) keeps the batch on the worker path where its query allows.
+        replace_relation(con, self.table, f"SELECT * FROM {formats.reader_sql(self.fmt, offsets['files'], self.options)}")
+
+    def lag(self) -> int:
+        return self._waiting
+
+    def drained(self) -> bool:
+        return True  # asked when next_input found nothing: no file waits
+
+
+class DeltaSource:
+    """The rows a Delta table's new versions append, as Spark's Delta source reads them.
+
+    Without ``startingVersion`` the first batch is the table as it is, then each batch the
+    versions committed since; ``startingVersion="N"`` starts with version N's added rows
+    (``"latest"``: only what comes next). A version that removes or rewrites rows (a delete,
+    an overwrite, a merge) stops the stream, unless ``ignoreChanges="true"``, which reads the
+    files it adds again (so rows may come twice, as in Spark).
+    """
+
+    OPTIONS = ("startingVersion", "ignoreChanges", "mode")
+
+    def __init__(self, path: str, options: Mapping[str, str], table: str, *, root: str | None) -> None:
+        unknown = [k for k in options if k not in self.OPTIONS]
+        if unknown:
+            raise ExecutionError(f"load delta (stream): option {unknown[0]!r} is not supported (supported: {', '.join(self.OPTIONS)})")
+        self.table = table
+        self.location = lake.locate(path, root=root, as_path="mode" in options)
+        if not self.location.exists():
+            raise ExecutionError(f"load delta: no Delta table at {self.location.path} (a stream reads a table that exists)")
+        self.starting = options.get("startingVersion")
+        self.ignore_changes = options.get("ignoreChanges", "false").lower() == "true"
+        self.next_version: int | None = None  # the first version not read yet (None: not started)
+        self._table = DeltaTable(str(self.location.path))  # brought up to date at each poll
+
+    def description(self) -> str:
+        return f"delta:{self.location.path}"
+
+    def _latest(self) -> int:
+        self._table.update_incremental()
+        return self._table.version()
+
+    def resume(self, offsets: list[tuple[int, dict]]) -> None:
+        if offsets:
+            self.next_version = offsets[-1][1]["to"] + 1
+
+    def next_input(self, con: duckdb.DuckDBPyConnection) -> dict | None:
+        latest = self._latest()
+        if self.next_version is None:
+            if self.starting is None:
+                self.next_version = latest + 1
+                return {"snapshot": True, "from": latest, "to": latest}
+            if self.starting.lower() == "latest":
+                self.next_version = latest + 1
+            elif self.starting.isdigit():
+                self.next_version = int(self.starting)
+            else:
+                raise ExecutionError(f'load delta: startingVersion must be a version number or "latest", not {self.starting!r}')
+        if latest < self.next_version:
+            return None
+        first = self.next_version
+        for version in range(first, latest + 1):
+            self._added(version)  # refuses a version that removes rows, before the batch counts it as read
+        self.next_version = latest + 1
+        return {"from": first, "to": latest}
+
+    def _files(self, version: int) -> set[str]:
+        if version < 0:
+            return set()
+        actions = pa.table(DeltaTable(str(self.location.path), version=version).get_add_actions(flatten=True))
+        return set(actions.column("path").to_pylist())
+
+    def _added(self, version: int) -> set[str]:
+        before, after = self._files(version - 1), self._files(version)
+        if before - after and not self.ignore_changes:
+            operation = DeltaTable(str(self.location.path), version=version).history(1)[0].get("operation", "?")
+            raise ExecutionError(
+                f"load delta: version {version} of {self.location.name} removes or rewrites rows ({operation}); a stream reads "
+                'only appends (where ignoreChanges="true" reads the files such a version adds, so rows may come again)'
+            )
+        return after - before
+
+    def bind(self, con: duckdb.DuckDBPyConnection, offsets: dict) -> None:
+        import pyarrow.dataset as ds
+
+        fragments, schema = [], None
+        for version in range(offsets["from"], offsets["to"] + 1):
+            dataset = DeltaTable(str(self.location.path), version=version).to_pyarrow_dataset()
+            wanted = None if offsets.get("snapshot") else self._added(version)
+            fragments += [f for f in dataset.get_fragments() if wanted is None or f.path in wanted]
+            schema, fmt, filesystem = dataset.schema, dataset.format, dataset.filesystem
+        rows = ds.FileSystemDataset(fragments, schema, fmt, filesystem).to_table()
+        table_from_arrow(con, self.table, rows)
+
+    def lag(self) -> int:
+        if self.next_version is None:
+            return 1
+        return max(0, self._latest() + 1 - self.next_version)
+
+    def drained(self) -> bool:
+        return True  # asked when next_input found nothing: no version waits
+
+
+class MockSource:
+    """Byzer's mockStream: each trigger sends the next a-b rows (``stepSizeRange="a-b"``, drawn at random) of a table.
+
+    ``recycle="true"`` starts over at the end (the stream never runs dry); ``valueFormat="csv"``
+    or ``"json"`` with ``valueSchema="st(field(a,string),...)"`` parses the ``value`` column into
+    those columns, the row's other columns going in a :data:`MOCK_VALUE_COLUMN` struct.
+    """
+
+    OPTIONS = ("stepSizeRange", "recycle", "valueFormat", "valueSchema")
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, name: str, options: Mapping[str, str], table: str) -> None:
+        unknown = [k for k in options if k not in self.OPTIONS]
+        if unknown:
+            raise ExecutionError(f"load {MOCK_FORMAT}: option {unknown[0]!r} is not supported (supported: {', '.join(self.OPTIONS)})")
+        rows = loaded_table(con, name)
+        if rows is None:
+            raise ExecutionError(f"load {MOCK_FORMAT}.`{name}`: no table {name} (load it first, e.g. load jsonStr.`data` as {name})")
+        self.table = table
+        self.name = name
+        self.rows = rows  # the table as the stream started: the stream's rows, in order
+        self.low, self.high = _step_range(options.get("stepSizeRange", "0-3"))
+        self.recycle = options.get("recycle", "false").lower() == "true"
+        self.value_format = options.get("valueFormat", "").lower()
+        if self.value_format not in ("", "csv", "json"):
+            raise ExecutionError(f'load {MOCK_FORMAT}: valueFormat {self.value_format!r} is not supported (supported: csv, json)')
+        self.value_schema = parse_schema(options["valueSchema"]) if self.value_format else None
+        if self.value_format and "value" not in rows.column_names:
+            raise ExecutionError(f"load {MOCK_FORMAT}: valueFormat parses a value column, and {name} has none")
+        self.position = 0  # rows sent so far
+        self._random = random.Random()
+
+    def description(self) -> str:
+        return f"{MOCK_FORMAT}:{self.name}"
+
+    def resume(self, offsets: list[tuple[int, dict]]) -> None:
+        if offsets:
+            self.position = offsets[-1][1]["end"]
+
+    def drained(self) -> bool:
+        """Whether every row was sent once (a recycling mock: the table once), for ``trigger="once"``."""
+        return self.position >= self.rows.num_rows
+
+    def next_input(self, con: duckdb.DuckDBPyConnection) -> dict | None:
+        if self.rows.num_rows == 0 or (self.drained() and not self.recycle):
+            return None
+        step = self._random.randint(self.low, self.high)
+        if not self.recycle:
+            step = min(step, self.rows.num_rows - self.position)
+        if step == 0:
+            return None
+        start, self.position = self.position, self.position + step
+        return {"start": start, "end": self.position}
+
+    def bind(self, con: duckdb.DuckDBPyConnection, offsets: dict) -> None:
+        count = self.rows.num_rows
+        taken = self.rows.take(pa.array([i % count for i in range(offsets["start"], offsets["end"])], pa.int64()))
+        table_from_arrow(con, self.table, self._parsed(taken) if self.value_format else taken)
+
+    def _parsed(self, rows: pa.Table) -> pa.Table:
+        schema = self.value_schema
+        values = [str(v) if v is not None else "" for v in rows.column("value").to_pylist()]
+        if self.value_format == "csv":
+            # each value alone: a reader over them all would skip an empty one and misalign the rows
+            records = [dict(zip(schema.names, next(csv.reader([v]), []), strict=False)) for v in values]
+        else:
+            records = [json.loads(v) if v else {} for v in values]
+        columns = {}
+        for field in schema:
+            raw = [r.get(field.name) for r in records]
+            try:  # CSV fields are text, to be cast; JSON's are typed already
+                text = self.value_format == "csv"
+                columns[field.name] = pa.array(raw, pa.string()).cast(field.type) if text else pa.array(raw, field.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
+                raise ExecutionError(f"load {MOCK_FORMAT}: value field {field.name} is not a {field.type}: {err}") from None
+        others = rows.drop_columns(["value"])
+        columns[MOCK_VALUE_COLUMN] = pa.StructArray.from_arrays(
+            [others.column(n).combine_chunks() for n in others.column_names], others.column_names
+        ) if others.num_columns else pa.nulls(rows.num_rows)
+        return pa.table(columns)
+
+    def lag(self) -> int:
+        return 0 if self.recycle else max(0, self.rows.num_rows - self.position)
+
+
+def _positive(value: str, name: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ExecutionError(f"load: {name} must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
+def _step_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit() or int(low) > int(high) or int(high) == 0:
+        raise ExecutionError(f'load {MOCK_FORMAT}: stepSizeRange must be "a-b" with 0 <= a <= b and b > 0, not {text!r}')
+    return int(low), int(high)
