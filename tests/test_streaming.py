@@ -320,7 +320,7 @@ def test_a_checkpoint_of_another_query_is_refused(session, tmp_path):
     [
         ("load kafka.`topic` options `kafka.bootstrap.servers`=\"127.0.0.1:9092\" as events;", 'options trigger="once"',
          "Kafka is not available here"),
-        ("load parquet.`{incoming}` as events;", 'options mode="Complete"', 'mode=.Complete. is not supported'),
+        ("load parquet.`{incoming}` as events;", 'options mode="Update"', 'mode=.Update. is not supported; mode="Append" adds'),
         ("load parquet.`{incoming}` as events;", 'options trigger="continuous"', "trigger 'continuous' is not supported"),
         ("load parquet.`{incoming}` as events;", 'options duration="soon"', "duration must be seconds"),
         ("load parquet.`{incoming}` as events;", 'options on_bad_file="ignore"', "on_bad_file must be one of fail, skip"),
@@ -399,3 +399,70 @@ save append parsed_rows as table.`parsed_rows_out` options trigger="once" and ch
 """)
     rows = session.con.execute("select name, count, n from parsed_rows_out order by n").fetchall()
     assert rows == [("a", 1, 0), (None, None, 1), ("c", 3, 2)]  # an empty value is a row of nulls, in its place
+
+
+# -- mode="Complete": the selects over all the input so far replace the sink's content --------------
+
+
+def test_complete_mode_replaces_the_sink_with_the_aggregate_over_everything_so_far(session, wsum, tmp_path):
+    incoming, lake, ck = tmp_path / "in", tmp_path / "totals", tmp_path / "ck"
+    frames = [drop(incoming, f"f{i}.parquet", 10 * i) for i in range(3)]
+    script = f"""
+set streamName="totals";
+load parquet.`{incoming}` options maxFilesPerTrigger="1" as events;
+select key, count(*) as n, sum(wsum(a, b)) as total from events group by key as totals;
+save append totals as rate.`{lake}` options mode="Complete" and trigger="once" and checkpointLocation="{ck}";
+"""
+
+    def expect(frames):
+        rows = pd.concat(frames, ignore_index=True)
+        rows["p"] = Weighted(WEIGHTS).predict(rows[["a", "b"]].to_numpy())
+        return rows.groupby("key").agg(n=("p", "size"), total=("p", "sum")).reset_index()
+
+    def written():
+        return DeltaTable(str(lake)).to_pandas().sort_values("key", ignore_index=True)
+
+    assert "3 batches" in session.run(script).notice
+    pd.testing.assert_frame_equal(written(), expect(frames), check_dtype=False)
+    assert DeltaTable(str(lake)).history(1)[0]["operationParameters"]["mode"] == "Overwrite"
+    frames.append(drop(incoming, "f3.parquet", 30))
+    session.run(script)  # a restart: the next batch's aggregate covers every file, the three before too
+    pd.testing.assert_frame_equal(written(), expect(frames), check_dtype=False)
+
+
+def test_byzer_callback_page_complete_mode_example_counts_every_row(session, tmp_path, capsys):
+    # byzer-doc streaming/callback.md: a group by over mockStream printed in mode="Complete";
+    # its !callback (HTTP hooks) is not supported here, so it is left out.
+    text = (Path(__file__).parent / "fixtures" / "byzer_doc" / "zh-cn__streaming__callback__3.sql").read_text()
+    text = text.replace("!callback", "-- !callback").replace('"/tmp/cpl14"', f'"{tmp_path / "cpl14"}" and trigger="once"')
+    session.run(text)
+    printed = capsys.readouterr().out
+    last = printed.rsplit("Batch: ", 1)[1].splitlines()
+    assert [line.split() for line in last[3:] if line.strip()] == [["yes", "6"]]  # all six rows, after the last batch
+
+
+def test_complete_mode_refuses_file_sinks_and_id_cols(session, tmp_path):
+    drop(tmp_path / "in", "f0.parquet", 0)
+    base = f'set streamName="c"; load parquet.`{tmp_path / "in"}` as e; select key, count(*) as n from e group by key as g; '
+    complete = f'mode="Complete" and checkpointLocation="{tmp_path / "ck"}"'
+    with pytest.raises(ExecutionError, match='a file sink adds part files, so mode="Append" only'):
+        session.run(base + f'save append g as parquet.`{tmp_path / "o"}` options {complete};')
+    with pytest.raises(ExecutionError, match="so idCols has nothing to merge"):
+        session.run(base + f'save append g as rate.`{tmp_path / "d"}` options idCols="key" and {complete};')
+
+
+def test_complete_mode_over_a_delta_source_counts_each_row_once(session, tmp_path):
+    source = tmp_path / "events"
+    write_deltalake(str(source), pa.table({"id": [1, 2]}))
+    script = f"""
+set streamName="delta_count";
+load delta.`{source}` options mode="path" as events;
+select count(*) as n, sum(id) as s from events as counted;
+save append counted as table.`delta_counted` options mode="Complete" and trigger="once" and checkpointLocation="{tmp_path / 'ck'}";
+"""
+    session.run(script)
+    assert session.con.execute("select n, s from delta_counted").fetchall() == [(2, 3)]
+    write_deltalake(str(source), pa.table({"id": [3]}), mode="append")
+    write_deltalake(str(source), pa.table({"id": [4]}), mode="append")
+    session.run(script)  # the table as it was at the start, then the versions since: each row once
+    assert session.con.execute("select n, s from delta_counted").fetchall() == [(4, 10)]

@@ -92,3 +92,18 @@ def test_a_scoring_stream_killed_mid_commit_restarts_to_the_models_exact_rows(tm
     assert restarted.stdout.count("stream crashing: batch 2 committed 10 rows") == 1  # only the cut-short batch ran again
     frame = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "in").iterdir())])
     pd.testing.assert_frame_equal(written("parquet", out), exact(Weighted((1.0, 10.0)).predict(frame[["a", "b"]].to_numpy())))
+
+
+@pytest.mark.parametrize("point", ["staged", "sink_committed"])
+def test_a_complete_mode_stream_killed_then_restarted_holds_the_aggregate_over_every_row(tmp_path, point):
+    script, out = stream_script(tmp_path, "rate", "select key, count(*) as n, sum(id) as s from events group by key as scored")
+    script.write_text(script.read_text().replace('trigger="once"', 'mode="Complete" and trigger="once"').replace(" partitionBy key", ""))
+    crashed = run_stream(script, crash=f"{point}:1")
+    assert crashed.returncode == -9, crashed.stderr
+    restarted = run_stream(script)
+    assert restarted.returncode == 0, restarted.stderr
+    ids = pd.DataFrame({"id": np.arange(FILES * ROWS)})
+    ids["key"] = [f"k{j % 3}" for j in ids["id"]]
+    expected = ids.groupby("key").agg(n=("id", "size"), s=("id", "sum")).reset_index()
+    written = DeltaTable(str(out)).to_pandas().sort_values("key", ignore_index=True)
+    pd.testing.assert_frame_equal(written, expected, check_dtype=False)

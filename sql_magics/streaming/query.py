@@ -4,9 +4,10 @@ A stream script is read as Byzer reads one: ``set streamName="name"`` makes it a
 ``load`` of a directory, a Delta table or ``mockStream`` is its source, the selects that read
 the source (or a select that does) wait, and ``save append <table> as <sink> options
 duration="10" and checkpointLocation="/ck"`` starts it. Each micro-batch then makes the
-source's table hold the batch's rows, runs those selects as written, stages the saved
-table's rows and has the sink commit them; the checkpoint records the input before and the
-commit after, so a restart re-runs at most one batch, which the sinks write once.
+source's table hold the batch's rows (with mode="Complete", all the rows so far), runs those
+selects as written, stages the saved table's rows and has the sink commit them; the
+checkpoint records the input before and the commit after, so a restart re-runs at most one
+batch, which the sinks write once.
 
 Example:
     >>> draft = StreamDraft("scores")
@@ -40,8 +41,11 @@ STREAM_NAME = "streamName"
 """The variable whose ``set`` makes a script a stream (Byzer's)."""
 STREAM_OPTIONS = ("duration", "checkpointLocation", "mode", "trigger", "on_bad_file")
 """The options of a stream's ``save`` that are the stream's own; the others are the sink's."""
-OUTPUT_MODES = ("append",)
-"""Spark's output modes this stream runs; Complete and Update are refused (each batch's select sees that batch alone)."""
+APPEND, COMPLETE = "append", "complete"
+OUTPUT_MODES = (APPEND, COMPLETE)
+"""Spark's output modes a stream runs: Append (each batch's rows are added) and Complete (each
+batch's selects run over all the input so far, and the sink's content is replaced by their rows).
+Update is refused."""
 ONCE_TRIGGERS = ("once", "availableNow")
 BAD_FILE_CHOICES = ("fail", "skip")
 # With duration="0" and nothing new, how long to wait before looking again: a directory listing
@@ -93,6 +97,7 @@ class Trigger:
     duration: float
     once: bool
     skip_bad: bool
+    complete: bool  # mode="Complete": the selects run over all the input so far, the sink's content replaced
 
     @classmethod
     def of(cls, options: Mapping[str, str], what: str) -> Trigger:
@@ -108,13 +113,13 @@ class Trigger:
         mode = options.get("mode", "Append")
         if mode.lower() not in OUTPUT_MODES:
             raise ExecutionError(
-                f"{what}: mode={mode!r} is not supported; a stream runs its select over each micro-batch alone, so only "
-                'mode="Append" (aggregate per batch, or aggregate the sink\'s table in a batch query)'
+                f'{what}: mode={mode!r} is not supported; mode="Append" adds each batch\'s rows, mode="Complete" '
+                "replaces the sink's content with the selects over all the input so far"
             )
         bad = options.get("on_bad_file", "fail").lower()
         if bad not in BAD_FILE_CHOICES:
             raise ExecutionError(f"{what}: on_bad_file must be one of {', '.join(BAD_FILE_CHOICES)}, not {bad!r}")
-        return cls(duration, bool(trigger), bad == "skip")
+        return cls(duration, bool(trigger), bad == "skip", mode.lower() == COMPLETE)
 
 
 class StreamQuery:
@@ -214,9 +219,9 @@ class StreamQuery:
         started = time.monotonic()
         staged = self.checkpoint.staging(batch) / "batch.parquet"
         with self.db.exclusive(), self.registry.statement():
-            rows = self._stage(batch, offsets, staged)
+            rows, offsets = self._stage(batch, offsets, staged)
             reached("staged", batch)
-            if rows:
+            if rows or (self.trigger.complete and staged.exists()):  # Complete: an empty result replaces the last
                 self.sink.commit(self.db, staged, batch, self.checkpoint.query_id)
             reached("sink_committed", batch)
         if isinstance(self.source, FileSource) and self.source.schema and "schema" not in self.checkpoint.metadata:
@@ -230,13 +235,14 @@ class StreamQuery:
         if self.on_batch is not None:
             self.on_batch(self.progress_line(batch, rows, elapsed))
 
-    def _stage(self, batch: int, offsets: dict, staged) -> int:
-        """The batch's rows of the saved table, written to ``staged``; how many. A file that fails the
-        batch is named (and with on_bad_file="skip", recorded and left out of a second try)."""
-        if isinstance(self.source, FileSource) and not offsets.get("files"):
-            return 0  # every new file was bad and skipped
+    def _stage(self, batch: int, offsets: dict, staged) -> tuple[int, dict]:
+        """The batch's rows of the saved table, written to ``staged``: how many, and the batch's input. A
+        file that fails the batch is named (and with on_bad_file="skip", recorded and left out of a second try)."""
+        selected = self._input(batch, offsets)
+        if isinstance(self.source, FileSource) and not selected.get("files"):
+            return 0, offsets  # every file was bad and skipped
         try:
-            self._run_selects(offsets, staged)
+            self._run_selects(selected, staged)
         except Exception:
             bad = self.source.culprit(self.db.con, offsets) if isinstance(self.source, FileSource) else None
             if bad is None:
@@ -249,7 +255,13 @@ class StreamQuery:
             }
             self.checkpoint.write_offsets(batch, offsets)  # nothing of the batch is committed: its input may change
             return self._stage(batch, offsets, staged)
-        return pq.ParquetFile(staged).metadata.num_rows
+        return pq.ParquetFile(staged).metadata.num_rows, offsets
+
+    def _input(self, batch: int, offsets: dict) -> dict:
+        """What the batch's selects read: its own input, or with mode="Complete" every batch's up to it."""
+        if not self.trigger.complete:
+            return offsets
+        return self.source.merged([record for n, record in self.checkpoint.offsets() if n <= batch])
 
     def _run_selects(self, offsets: dict, staged) -> None:
         con = self.db.con
@@ -287,6 +299,6 @@ def start_stream(
         raise ExecutionError(f'{what}: a stream needs checkpointLocation="/dir", where it records what each batch read')
     trigger = Trigger.of(options, what)
     sink_options = {k: v for k, v in options.items() if k not in STREAM_OPTIONS}
-    sink = sink_for(fmt, path, sink_options, partition_by, lake_root=lake_root, echo=echo)
+    sink = sink_for(fmt, path, sink_options, partition_by, lake_root=lake_root, echo=echo, complete=trigger.complete)
     draft.started = True
     return StreamQuery(draft, output, sink, trigger, options["checkpointLocation"], db, registry, on_batch=on_batch)

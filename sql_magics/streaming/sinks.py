@@ -11,6 +11,9 @@ on the worker path where it may); the sink then commits that file:
 - A DuckDB table: the rows and a row of ``__rayudf_stream_commits`` in one transaction.
 - ``console``: prints the rows (at least once: a re-run batch prints again).
 
+With mode="Complete" a commit replaces what the sink holds (a Delta overwrite, the table
+replaced); file sinks take Append only, as in Spark.
+
 Example:
     >>> sink_for("rate", "/tmp/lake/t", {"idCols": "id"}, [], lake_root=None).description()
     'delta:/tmp/lake/t'
@@ -55,18 +58,24 @@ class Sink(Protocol):
 
 def sink_for(
     fmt: str, path: str, options: Mapping[str, str], partition_by: list[str], *, lake_root: str | None,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = print, complete: bool = False,
 ) -> Sink:
-    """The sink a stream's ``save append <table> as <fmt>.`<path>``` names (``options`` are the sink's own)."""
+    """The sink a stream's ``save append <table> as <fmt>.`<path>``` names (``options`` are the sink's own);
+    ``complete``: each commit replaces what the sink holds (mode="Complete")."""
     lowered = fmt.lower()
     if lowered in DELTA_FORMATS:
-        return DeltaSink(path, options, partition_by, root=lake_root)
+        return DeltaSink(path, options, partition_by, root=lake_root, complete=complete)
     if lowered in formats.FILE_FORMATS:
+        if complete:
+            raise ExecutionError(
+                f'save {fmt} (stream): a file sink adds part files, so mode="Append" only (as in Spark); '
+                'mode="Complete" writes to delta, rate, table or console'
+            )
         return FileSink(lowered, path, options, partition_by)
     if lowered == CONSOLE_FORMAT:
         return ConsoleSink(options, echo)
     if lowered in formats.TABLE_FORMATS:
-        return TableSink(path)
+        return TableSink(path, complete=complete)
     raise ExecutionError(f"save {fmt}: not a stream sink here (supported: {', '.join(SINK_FORMATS)})")
 
 
@@ -79,11 +88,16 @@ def _refuse(options: Mapping[str, str], known: tuple[str, ...], what: str) -> No
 class DeltaSink:
     OPTIONS = ("idCols", "mergeSchema", "overwriteSchema")
 
-    def __init__(self, path: str, options: Mapping[str, str], partition_by: list[str], *, root: str | None) -> None:
+    def __init__(
+        self, path: str, options: Mapping[str, str], partition_by: list[str], *, root: str | None, complete: bool = False
+    ) -> None:
         _refuse(options, self.OPTIONS, "save rate/delta (stream)")
+        if complete and lake.id_columns(options):
+            raise ExecutionError('save rate/delta (stream): mode="Complete" replaces the table each batch, so idCols has nothing to merge')
         self.location = lake.locate(path, root=root)
         self.options = dict(options)
         self.partition_by = partition_by
+        self.mode = lake.OVERWRITE if complete else lake.APPEND
 
     def description(self) -> str:
         return f"delta:{self.location.path}"
@@ -94,7 +108,7 @@ class DeltaSink:
             return  # committed before a crash stopped the stream from recording it
         rows = ds.dataset(str(staged)).to_table()
         lake.write(
-            self.location, rows, lake.APPEND, self.options, self.partition_by, exists=self.location.exists(),
+            self.location, rows, self.mode, self.options, self.partition_by, exists=self.location.exists(),
             transaction=(query_id, batch),
         )
 
@@ -135,8 +149,9 @@ class FileSink:
 
 
 class TableSink:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, complete: bool = False) -> None:
         self.name = name
+        self.complete = complete  # each batch's rows replace the table's
 
     def description(self) -> str:
         return f"table:{self.name}"
@@ -151,10 +166,10 @@ class TableSink:
                 if con.execute(f"SELECT 1 FROM {COMMITS_TABLE} WHERE query_id = ? AND batch = ?", [query_id, batch]).fetchall():
                     con.execute("ROLLBACK")
                     return
-                if relation_kind(con, self.name) == "table":
+                if relation_kind(con, self.name) == "table" and not self.complete:
                     con.execute(f"INSERT INTO {quote_identifier(self.name)} BY NAME {rows}")
                 else:
-                    con.execute(f"CREATE TABLE {quote_identifier(self.name)} AS {rows}")
+                    con.execute(f"CREATE OR REPLACE TABLE {quote_identifier(self.name)} AS {rows}")
                 con.execute(f"INSERT INTO {COMMITS_TABLE} VALUES (?, ?)", [query_id, batch])
                 con.execute("COMMIT")
             except BaseException:

@@ -83,6 +83,11 @@ class Source(Protocol):
         """Make :attr:`table` hold the rows of a batch that read ``offsets``."""
         ...
 
+    def merged(self, records: list[dict]) -> dict:
+        """One record that reads what the batches of ``records`` (consecutive, from the first) read:
+        all the rows so far, which mode="Complete" runs its selects over."""
+        ...
+
     def lag(self) -> int:
         """Input that waits to be read: files, Delta versions, mock rows."""
         ...
@@ -278,6 +283,9 @@ class FileSource:
         # A view of read_parquet([...]) keeps the batch on the worker path where its query allows.
         replace_relation(con, self.table, f"SELECT * FROM {formats.reader_sql(self.fmt, offsets['files'], self.options)}")
 
+    def merged(self, records: list[dict]) -> dict:
+        return {"files": [f for record in records for f in record.get("files", [])]}
+
     def lag(self) -> int:
         return self._waiting
 
@@ -363,11 +371,15 @@ class DeltaSource:
         fragments, schema = [], None
         for version in range(offsets["from"], offsets["to"] + 1):
             dataset = DeltaTable(str(self.location.path), version=version).to_pyarrow_dataset()
-            wanted = None if offsets.get("snapshot") else self._added(version)
+            whole = offsets.get("snapshot") and version == offsets["from"]  # the table as it was, then what each version adds
+            wanted = None if whole else self._added(version)
             fragments += [f for f in dataset.get_fragments() if wanted is None or f.path in wanted]
             schema, fmt, filesystem = dataset.schema, dataset.format, dataset.filesystem
         rows = ds.FileSystemDataset(fragments, schema, fmt, filesystem).to_table()
         table_from_arrow(con, self.table, rows)
+
+    def merged(self, records: list[dict]) -> dict:
+        return {"from": records[0]["from"], "to": records[-1]["to"], "snapshot": records[0].get("snapshot", False)}
 
     def lag(self) -> int:
         if self.next_version is None:
@@ -435,6 +447,9 @@ class MockSource:
         count = self.rows.num_rows
         taken = self.rows.take(pa.array([i % count for i in range(offsets["start"], offsets["end"])], pa.int64()))
         table_from_arrow(con, self.table, self._parsed(taken) if self.value_format else taken)
+
+    def merged(self, records: list[dict]) -> dict:
+        return {"start": records[0]["start"], "end": records[-1]["end"]}
 
     def _parsed(self, rows: pa.Table) -> pa.Table:
         schema = self.value_schema
