@@ -279,16 +279,21 @@ class Executor:
             raise ExecutionError(f"stream {draft.name}: started already; a stream script has one save append of its tables")
         if stmt.mode != statements.APPEND:
             raise ExecutionError(f"stream {draft.name}: save {stmt.mode} {table}: a stream adds each micro-batch, so it needs save append")
+        self.streams.refuse_running(draft.name)
         query = start_stream(
             draft, table, fmt, path, options, stmt.partition_by, self.db, self.registry, lake_root=self._lake_root(),
             on_batch=self.echo if self.streams.progress else None, echo=self.echo,
         )
-        if query.trigger.once:
-            self.streams.remember(query)
-            query.run()
-            self._notice = f"stream {draft.name} ran once: {query.batches} batches, {query.rows:,} rows into {query.sink.description()}"
-            return
-        self.streams.start(query)
+        try:
+            if query.trigger.once:
+                self.streams.remember(query)
+                query.run()
+                self._notice = f"stream {draft.name} ran once: {query.batches} batches, {query.rows:,} rows into {query.sink.description()}"
+                return
+            self.streams.start(query)
+        except BaseException:
+            query.checkpoint.release()  # its checkpoint claimed as the query was made: free for the next run
+            raise
         self._notice = (
             f"stream {draft.name} started: {query.source.description()} into {query.sink.description()}; "
             f"!streams shows it, !kill stream {draft.name} stops it"

@@ -7,8 +7,11 @@ tests/test_notebooks.py, ``rayudf run`` on a stream script in tests/test_cli.py.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -145,6 +148,22 @@ def test_file_sinks_write_one_part_file_per_batch(session, wsum, tmp_path, fmt):
     reader = {"parquet": "read_parquet", "csv": "read_csv", "json": "read_json"}[fmt]
     back = session.con.execute(f"select id, p from {reader}('{out}/*.{fmt}') order by id").df()
     pd.testing.assert_frame_equal(back, expected(*frames), check_dtype=False)
+
+
+def test_a_file_sink_on_another_filesystem_than_the_checkpoint(session, wsum, tmp_path):
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem here")
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    frames = [drop(incoming, "f0.parquet", 0)]
+    ck = Path(tempfile.mkdtemp(dir=other))  # staging in the checkpoint: a rename into the sink would cross devices
+    try:
+        session.run(scoring_stream("crossing", incoming, f"parquet.`{out}`", ck))
+    finally:
+        shutil.rmtree(ck)
+    assert [p.name.startswith("part-00000-") for p in out.iterdir()] == [True]  # no hidden copy left beside it
+    back = session.con.execute(f"select id, p from read_parquet('{out}/*.parquet') order by id").df()
+    pd.testing.assert_frame_equal(back, expected(*frames))
 
 
 def test_a_partitioned_parquet_sink_names_each_batchs_files_by_it(session, wsum, tmp_path):
@@ -304,7 +323,63 @@ def test_on_bad_file_skip_records_the_file_and_goes_on(session, wsum, tmp_path):
     assert [s["file"] for s in offsets["skipped"]] == [str(incoming / "f1.parquet")]
 
 
+def test_a_removed_file_of_a_batch_that_never_committed_is_left_out_when_it_runs_again(session, wsum, tmp_path):
+    incoming, lake, ck = tmp_path / "in", tmp_path / "scores", tmp_path / "ck"
+    script = scoring_stream("removed", incoming, f"delta.`{lake}`", ck)
+    frames = [drop(incoming, "f0.parquet", 0)]
+    session.run(script)
+    frames.append(drop(incoming, "f1.parquet", 10))
+    removed = incoming / "f2.parquet"  # batch 1 recorded it, then it was removed before the batch committed
+    (ck / "offsets" / "1.json").write_text(json.dumps({"files": [str(incoming / "f1.parquet"), str(removed)]}))
+    assert "ran once: 1 batches, 10 rows" in session.run(script).notice
+    pd.testing.assert_frame_equal(delta_rows(lake), expected(*frames))
+    offsets = json.loads((ck / "offsets" / "1.json").read_text())
+    assert offsets["skipped"] == [{"file": str(removed), "reason": "removed before its batch committed"}]
+
+
+def test_a_batch_the_sink_has_is_only_recorded_when_it_runs_again(session, tmp_path):
+    incoming, ck = tmp_path / "in", tmp_path / "ck"
+    frames = [drop(incoming, f"f{i}.parquet", 10 * i) for i in range(2)]
+    script = scoring_stream("recorded", incoming, "table.`recorded_out`", ck).replace("wsum(a, b)", "a")
+    session.run(script)
+    (ck / "commits" / "0.json").unlink()  # as a crash leaves it after the sink's commit, before the checkpoint's
+    (incoming / "f0.parquet").unlink()  # and the input is gone since: it is not read again
+    assert "ran once: 0 batches" in session.run(script).notice
+    ids = session.con.execute("select id from recorded_out order by id").fetchall()
+    assert ids == [(i,) for i in pd.concat(frames)["id"]]  # each row once
+    assert (ck / "commits" / "0.json").exists()
+
+
 # -- what is refused, clearly ---------------------------------------------------------------
+
+
+def test_a_checkpoint_in_use_is_refused_before_anything_of_it_is_read(session, tmp_path):
+    incoming, ck = tmp_path / "in", tmp_path / "ck"
+    drop(incoming, "f0.parquet", 0)
+    script = scoring_stream("held", incoming, "table.`held_out`", ck, 'duration="0.1"').replace("wsum(a, b)", "a")
+    ck.mkdir()
+    holder = os.open(ck / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # another run of it, that has not yet written its metadata
+    try:
+        with pytest.raises(ExecutionError, match="is in use by a running stream"):
+            session.run(script)
+        assert not (ck / "metadata.json").exists()  # the holder's is to come: none was made here
+        assert session.sql("!streams").query("name == 'held'").empty  # and no stream is left listed as waiting
+    finally:
+        os.close(holder)
+    assert "stream held started" in session.run(script).notice
+    session.sql("!kill stream held")
+
+
+def test_a_once_run_beside_a_running_stream_of_its_name_is_refused_and_the_stream_stays(session, tmp_path):
+    incoming = tmp_path / "in"
+    drop(incoming, "f0.parquet", 0)
+    script = scoring_stream("beside", incoming, "table.`beside_out`", tmp_path / "ck", 'duration="0.1"').replace("wsum(a, b)", "a")
+    session.run(script)
+    with pytest.raises(ExecutionError, match="stream beside is running already"):
+        session.run(script.replace('duration="0.1"', 'trigger="once"'))
+    assert session.sql("!kill stream beside").iloc[0]["state"] == "stopped"  # still listed, and stopped by name
+
 
 
 def test_a_checkpoint_of_another_query_is_refused(session, tmp_path):
@@ -359,16 +434,15 @@ def test_a_script_starts_one_stream(session, tmp_path):
         session.run(script + 'save append scored as table.`twice2` options trigger="once" and checkpointLocation="/x";')
 
 
-def test_a_waiting_file_source_lists_again_only_the_directories_that_changed(tmp_path):
+def test_a_waiting_file_source_lists_again_only_the_directories_that_changed(tmp_path, monkeypatch):
+    from sql_magics.streaming import sources
     from sql_magics.streaming.sources import FileSource
 
+    monkeypatch.setattr(sources, "RELIST_WITHIN_NS", 0)  # the directories were just made: trust their listings at once
     incoming = tmp_path / "in"
     (incoming / "sub").mkdir(parents=True)
     for name in ("a.parquet", "sub/b.parquet"):
         pq.write_table(pa.table({"x": [1]}), incoming / name)
-    past = time.time() - 60
-    for folder in (incoming / "sub", incoming):
-        os.utime(folder, (past, past))  # unchanged for a minute: their listings can be trusted
     source = FileSource("parquet", str(incoming), {}, "t")
     first = source.listing()
     assert first == [str(incoming / "a.parquet"), str(incoming / "sub" / "b.parquet")]
@@ -378,6 +452,76 @@ def test_a_waiting_file_source_lists_again_only_the_directories_that_changed(tmp
     pq.write_table(pa.table({"x": [2]}), incoming / "sub" / "c.parquet")
     assert source.listing() == [*first, str(incoming / "sub" / "c.parquet")]
     assert source._listed[str(incoming)] == listed[str(incoming)]  # only sub/ was listed again
+
+
+def test_a_directory_whose_mtime_is_set_back_is_listed_again(tmp_path):
+    from sql_magics.streaming.sources import FileSource
+
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    pq.write_table(pa.table({"x": [1]}), incoming / "a.parquet")
+    past = time.time() - 60
+    os.utime(incoming, (past, past))
+    source = FileSource("parquet", str(incoming), {}, "t")
+    assert source.listing() == [str(incoming / "a.parquet")]
+    pq.write_table(pa.table({"x": [2]}), incoming / "b.parquet")
+    os.utime(incoming, (past, past))  # as tar x, cp -a or touch -r leave it: the mtime the listing saw
+    assert source.listing() == [str(incoming / "a.parquet"), str(incoming / "b.parquet")]
+
+
+def test_a_glob_reads_the_files_of_the_directories_it_matches_but_not_hidden_ones(tmp_path):
+    from sql_magics.streaming.sources import FileSource
+
+    for name in ("2024-01/a.parquet", "2024-02/deep/b.parquet", "2024-03/_temporary/c.parquet", "2023-12/d.parquet"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"x": [1]}), tmp_path / name)
+    matched = FileSource("parquet", str(tmp_path / "2024-*"), {}, "t").listing()
+    assert sorted(matched) == [str(tmp_path / "2024-01" / "a.parquet"), str(tmp_path / "2024-02" / "deep" / "b.parquet")]
+    deep = FileSource("parquet", str(tmp_path / "**" / "*.parquet"), {}, "t").listing()
+    assert str(tmp_path / "2024-03" / "_temporary" / "c.parquet") not in deep and len(deep) == 3
+
+
+def test_once_reads_what_is_there_when_it_starts(session, tmp_path):
+    from sql_magics.streaming.sources import DeltaSource, FileSource
+
+    incoming = tmp_path / "in"
+    drop(incoming, "f0.parquet", 0)
+    files = FileSource("parquet", str(incoming), {"maxFilesPerTrigger": "1"}, "t")
+    files.until_now()
+    drop(incoming, "f1.parquet", 10)  # a producer that goes on writing
+    assert [Path(f).name for f in files.next_input(session.con)["files"]] == ["f0.parquet"]
+    assert files.next_input(session.con) is None
+
+    table = tmp_path / "events"
+    write_deltalake(str(table), pa.table({"id": [1]}))
+    versions = DeltaSource(str(table), {"mode": "path", "startingVersion": "0"}, "t", root=None)
+    versions.until_now()
+    write_deltalake(str(table), pa.table({"id": [2]}), mode="append")
+    assert versions.next_input(session.con) == {"from": 0, "to": 0} and versions.next_input(session.con) is None
+
+    session.con.execute("create or replace table cycled as select range as id from range(5)")
+    result = session.run(f"""
+set streamName="cycling";
+load mockStream.`cycled` options stepSizeRange="1-2" and recycle="true" as events;
+select id from events as ids;
+save append ids as table.`cycled_out` options trigger="once" and checkpointLocation="{tmp_path / 'ck'}";
+""")  # recycling never runs dry: once sends the table once
+    assert "ran once" in result.notice
+    assert session.con.execute("select id from cycled_out order by id").fetchall() == [(i,) for i in range(5)]
+
+
+def test_a_file_sources_schema_goes_with_the_batch_that_first_read_it(session, tmp_path):
+    from sql_magics.streaming.sources import BadFileError, FileSource
+
+    incoming = tmp_path / "in"
+    drop(incoming, "f0.parquet", 0)
+    first = FileSource("parquet", str(incoming), {}, "t").next_input(session.con)
+    assert [name for name, _ in first["schema"]] == ["id", "a", "b", "key"]
+    restarted = FileSource("parquet", str(incoming), {}, "t")
+    restarted.resume([(0, first)])  # as after a crash before the batch committed: the checkpoint's record
+    pq.write_table(pa.table({"id": [1], "other": ["x"]}), incoming / "f1.parquet")
+    with pytest.raises(BadFileError, match="f1.parquet: its columns are"):
+        restarted.next_input(session.con)
 
 
 def test_stream_sources_outside_a_stream_script_say_what_they_need(session):

@@ -107,7 +107,7 @@ def run(script: Path, sets: tuple[str, ...], ray_address: str | None, limit: int
                 click.echo(f"... {len(frame)} rows, {limit} shown")
         elif result.notice:
             click.echo(result.notice)
-        if session.streams.running():
+        if session.streams.running() or session.streams.failed():  # one may have failed already
             _run_streams(session.streams)
 
 

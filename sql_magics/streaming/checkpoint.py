@@ -42,6 +42,52 @@ def _write_json(path: Path, value: dict) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make the renames into ``directory`` outlast a power cut (fsync of the directory itself)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _claim(path: Path) -> int:
+    """The descriptor holding the lock of the checkpoint at ``path``: another run of it, here or in
+    another process, is refused until this one stops (the kernel drops the lock of a killed process)."""
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ExecutionError(
+            f"checkpointLocation {path} is in use by a running stream (pid {holder}); stop that one first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _metadata(path: Path, identity: dict) -> dict:
+    """metadata.json of the checkpoint at ``path``, written for this query if there is none; refused if another query's."""
+    meta_path = path / "metadata.json"
+    if not meta_path.exists():
+        metadata = {**{k: identity.get(k) for k in IDENTITY}, "id": uuid.uuid4().hex}
+        _write_json(meta_path, metadata)
+        return metadata
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ExecutionError(f"checkpointLocation {path}: metadata.json is unreadable ({err})") from None
+    theirs = {k: metadata.get(k) for k in IDENTITY}
+    ours = {k: identity.get(k) for k in IDENTITY}
+    if theirs != ours:
+        what = "; ".join(f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in IDENTITY if theirs[k] != ours[k])
+        raise ExecutionError(f"checkpointLocation {path} belongs to another query ({what}); give this stream a checkpoint of its own")
+    return metadata
 
 
 def _batches(directory: Path) -> dict[int, Path]:
@@ -53,54 +99,33 @@ class Checkpoint:
 
     def __init__(self, path: Path, metadata: dict) -> None:
         self.path = path
-        self.metadata = metadata  # the query's id and identity (IDENTITY), and its source's schema once known
+        self.metadata = metadata  # the query's id and identity (IDENTITY)
         self._offsets = path / "offsets"
         self._commits = path / "commits"
         self._lock: int | None = None  # the descriptor holding the lock while the query runs
 
     @classmethod
     def open(cls, location: str | os.PathLike, identity: dict) -> Checkpoint:
-        """The checkpoint at ``location``, made for this query if new; one made by another query is refused."""
+        """The checkpoint at ``location``, made for this query if new, its lock held (:meth:`claim`):
+        what it records is read only by the run that may write it. One made by another query is refused."""
         path = Path(location).expanduser().resolve()
-        meta_path = path / "metadata.json"
-        if meta_path.exists():
-            try:
-                metadata = json.loads(meta_path.read_text())
-            except (OSError, ValueError) as err:
-                raise ExecutionError(f"checkpointLocation {path}: metadata.json is unreadable ({err})") from None
-            theirs = {k: metadata.get(k) for k in IDENTITY}
-            ours = {k: identity.get(k) for k in IDENTITY}
-            if theirs != ours:
-                differ = [k for k in IDENTITY if theirs[k] != ours[k]]
-                what = "; ".join(f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in differ)
-                raise ExecutionError(
-                    f"checkpointLocation {path} belongs to another query ({what}); give this stream a checkpoint of its own"
-                )
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            metadata = {**{k: identity.get(k) for k in IDENTITY}, "id": uuid.uuid4().hex}
-            _write_json(meta_path, metadata)
-        for directory in ("offsets", "commits"):
-            (path / directory).mkdir(exist_ok=True)
-        return cls(path, metadata)
+        path.mkdir(parents=True, exist_ok=True)
+        lock = _claim(path)
+        try:
+            metadata = _metadata(path, identity)
+            for directory in ("offsets", "commits"):
+                (path / directory).mkdir(exist_ok=True)
+        except BaseException:
+            os.close(lock)
+            raise
+        checkpoint = cls(path, metadata)
+        checkpoint._lock = lock
+        return checkpoint
 
     def claim(self) -> None:
-        """Hold the checkpoint's lock while the query runs: another run of it, here or in another
-        process, is refused until this one stops (the kernel drops the lock of a killed process)."""
-        if self._lock is not None:
-            return
-        fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ExecutionError(
-                f"checkpointLocation {self.path} is in use by a running stream (pid {holder}); stop that one first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock = fd
+        """Hold the checkpoint's lock again (after :meth:`release`) while the query runs."""
+        if self._lock is None:
+            self._lock = _claim(self.path)
 
     def release(self) -> None:
         if self._lock is not None:
@@ -111,11 +136,6 @@ class Checkpoint:
     def query_id(self) -> str:
         """The query's id, for the sinks' idempotent commits (a Delta transaction's app id, part file names)."""
         return self.metadata["id"]
-
-    def remember(self, key: str, value: object) -> None:
-        """Keep ``value`` in metadata.json (the source's schema, once its first file is read)."""
-        self.metadata[key] = value
-        _write_json(self.path / "metadata.json", self.metadata)
 
     def offsets(self) -> list[tuple[int, dict]]:
         """Every batch's input so far, in batch order."""

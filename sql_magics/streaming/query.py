@@ -144,11 +144,15 @@ class StreamQuery:
         self.registry = registry
         self.on_batch = on_batch  # called with one progress line per batch (rayudf run prints it)
         identity = {"name": self.name, "source": self.source.description(), "sink": sink.description()}
-        self.checkpoint = Checkpoint.open(checkpoint, identity)
-        if isinstance(self.source, FileSource):
-            self.source.skip_bad = trigger.skip_bad
-            self.source.schema = self.checkpoint.metadata.get("schema")
-        self.source.resume(self.checkpoint.offsets())
+        self.checkpoint = Checkpoint.open(checkpoint, identity)  # its lock held until the run ends (or release())
+        try:
+            if isinstance(self.source, FileSource):
+                self.source.skip_bad = trigger.skip_bad
+                self.source.schema = self.checkpoint.metadata.get("schema")  # where checkpoints before 2026-12 kept it
+            self.source.resume(self.checkpoint.offsets())
+        except BaseException:
+            self.checkpoint.release()
+            raise
         self.state = WAITING
         self.batches = 0  # batches committed by this run of the stream
         self.rows = 0  # rows those batches committed
@@ -162,7 +166,6 @@ class StreamQuery:
     # -- control --------------------------------------------------------------------
 
     def start(self) -> None:
-        self.checkpoint.claim()  # here, so that a checkpoint in use is refused to the statement, not in the thread
         self._thread = threading.Thread(target=self._background, name=f"rayudf-stream-{self.name}", daemon=True)
         self._thread.start()
 
@@ -185,9 +188,11 @@ class StreamQuery:
         """The loop: a pending batch first (a restart), then new input every ``duration`` seconds until stopped."""
         try:
             self.checkpoint.claim()
+            if self.trigger.once:
+                self.source.until_now()
             pending = self.checkpoint.pending()
             if pending is not None:
-                self._batch(*pending)
+                self._batch(*pending, pending=True)
             while not self._stop.is_set():
                 tick = time.monotonic()
                 with self.db.exclusive():
@@ -205,6 +210,7 @@ class StreamQuery:
                 reached("offsets_written", batch)
                 self._batch(batch, offsets)
                 if not self.trigger.once:
+                    self.state = WAITING
                     self._stop.wait(max(0.0, self.trigger.duration - (time.monotonic() - tick)))
             self.state = FINISHED if self.trigger.once and not self._stop.is_set() else STOPPED
         except BaseException as err:
@@ -213,10 +219,14 @@ class StreamQuery:
         finally:
             self.checkpoint.release()
 
-    def _batch(self, batch: int, offsets: dict) -> None:
-        """Run one micro-batch and commit it: input recorded already, output staged, sink, commit recorded."""
+    def _batch(self, batch: int, offsets: dict, *, pending: bool = False) -> None:
+        """Run one micro-batch and commit it: input recorded already, output staged, sink, commit recorded.
+        A ``pending`` batch (one a crash cut short) that the sink has already is only recorded."""
         self.state = RUNNING
         started = time.monotonic()
+        if pending and self.sink.has(self.db, batch, self.checkpoint.query_id):
+            self.checkpoint.write_commit(batch, {"rows": None})  # its input may have gone since: not read again
+            return
         staged = self.checkpoint.staging(batch) / "batch.parquet"
         with self.db.exclusive(), self.registry.statement():
             rows, offsets = self._stage(batch, offsets, staged)
@@ -224,8 +234,6 @@ class StreamQuery:
             if rows or (self.trigger.complete and staged.exists()):  # Complete: an empty result replaces the last
                 self.sink.commit(self.db, staged, batch, self.checkpoint.query_id)
             reached("sink_committed", batch)
-        if isinstance(self.source, FileSource) and self.source.schema and "schema" not in self.checkpoint.metadata:
-            self.checkpoint.remember("schema", self.source.schema)
         self.checkpoint.write_commit(batch, {"rows": rows})
         reached("batch_committed", batch)
         self.checkpoint.clear_staging(batch)
@@ -238,6 +246,9 @@ class StreamQuery:
     def _stage(self, batch: int, offsets: dict, staged) -> tuple[int, dict]:
         """The batch's rows of the saved table, written to ``staged``: how many, and the batch's input. A
         file that fails the batch is named (and with on_bad_file="skip", recorded and left out of a second try)."""
+        if isinstance(self.source, FileSource) and (left := self.source.gone(offsets)) is not offsets:
+            offsets = left
+            self.checkpoint.write_offsets(batch, offsets)  # nothing of the batch is committed: its input may change
         selected = self._input(batch, offsets)
         if isinstance(self.source, FileSource) and not selected.get("files"):
             return 0, offsets  # every file was bad and skipped
@@ -250,6 +261,7 @@ class StreamQuery:
             if not self.trigger.skip_bad:
                 raise bad from None
             offsets = {
+                **offsets,
                 "files": [f for f in offsets["files"] if f != bad.path],
                 "skipped": [*offsets.get("skipped", []), {"file": bad.path, "reason": bad.reason}],
             }

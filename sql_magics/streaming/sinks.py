@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 
 from arrow_bridge.quoting import quote_identifier, quote_literal
 from sql_magics.errors import ExecutionError
+from sql_magics.streaming.checkpoint import sync_directory
 from sql_magics.streaming.faults import reached
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import relation_kind
@@ -49,6 +51,10 @@ CONSOLE_ROWS = 20
 class Sink(Protocol):
     def description(self) -> str:
         """Where the batches go, as the checkpoint's identity of it: ``delta:/lake/db/t``."""
+        ...
+
+    def has(self, db: Database, batch: int, query_id: str) -> bool:
+        """Whether batch ``batch`` of query ``query_id`` is committed here (False where the sink cannot tell)."""
         ...
 
     def commit(self, db: Database, staged: Path, batch: int, query_id: str) -> None:
@@ -102,9 +108,12 @@ class DeltaSink:
     def description(self) -> str:
         return f"delta:{self.location.path}"
 
-    def commit(self, db: Database, staged: Path, batch: int, query_id: str) -> None:
+    def has(self, db: Database, batch: int, query_id: str) -> bool:
         done = lake.transaction_version(self.location, query_id)
-        if done is not None and done >= batch:
+        return done is not None and done >= batch
+
+    def commit(self, db: Database, staged: Path, batch: int, query_id: str) -> None:
+        if self.has(db, batch, query_id):
             return  # committed before a crash stopped the stream from recording it
         rows = ds.dataset(str(staged)).to_table()
         lake.write(
@@ -125,6 +134,9 @@ class FileSink:
     def description(self) -> str:
         return f"{self.fmt}:{self.path}"
 
+    def has(self, db: Database, batch: int, query_id: str) -> bool:
+        return False  # its part files may be only some of the batch's: a re-run replaces them
+
     def commit(self, db: Database, staged: Path, batch: int, query_id: str) -> None:
         prefix = f"part-{batch:05d}-{query_id[:8]}"
         out = staged.parent / "out"
@@ -144,8 +156,31 @@ class FileSink:
         for made in sorted(p for p in out.rglob("*") if p.is_file()):
             target = self.path / made.relative_to(out)
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(made, target)
+            _move(made, target)
             reached("sink_file_moved", batch)
+
+
+def _move(made: Path, target: Path) -> None:
+    """Put ``made`` at ``target`` whole, by rename, its bytes on disk before its name (so a power cut
+    leaves the whole file or none); from another filesystem (the checkpoint's), through a hidden copy
+    beside ``target``."""
+    _sync_file(made)
+    try:
+        os.replace(made, target)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        hidden = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(made, hidden)
+        _sync_file(hidden)
+        os.replace(hidden, target)
+        made.unlink()
+    sync_directory(target.parent)
+
+
+def _sync_file(path: Path) -> None:
+    with open(path, "rb") as written:
+        os.fsync(written.fileno())
 
 
 class TableSink:
@@ -156,6 +191,12 @@ class TableSink:
     def description(self) -> str:
         return f"table:{self.name}"
 
+    def has(self, db: Database, batch: int, query_id: str) -> bool:
+        with db.exclusive():
+            if relation_kind(db.con, COMMITS_TABLE) != "table":
+                return False
+            return bool(db.con.execute(f"SELECT 1 FROM {COMMITS_TABLE} WHERE query_id = ? AND batch = ?", [query_id, batch]).fetchall())
+
     def commit(self, db: Database, staged: Path, batch: int, query_id: str) -> None:
         con = db.con
         rows = f"SELECT * FROM read_parquet({quote_literal(str(staged))})"
@@ -163,7 +204,7 @@ class TableSink:
             con.execute(f"CREATE TABLE IF NOT EXISTS {COMMITS_TABLE} (query_id VARCHAR, batch BIGINT)")
             con.execute("BEGIN TRANSACTION")
             try:
-                if con.execute(f"SELECT 1 FROM {COMMITS_TABLE} WHERE query_id = ? AND batch = ?", [query_id, batch]).fetchall():
+                if self.has(db, batch, query_id):
                     con.execute("ROLLBACK")
                     return
                 if relation_kind(con, self.name) == "table" and not self.complete:
@@ -188,6 +229,9 @@ class ConsoleSink:
 
     def description(self) -> str:
         return CONSOLE_FORMAT
+
+    def has(self, db: Database, batch: int, query_id: str) -> bool:
+        return False  # it keeps nothing: a re-run batch prints again
 
     def commit(self, db: Database, staged: Path, batch: int, query_id: str) -> None:
         frame = pq.read_table(staged).slice(0, self.rows).to_pandas()

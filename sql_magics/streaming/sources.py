@@ -51,6 +51,9 @@ MAX_FILES_PER_TRIGGER = 1000
 # long after that mtime: a file renamed in within a filesystem's timestamp granularity of a
 # listing may leave the directory's mtime as it was.
 RELIST_WITHIN_NS = 2_000_000_000
+# And every directory is listed again this often, whatever its times say: a file server's clock
+# may lag this machine's.
+RELIST_ALL_NS = 30_000_000_000
 MOCK_VALUE_COLUMN = "kafkaValue"
 """With ``valueFormat``, mockStream's rows are the fields of ``value`` plus the other columns in this struct (Byzer's name)."""
 
@@ -94,6 +97,11 @@ class Source(Protocol):
 
     def drained(self) -> bool:
         """After :meth:`next_input` found nothing: whether nothing is left for ``trigger="once"`` (a mock may send 0 rows)."""
+        ...
+
+    def until_now(self) -> None:
+        """From now on read only the input there is now (``trigger="once"``, Spark's available-now), so that a
+        producer that keeps adding, or a mock that recycles, does not keep the run going."""
         ...
 
 
@@ -157,8 +165,9 @@ class FileSource:
         self.seen: set[str] = set()  # every file a batch read (or skipped), absolute
         self.schema: list[list[str]] | None = None  # [[column, type], ...] of the stream's files, from the first file read
         self._waiting = 0  # new files the last listing found beyond those taken
-        self._listed: dict[str, tuple] = {}  # directory -> (its mtime, when listed, files, sub-directories)
+        self._listed: dict[str, tuple] = {}  # directory -> (its ctime, when listed, files, sub-directories)
         self._sorted: list[str] | None = None  # the last listing, oldest first
+        self._until: set[str] | None = None  # trigger="once": the files there when it started
         self.skip_bad = False  # on_bad_file="skip": a bad file is recorded in the batch's offsets and not read
 
     def description(self) -> str:
@@ -168,6 +177,10 @@ class FileSource:
         for _, record in offsets:
             self.seen.update(record.get("files", []))
             self.seen.update(s["file"] for s in record.get("skipped", []))
+            self.schema = self.schema or record.get("schema")
+
+    def until_now(self) -> None:
+        self._until = set(self.listing())
 
     def listing(self) -> list[str]:
         """The data files there now, oldest first (by modification time, then name)."""
@@ -178,33 +191,43 @@ class FileSource:
                 return self._sorted
             self._sorted = [name for _, name in sorted(stamped)]
             return self._sorted
-        else:
-            stamped = []
-            for name in glob.glob(os.path.expanduser(self.path), recursive=True):
-                try:
-                    if os.path.isfile(name) and not _hidden(os.path.basename(name)):
-                        stamped.append((os.stat(name).st_mtime_ns, os.path.abspath(name)))
-                except FileNotFoundError:  # renamed away between the listing and the stat
-                    continue
-        return [name for _, name in sorted(stamped)]
+        fixed = _fixed_part(os.path.expanduser(self.path))
+        found: dict[str, int] = {}  # path -> mtime (a file a matched directory holds may match too)
+        for name in glob.glob(os.path.expanduser(self.path), recursive=True):
+            if any(_hidden(part) for part in Path(os.path.relpath(name, fixed)).parts):
+                continue  # a directory being written (_temporary), or a hidden name, on the way to it
+            try:
+                if os.path.isdir(name):  # a matched directory: the files in it, as Spark reads them
+                    for mtime, path in self._walk(os.path.abspath(name))[0]:
+                        found.setdefault(path, mtime)
+                elif os.path.isfile(name):
+                    found.setdefault(os.path.abspath(name), os.stat(name).st_mtime_ns)
+            except FileNotFoundError:  # renamed away between the listing and the stat
+                continue
+        return [name for _, name in sorted((mtime, path) for path, mtime in found.items())]
 
     def _walk(self, root: str) -> tuple[list[tuple[int, str]], bool]:
         """(mtime, path) of the files under ``root``, and whether a directory was listed again. A
-        directory whose mtime is what it was, well before its last listing, has the same entries:
+        directory whose ctime is what it was, well before its last listing, has the same entries:
         only the others are listed again, so that a stream waiting on a directory of many files
-        looks at it often for little."""
+        looks at it often for little. (The ctime, not the mtime: ``touch -r``, ``tar`` or ``cp -a``
+        can set a directory's mtime back to what it was, nothing sets its ctime.)"""
         found, stack, changed = [], [root], False
+        now = time.time_ns()
         while stack:
             directory = stack.pop()
             try:
-                modified = os.stat(directory).st_mtime_ns
+                modified = os.stat(directory).st_ctime_ns
             except FileNotFoundError:
                 changed = True
                 continue
             cached = self._listed.get(directory)
-            if cached is None or cached[0] != modified or cached[1] - modified < RELIST_WITHIN_NS:
+            if (
+                cached is None or cached[0] != modified or cached[1] - modified < RELIST_WITHIN_NS
+                or now - cached[1] > RELIST_ALL_NS
+            ):
                 known = cached[2] if cached is not None else {}
-                cached = (modified, time.time_ns(), *self._scan(directory, known))
+                cached = (modified, now, *self._scan(directory, known))
                 self._listed[directory] = cached
                 changed = True
             found += [(mtime, path) for path, mtime in cached[2].items()]
@@ -234,8 +257,9 @@ class FileSource:
         return files, subdirectories
 
     def next_input(self, con: duckdb.DuckDBPyConnection) -> dict | None:
-        new = [f for f in self.listing() if f not in self.seen]
+        new = [f for f in self.listing() if f not in self.seen and (self._until is None or f in self._until)]
         taken, self._waiting = new[: self.max_files], max(0, len(new) - self.max_files)
+        known = self.schema is not None
         files, skipped = [], []
         for path in taken:
             try:
@@ -249,7 +273,12 @@ class FileSource:
         if not files and not skipped:
             return None
         self.seen.update(taken)
-        return {"files": files, "skipped": skipped} if skipped else {"files": files}
+        record: dict = {"files": files}
+        if skipped:
+            record["skipped"] = skipped
+        if self.schema is not None and not known:  # the first file read: the stream's columns, kept with the batch
+            record["schema"] = self.schema
+        return record
 
     def _columns(self, con: duckdb.DuckDBPyConnection, path: str) -> list[list[str]]:
         with con.cursor() as cursor:
@@ -292,6 +321,28 @@ class FileSource:
     def drained(self) -> bool:
         return True  # asked when next_input found nothing: no file waits
 
+    def gone(self, offsets: dict) -> dict:
+        """``offsets`` without the files removed since they were recorded (a batch that never
+        committed re-runs without them, each recorded as skipped)."""
+        missing = [f for f in offsets.get("files", []) if not os.path.exists(f)]
+        if not missing:
+            return offsets
+        return {
+            **offsets,
+            "files": [f for f in offsets["files"] if f not in missing],
+            "skipped": [*offsets.get("skipped", []), *({"file": f, "reason": "removed before its batch committed"} for f in missing)],
+        }
+
+
+def _fixed_part(pattern: str) -> str:
+    """The directory a glob's matches are under: its parts before the first with a wildcard."""
+    parts = []
+    for part in Path(pattern).parts:
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return os.path.join(*parts) if parts else "."
+
 
 class DeltaSource:
     """The rows a Delta table's new versions append, as Spark's Delta source reads them.
@@ -317,13 +368,19 @@ class DeltaSource:
         self.ignore_changes = options.get("ignoreChanges", "false").lower() == "true"
         self.next_version: int | None = None  # the first version not read yet (None: not started)
         self._table = DeltaTable(str(self.location.path))  # brought up to date at each poll
+        self._until: int | None = None  # trigger="once": the latest version when it started
 
     def description(self) -> str:
         return f"delta:{self.location.path}"
 
     def _latest(self) -> int:
+        if self._until is not None:
+            return self._until
         self._table.update_incremental()
         return self._table.version()
+
+    def until_now(self) -> None:
+        self._until = self._latest()
 
     def resume(self, offsets: list[tuple[int, dict]]) -> None:
         if offsets:
@@ -419,6 +476,7 @@ class MockSource:
         if self.value_format and "value" not in rows.column_names:
             raise ExecutionError(f"load {MOCK_FORMAT}: valueFormat parses a value column, and {name} has none")
         self.position = 0  # rows sent so far
+        self.end: int | None = None if self.recycle else rows.num_rows  # the position it stops at (None: never)
         self._random = random.Random()
 
     def description(self) -> str:
@@ -429,15 +487,19 @@ class MockSource:
             self.position = offsets[-1][1]["end"]
 
     def drained(self) -> bool:
-        """Whether every row was sent once (a recycling mock: the table once), for ``trigger="once"``."""
-        return self.position >= self.rows.num_rows
+        """Whether every row was sent (after :meth:`until_now`, a recycling mock: the table once more)."""
+        return self.end is not None and self.position >= self.end
+
+    def until_now(self) -> None:
+        if self.end is None:
+            self.end = self.position + self.rows.num_rows
 
     def next_input(self, con: duckdb.DuckDBPyConnection) -> dict | None:
-        if self.rows.num_rows == 0 or (self.drained() and not self.recycle):
+        if self.rows.num_rows == 0 or self.drained():
             return None
         step = self._random.randint(self.low, self.high)
-        if not self.recycle:
-            step = min(step, self.rows.num_rows - self.position)
+        if self.end is not None:
+            step = min(step, self.end - self.position)
         if step == 0:
             return None
         start, self.position = self.position, self.position + step

@@ -31,18 +31,33 @@ class Streams:
         self._lock = threading.Lock()
         self.progress = False  # whether each batch prints a progress line (rayudf run); !streams shows them anyway
 
+    def refuse_running(self, name: str) -> None:
+        """Raise if a stream named ``name`` runs: a second one is refused."""
+        with self._lock:
+            self._refuse_running(name)
+
+    def _refuse_running(self, name: str) -> None:
+        old = self._queries.get(name)
+        if old is not None and old.alive():
+            raise ExecutionError(f"stream {name} is running already (!kill stream {name} stops it)")
+
     def start(self, query: StreamQuery) -> None:
         """Run ``query`` in the background; a stream of the same name must not be running."""
         with self._lock:
-            old = self._queries.get(query.name)
-            if old is not None and old.alive():
-                raise ExecutionError(f"stream {query.name} is running already (!kill stream {query.name} stops it)")
+            self._refuse_running(query.name)
             self._queries[query.name] = query
-        query.start()
+        try:
+            query.start()
+        except BaseException:
+            with self._lock:
+                self._queries.pop(query.name, None)
+            raise
 
     def remember(self, query: StreamQuery) -> None:
-        """Keep a stream that ran in the foreground (trigger="once"), for !streams."""
+        """Keep a stream that runs in the foreground (trigger="once"), for !streams; one of the same
+        name must not be running."""
         with self._lock:
+            self._refuse_running(query.name)
             self._queries[query.name] = query
 
     def running(self) -> list[StreamQuery]:
