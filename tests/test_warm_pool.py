@@ -30,8 +30,9 @@ def spare_pids(session, count: int, timeout_s: float = 120.0) -> list[int]:
     while time.monotonic() < deadline:
         pool = pool_of(session)  # a session warming ahead of need starts it in the background
         spares = [] if pool is None else ray.get(pool.spares.remote())
-        if len(spares) >= count:
-            return [s["pid"] for s in ray.get([h.stats.remote() for h in spares])]  # answered once imports are done
+        stats = ray.get([h.stats.remote() for h in spares])
+        if sum(s["imported"] for s in stats) >= count:
+            return [s["pid"] for s in stats if s["imported"]]
         time.sleep(0.5)
     raise AssertionError(f"no {count} spares after {timeout_s:.0f} s")
 
@@ -117,6 +118,39 @@ def test_a_new_session_warms_spares_before_its_first_registration(ray_cluster, k
         scored = fresh.sql("select warm_ahead(v) as p from (select unnest($v) as v)", parameters={"v": pixels[:20].tolist()})
         np.testing.assert_allclose(np.array(scored["p"].tolist()), model.predict(pixels[:20], verbose=0), atol=1e-5)
     assert all(gone(pid) for pid in spares)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="leaving SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE (else a spare finishes idly)")
+@pytest.mark.parametrize(("wanted", "policy"), [(False, "SCHED_IDLE"), (True, "SCHED_OTHER")])
+def test_a_spare_imports_idly_until_a_model_waits_for_its_imports(tmp_path, monkeypatch, wanted, policy):
+    from udf_engine.actors.worker import IdleImports
+
+    module = f"slow_framework_{policy.lower()}"
+    (tmp_path / f"{module}.py").write_text("import os, time\ntime.sleep(0.5)\nPOLICY = os.sched_getscheduler(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imports = IdleImports([module])
+    time.sleep(0.1)  # the import has begun, idly
+    if wanted:
+        imports.finish()  # while it sleeps: a model waits for it
+    else:
+        while not imports.done:
+            time.sleep(0.05)
+    import importlib
+
+    assert importlib.import_module(module).POLICY == getattr(os, policy)
+
+
+def test_a_spare_whose_framework_does_not_import_says_so_when_a_model_loads(ray_cluster):
+    from udf_engine.actors.warm_pool import WorkerKind, worker_actor
+    from udf_engine.resources import WorkerResources
+
+    kind = WorkerKind(("no_such_framework",), WorkerResources(num_cpus=WORKER_CPUS))
+    spare = worker_actor(kind).remote(imports=kind.imports)
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError, match="No module named 'no_such_framework'"):
+            ray.get(spare.load.remote("w0", lambda refs, conf: None, lambda model, batch: batch, [], {}), timeout=60)
+    finally:
+        ray.kill(spare)
 
 
 def test_warm_names_a_framework_or_none():

@@ -76,39 +76,71 @@ def limit_math_threads(threads: int) -> None:
     threadpool_limits(threads)  # pools numpy already started ignore the env vars
 
 
-def _import_idly(modules: Sequence[str]) -> None:
-    """Import ``modules`` on a thread that runs only when the cores are otherwise idle (Linux's
-    SCHED_IDLE, which a thread may take without privileges; elsewhere the imports run as they are).
+class IdleImports:
+    """Imports ``modules`` on a thread that runs only when the cores are otherwise idle (Linux's
+    SCHED_IDLE, which a thread may take without privileges; elsewhere the imports run as they are),
+    until :meth:`finish` wants them: then at normal priority.
 
     A warm spare imports its framework ahead of need this way, so a running statement does not slow
-    down. Lowering the niceness would not do: Ray already runs every worker at niceness 15, the
-    busy ones too. The worker's own thread keeps its priority for the model it loads later.
-    """
-    failed: list[BaseException] = []
+    down, and a registration that takes the spare before its imports are done does not wait behind
+    other spares importing idly. Lowering the niceness would not do: Ray already runs every worker
+    at niceness 15, the busy ones too. The worker's own thread keeps its priority for the model it
+    loads later.
 
-    def run() -> None:
-        try:
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):  # not Linux: import all the same
-            pass
+    Example:
+        >>> imports = IdleImports(["json"])
+        >>> imports.finish()
+        >>> imports.done
+        True
+    """
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self._failed: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._thread_id: int | None = None
+        self._wanted = False  # finish() was called: no idling from then on
+        self._thread = threading.Thread(target=self._run, args=(tuple(modules),), name="rayudf-spare-imports", daemon=True)
+        self._thread.start()
+
+    def _run(self, modules: tuple[str, ...]) -> None:
+        with self._lock:
+            self._thread_id = threading.get_native_id()
+            if not self._wanted:
+                _set_policy(self._thread_id, "SCHED_IDLE")
         try:
             for module in modules:
                 importlib.import_module(module)
-        except BaseException as err:  # noqa: BLE001 - raised again in the worker's own thread
-            failed.append(err)
+        except BaseException as err:  # noqa: BLE001 - raised again by finish(), in the worker's own thread
+            self._failed.append(err)
 
-    importer = threading.Thread(target=run, name="rayudf-spare-imports")
-    importer.start()
-    importer.join()
-    if failed:
-        raise failed[0]
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def finish(self) -> None:
+        """Wait for the imports, raised to normal priority; raise what they raised."""
+        with self._lock:
+            self._wanted = True
+            if self._thread_id is not None and self._thread.is_alive():
+                _set_policy(self._thread_id, "SCHED_OTHER")
+        self._thread.join()
+        if self._failed:
+            raise self._failed[0]
+
+
+def _set_policy(thread_id: int, policy: str) -> None:
+    try:
+        os.sched_setscheduler(thread_id, getattr(os, policy), os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux, or not allowed back from SCHED_IDLE (RLIMIT_NICE): as it is
+        pass
 
 
 class UDFWorker:
     """Holds one loaded model; ``apply`` scores a batch, ``stats`` reports its counters.
 
     Started without a model (``init_func`` None) it is a warm spare (udf_engine.actors.warm_pool):
-    it imports ``imports`` (the model's framework) at once, and ``load`` gives it its model later.
+    it imports ``imports`` (the model's framework) in the background (:class:`IdleImports`), and
+    ``load`` gives it its model later, once they are done.
     """
 
     def __init__(
@@ -125,8 +157,9 @@ class UDFWorker:
         self._threads: int | None = None  # the math threads a model runs with (set as it loads)
         self._forget()
         self._id, self._apply_func = worker_id, apply_func
+        self._imports: IdleImports | None = None  # a spare's framework, importing
         if init_func is None:
-            _import_idly(imports)
+            self._imports = IdleImports(imports)
         else:
             for module in imports:
                 importlib.import_module(module)
@@ -170,6 +203,9 @@ class UDFWorker:
         self._on_error = settings.on_error
         started = time.perf_counter()
         try:
+            if self._imports is not None:
+                self._imports.finish()  # a spare taken while it still imports its framework
+                started = time.perf_counter()  # load_s: the model's own
             self._model = init_func(model_refs, {**conf, MATH_THREADS: self._threads})
         except BaseException as err:  # noqa: BLE001 - reported by ready(), so the master sees the real cause
             self._init_error = err
@@ -257,4 +293,5 @@ class UDFWorker:
             "batch_running_s": None if started is None else time.perf_counter() - started,
             "errors": self._errors,
             "load_s": self._load_s,
+            "imported": self._imports is None or self._imports.done,  # a spare's framework, imported
         }
