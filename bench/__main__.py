@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sql_magics import Session
     from udf_engine import NAMESPACE
+    from udf_engine.ray_runtime import LOCAL_SYSTEM_CONFIG
 
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     work = args.workdir
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # Twice the cores as logical CPUs: idle registered workers must not stop Ray Data's
     # actors from being placed; only running ones use the cores.
-    ray.init(num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    ray.init(
+        num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False,
+        _system_config=LOCAL_SYSTEM_CONFIG,  # as a Ray rayudf starts
+    )
     model = keras.models.load_model(model_path, compile=False)
     t = Timings()
     results: dict[str, float] = {}

@@ -32,8 +32,9 @@ def ray_cluster():
     import ray
 
     from udf_engine import NAMESPACE
+    from udf_engine.ray_runtime import LOCAL_SYSTEM_CONFIG
 
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
     yield ray
     ray.shutdown()
 
