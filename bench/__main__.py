@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import duckdb
 
 from bench import contenders as c
-from bench.data import build_model, export_onnx, write_table
+from bench.data import build_model, export_onnx, start_ray, write_table
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from sql_magics import Session
-    from udf_engine import NAMESPACE
-    from udf_engine.ray_runtime import LOCAL_SYSTEM_CONFIG
 
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     work = args.workdir
@@ -97,12 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = build_model(work / f"mlp_{args.width}.keras", width=args.width)
     print(f"table {table} ({table.stat().st_size / 2**20:,.0f} MiB), model {model_path}", flush=True)
 
-    # Twice the cores as logical CPUs: idle registered workers must not stop Ray Data's
-    # actors from being placed; only running ones use the cores.
-    ray.init(
-        num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False,
-        _system_config=LOCAL_SYSTEM_CONFIG,  # as a Ray rayudf starts
-    )
+    start_ray()
     model = keras.models.load_model(model_path, compile=False)
     t = Timings()
     results: dict[str, float] = {}

@@ -1,11 +1,13 @@
-"""The benchmark's data and model: a generated Parquet table of FLOAT[width] rows and a Keras MLP.
+"""The benchmark's data, model and Ray: a generated Parquet table of FLOAT[width] rows, a Keras MLP, the local Ray.
 
 Example:
     >>> path = write_table("/tmp/bench.parquet", rows=1000, width=8)   # doctest: +SKIP
+    >>> start_ray()                                                     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,21 @@ import pyarrow.parquet as pq
 
 # Many row groups, so DuckDB can read (and call the function) from several threads.
 ROW_GROUP = 16_384
+
+
+def start_ray() -> None:
+    """Start the local Ray a benchmark runs on, set as a Ray rayudf starts (LOCAL_SYSTEM_CONFIG), with
+    twice the cores as logical CPUs: idle registered workers must not stop other contenders' actors
+    (Ray Data's, Serve's) from being placed; only running ones use the cores."""
+    import ray
+
+    from udf_engine import NAMESPACE
+    from udf_engine.ray_runtime import LOCAL_SYSTEM_CONFIG
+
+    ray.init(
+        num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False,
+        _system_config=LOCAL_SYSTEM_CONFIG,
+    )
 
 
 def write_table(path: str | Path, *, rows: int, width: int, seed: int = 0, row_group: int = ROW_GROUP) -> Path:

@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from bench.data import build_model
+from bench.data import build_model, start_ray
 
 # The coalescing options every contender that coalesces gets (rayudf's defaults).
 MAX_BATCH_SIZE = 32
@@ -249,8 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from sql_magics import Session
-    from udf_engine import NAMESPACE
-    from udf_engine.ray_runtime import LOCAL_SYSTEM_CONFIG
 
     command = " ".join(["python -m bench.serving", *(argv if argv is not None else sys.argv[1:])])
     work = args.workdir
@@ -259,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "keras": lambda: (build_model(work / "mlp_784.keras", width=784), 784),
     }
     models = {kind: builds[kind]() for kind in args.models.split(",")}
-    ray.init(
-        num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False,
-        _system_config=LOCAL_SYSTEM_CONFIG,  # as a Ray rayudf starts
-    )
+    start_ray()
     session = Session(warm="none")
     port = _free_port()
     for kind, (path, _) in models.items():

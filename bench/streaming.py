@@ -32,7 +32,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.data import build_model, write_table
+from bench.data import build_model, start_ray, write_table
 
 WIDTH = 784
 ROW_GROUP = 1024  # several row groups a file, so one file's batch is shared by both workers
@@ -142,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from sql_magics import Session
-    from udf_engine import NAMESPACE
-    from udf_engine.ray_runtime import LOCAL_SYSTEM_CONFIG
 
     command = " ".join(["python -m bench.streaming", *(argv if argv is not None else sys.argv[1:])])
     work = args.workdir
@@ -153,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     small = [write_table(work / "small" / f"one-{i:03d}.parquet", rows=args.latency_rows, width=WIDTH, seed=100 + i)
              for i in range(args.latency_files)]
     total = args.files * args.rows
-    ray.init(
-        num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False,
-        _system_config=LOCAL_SYSTEM_CONFIG,  # as a Ray rayudf starts
-    )
+    start_ray()
     session = Session(warm="none")
     session.register_model(FUNCTION, model, workers=2)
     bench = Bench(session, work)

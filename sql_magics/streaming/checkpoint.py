@@ -106,7 +106,7 @@ class Checkpoint:
 
     @classmethod
     def open(cls, location: str | os.PathLike, identity: dict) -> Checkpoint:
-        """The checkpoint at ``location``, made for this query if new, its lock held (:meth:`claim`):
+        """The checkpoint at ``location``, made for this query if new, its lock held until :meth:`release`:
         what it records is read only by the run that may write it. One made by another query is refused."""
         path = Path(location).expanduser().resolve()
         path.mkdir(parents=True, exist_ok=True)
@@ -121,11 +121,6 @@ class Checkpoint:
         checkpoint = cls(path, metadata)
         checkpoint._lock = lock
         return checkpoint
-
-    def claim(self) -> None:
-        """Hold the checkpoint's lock again (after :meth:`release`) while the query runs."""
-        if self._lock is None:
-            self._lock = _claim(self.path)
 
     def release(self) -> None:
         if self._lock is not None:

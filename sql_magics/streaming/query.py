@@ -187,7 +187,6 @@ class StreamQuery:
     def run(self) -> None:
         """The loop: a pending batch first (a restart), then new input every ``duration`` seconds until stopped."""
         try:
-            self.checkpoint.claim()
             if self.trigger.once:
                 self.source.until_now()
             pending = self.checkpoint.pending()
