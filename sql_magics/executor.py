@@ -45,6 +45,7 @@ from sql_magics.streaming.streams import Streams
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import column_count, replace_relation, table_from_arrow
 from sql_magics.tables.database import Database
+from udf_engine import durable
 from udf_engine.errors import RayUDFError
 
 # Byzer's `set` types: "conf" is a setting (assigned like text: DuckDB's settings apply), and
@@ -220,6 +221,7 @@ class Executor:
         elif fmt == formats.LAKE_FORMAT:
             lake.load(con, table, path, options, root=self._lake_root())
         else:
+            durable.recover(path)  # a save of it that a kill cut short: undone or finished before anything reads it
             replace_relation(con, table, f"SELECT * FROM {formats.reader_sql(fmt, path, options)}")
 
     def _load_json_lines(self, table: str, variable: str) -> None:

@@ -96,7 +96,7 @@ WING_RULES = {
     "udf_engine.models": ("udf_engine.actors", "udf_engine.byzer"),
     "udf_engine.actors": ("udf_engine.byzer",),
     **{f"udf_engine.{base}": ("udf_engine.models", "udf_engine.actors", "udf_engine.byzer") for base in
-       ("errors", "settings", "ray_runtime", "resources")},
+       ("errors", "settings", "ray_runtime", "resources", "durable")},
 }
 
 

@@ -4,8 +4,8 @@ A model is loaded once into stateful ``UDFWorker`` actors owned by a ``UDFMaster
 a caller-side ``Dispatcher`` spreads batches over them. The wings, lowest first:
 ``models/`` (model files, the model store, the loaders a worker runs), ``actors/`` (the
 builder, master, workers, dispatcher and warm pool) and ``byzer/`` (MLSQL's ``RayContext``
-and the ``pyjava`` import names); beside them ``errors``, ``settings``, ``ray_runtime`` and
-``resources``, which every wing may use.
+and the ``pyjava`` import names); beside them ``errors``, ``settings``, ``ray_runtime``,
+``resources`` and ``durable``, which every wing may use.
 
 The names below are imported when first asked for: a process that needs one module (a worker
 scanning its share, say) does not import the builder, the dispatcher and the rest with it.
@@ -29,7 +29,8 @@ _EXPORTS = {
     "UDFWorker": "udf_engine.actors.worker",
     **dict.fromkeys(("DataServer", "PythonContext", "RayContext"), "udf_engine.byzer.ray_context"),
     **dict.fromkeys(
-        ("BatchTimeoutError", "ConfigError", "InputError", "ModelError", "RayUDFError", "ResourceError", "RowError", "WorkerError"),
+        ("BatchTimeoutError", "ConfigError", "InputError", "ModelError", "RayUDFError", "ResourceError", "RowError", "UnsafePathError",
+         "WorkerError"),
         "udf_engine.errors",
     ),
     "UDFBuildInFunc": "udf_engine.models.loaders",

@@ -55,6 +55,10 @@ class ResourceError(WorkerError):
     """The cluster has not the free resources a UDF's workers ask for, and will not get them."""
 
 
+class UnsafePathError(ModelError):
+    """A name taken from data (a model table's row, a tar entry) would lead outside its destination."""
+
+
 class InputError(RayUDFError):
     """Rows handed to a model function do not fit it (wrong length, wrong type)."""
 

@@ -1,7 +1,7 @@
 """Formats of ``load`` and ``save``: which DuckDB reader a source needs, and how a table is written.
 
-``save overwrite`` writes to a temporary path beside the target and renames it into
-place, so a query that fails half way leaves the old output intact.
+A save writes beside its target and switches the new version in whole (``udf_engine.durable``), so
+a query that fails half way, or a kill, leaves the old output intact.
 
 Example:
     >>> reader_sql("parquet", "data/*.parquet", {})
@@ -12,8 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +21,7 @@ from sql_magics.errors import ExecutionError
 from sql_magics.language.statements import APPEND, ERROR_IF_EXISTS, IGNORE
 from sql_magics.tables.catalog import relation_kind
 from sql_magics.tables.database import Database
+from udf_engine import durable
 
 FILE_FORMATS = ("parquet", "csv", "json")
 TABLE_FORMATS = ("table", "duckdb")
@@ -82,13 +81,6 @@ def _copy_options(fmt: str, options: Mapping[str, str], partition_by: list[str])
     return ", ".join(parts)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def writes(mode: str, exists: bool, *, what: str, where: str = "") -> bool:
     """Whether a save under ``mode`` writes: over an existing target (``what`` names it, ``where`` is
     it), errorIfExists is an error and ignore writes nothing; overwrite and append write.
@@ -103,29 +95,45 @@ def writes(mode: str, exists: bool, *, what: str, where: str = "") -> bool:
 
 
 def save_file(db: Database, table: str, fmt: str, path: str, mode: str, options: Mapping[str, str], partition_by: list[str]) -> None:
-    """Write ``table`` to ``path`` in ``fmt`` under ``mode``."""
+    """Write ``table`` to ``path`` in ``fmt`` under ``mode``, so that a kill at any point leaves ``path`` whole.
+
+    A new target, an overwrite, and an append to a single file (its rows and the new ones,
+    rewritten) are written beside the target, fsynced, and switched in whole: after a kill the
+    path holds the old version or the new one (a half-done switch is undone by the next load or
+    save of it). An append into a directory adds its files one at a time, each moved in whole once
+    written and fsynced: a kill part way through may leave some of them in and not others, as an
+    append across files is not one transaction (a Delta save is).
+
+    Example:
+        >>> import tempfile
+        >>> db = Database()
+        >>> _ = db.query("create view t as select range as i, range % 2 as k from range(4)")
+        >>> out = f"{tempfile.mkdtemp()}/out"
+        >>> save_file(db, "t", "parquet", out, "overwrite", {}, ["k"])
+        >>> save_file(db, "t", "parquet", out, "append", {}, ["k"])
+        >>> db.query(f"select count(*) as n from {reader_sql('parquet', out, {})}")["n"].tolist()
+        [8]
+    """
     if fmt not in FILE_FORMATS:
         raise ExecutionError(f"save: format {fmt!r} is not supported (supported: {', '.join(SAVE_FORMATS)})")
     target = Path(path)
-    exists = target.exists()
-    if not writes(mode, exists, what=f"save: {path}"):
-        return
-    query = f"SELECT * FROM {quote_identifier(table)}"
-    if exists and mode == APPEND and target.is_file():
-        query = f"SELECT * FROM {reader_sql(fmt, path, {})} UNION ALL BY NAME {query}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if exists and mode == APPEND and target.is_dir():
-        # a new part file beside the old ones; a partitioned write lets DuckDB add to each partition
-        part = target / f"part-{uuid.uuid4().hex[:12]}.{fmt}"
-        copy_to(db, query, target if partition_by else part, fmt, options, partition_by, append=bool(partition_by))
-        return
-    tmp = target.with_name(f".{target.name}.rayudf-tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        copy_to(db, query, tmp, fmt, options, partition_by)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _replace(tmp, target)
+    with durable.staging(target) as stage:  # what a writer that died left is put right first
+        exists = target.exists()
+        if not writes(mode, exists, what=f"save: {path}"):
+            return
+        query = f"SELECT * FROM {quote_identifier(table)}"
+        into_directory = exists and mode == APPEND and target.is_dir()
+        if exists and mode == APPEND and not into_directory:
+            query = f"SELECT * FROM {reader_sql(fmt, path, {})} UNION ALL BY NAME {query}"
+        # A partitioned append names its files by uuid (DuckDB's APPEND): none clashes with those there.
+        copy_to(db, query, stage.new, fmt, options, partition_by, append=into_directory and bool(partition_by))
+        if not into_directory:
+            stage.swap_in()
+        elif partition_by:
+            for made in sorted(p for p in stage.new.rglob("*") if p.is_file()):
+                stage.add(made, target / made.relative_to(stage.new))
+        else:
+            stage.add(stage.new, target / f"part-{uuid.uuid4().hex[:12]}.{fmt}")
 
 
 def copy_to(
@@ -134,21 +142,6 @@ def copy_to(
     """``COPY (query) TO path`` (on the worker path when the query qualifies)."""
     extra = ", APPEND" if append else ""
     db.query(f"COPY ({query}) TO {quote_literal(str(path))} ({_copy_options(fmt, options, partition_by)}{extra})")
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` into ``target``'s place; the old target survives until the move is certain."""
-    if target.exists() and (target.is_dir() or tmp.is_dir()):
-        backup = target.with_name(f".{target.name}.rayudf-old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, backup)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            os.replace(backup, target)
-            raise
-        _remove(backup)
-    else:
-        os.replace(tmp, target)  # atomic for a file over a file
 
 
 def save_table(db: Database, table: str, name: str, mode: str) -> None:

@@ -58,6 +58,8 @@ from sql_magics.errors import ExecutionError, clean_duckdb_error
 from sql_magics.language.statements import APPEND, ERROR_IF_EXISTS, IGNORE, OVERWRITE
 from sql_magics.tables.catalog import replace_relation
 from sql_magics.tables.formats import writes
+from udf_engine.errors import UnsafePathError
+from udf_engine.paths import inside
 
 ROOT_VARIABLE = "lake.root"
 DEFAULT_ROOT = "lake"
@@ -112,7 +114,11 @@ def locate(target: str, *, root: str | None = None, as_path: bool = False) -> Lo
     if len(parts) != 2 or not all(parts) or {".", ".."} & set(parts):
         raise ExecutionError(f"delta: {target!r} is neither db.table nor a path (a path holds '/', or add where mode=\"path\")")
     db, table = parts
-    return Location(f"{db}.{table}", root_path(root) / db / table, in_lake=True)
+    try:
+        path = inside(root_path(root), f"{db}/{table}", what="delta: the table")
+    except UnsafePathError as err:
+        raise ExecutionError(str(err)) from None
+    return Location(f"{db}.{table}", path, in_lake=True)
 
 
 def load(con: duckdb.DuckDBPyConnection, table: str, target: str, options: Mapping[str, str], *, root: str | None = None) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from udf_engine import durable
 from udf_engine.errors import ModelError
 from udf_engine.models import mlflow
 from udf_engine.models.loaders import LOADERS, MODEL_KINDS
@@ -49,6 +50,7 @@ def from_path(source: str, *, kind: str | None = None, version: str = DEFAULT_VE
     if source.startswith(mlflow.URI_SCHEMES) or (kind == mlflow.KIND and mlflow.is_mlflow_dir(Path(source))):
         return _from_mlflow(source, tracking_uri)
     path = Path(source)
+    durable.recover(path)  # a save_model of it that a kill cut short: undone or finished first
     if not path.exists():
         raise ModelError(f"model path not found: {source}")
     try:

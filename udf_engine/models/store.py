@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,9 +33,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from udf_engine import durable
 from udf_engine.errors import ModelError
 from udf_engine.models import streaming_tar
 from udf_engine.models.chunks import CHUNK_BYTES, LENGTH, PATH, START, VALUE
+from udf_engine.paths import inside
 
 # A few chunks per row group: a reader holds one row group at a time, so this bounds its
 # memory to ~64 MiB whatever the model's size.
@@ -145,23 +145,24 @@ def save_model(
 ) -> Path:
     """Save a model file or directory as a model table (a directory holding one Parquet file).
 
-    Returns the table directory; ``load parquet.`<dest>` as m`` reads it back.
+    Returns the table directory; ``load parquet.`<dest>` as m`` reads it back. A table already at
+    ``dest`` is replaced whole (:mod:`udf_engine.durable`): after a kill, ``dest`` holds the old
+    table or the new one.
     """
     rows = model_rows(src, model_format=model_format, version=version)
     dest = Path(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=".rayudf-", dir=dest.parent if dest.parent.exists() else None))
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    pq.write_table(table, tmp / "part-00000.parquet", row_group_size=CHUNKS_PER_ROW_GROUP)
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(tmp), dest)
+    with durable.staging(dest) as stage:  # a table already there is replaced whole, never removed first
+        stage.new.mkdir()
+        pq.write_table(table, stage.new / "part-00000.parquet", row_group_size=CHUNKS_PER_ROW_GROUP)
+        stage.swap_in()
     return dest
 
 
 def read_model_rows(path: str | os.PathLike) -> list[dict]:
     """Read a model table (directory or ``.parquet`` file) written by :func:`save_model`."""
     path = Path(path)
+    durable.recover(path)  # a save_model of it that a kill cut short: undone or finished first
     if not path.exists():
         raise ModelError(f"model table not found: {path}")
     try:
@@ -228,7 +229,8 @@ def materialize(rows: Iterable[dict], dest: str | os.PathLike) -> Path:
     """Write chunk rows back to files under ``dest`` and verify the sha256.
 
     Returns the model's path: the file itself for a single-file model, else the directory.
-    Raises ModelError naming both checksums when the content does not match.
+    Raises ModelError naming both checksums when the content does not match, and
+    UnsafePathError when a row's path or the model's name would land outside ``dest``.
     """
     rows = list(rows)
     meta = model_meta(rows)
@@ -249,9 +251,11 @@ def materialize(rows: Iterable[dict], dest: str | os.PathLike) -> Path:
             f"(expected {meta['sha256']}, got {actual})"
         )
     single = list(parts) == [""]
-    root = dest / (meta.get("name") or "model") if single else dest
-    for rel, data in contents:
-        target = root if single else root / rel
+    # every name checked before anything is written: the table may come from anyone
+    targets = [inside(dest, str(meta.get("name") or "model"), what="model table name")] if single else [
+        inside(dest, rel, what="model table row") for rel, _ in contents
+    ]
+    for target, (_, data) in zip(targets, contents, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-    return root
+    return targets[0] if single else dest

@@ -30,10 +30,11 @@ import os
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from udf_engine.errors import ModelError
 from udf_engine.models.chunks import CHUNK_BYTES, LENGTH, START, VALUE
+from udf_engine.paths import inside
 
 # The columns of a tar chunk row, as Byzer names them.
 COLUMNS = (START, LENGTH, VALUE)
@@ -97,9 +98,8 @@ def _ordered(rows: Iterable[dict]) -> list[dict]:
 def _check_member(member: tarfile.TarInfo, target: Path) -> None:
     if not (member.isfile() or member.isdir()):
         raise ModelError(f"streaming_tar: refusing tar entry {member.name!r}: only files and directories are extracted")
-    resolved = (target / member.name).resolve()
-    if member.name.startswith("/") or ".." in Path(member.name).parts or not resolved.is_relative_to(target.resolve()):
-        raise ModelError(f"streaming_tar: refusing tar entry {member.name!r}: it would be written outside {target}")
+    if not (member.isdir() and PurePosixPath(member.name) == PurePosixPath(".")):  # "./", as `tar -C dir .` writes
+        inside(target, member.name, what="streaming_tar: tar entry")
 
 
 def save_rows_as_file(rows: Iterable[dict], target_dir: str | os.PathLike) -> Path:
