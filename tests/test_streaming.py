@@ -323,6 +323,26 @@ def test_on_bad_file_skip_records_the_file_and_goes_on(session, wsum, tmp_path):
     assert [s["file"] for s in offsets["skipped"]] == [str(incoming / "f1.parquet")]
 
 
+@pytest.mark.parametrize("on_bad_file", ["skip", "fail"])
+def test_a_file_whose_footer_reads_but_whose_data_does_not_is_found_when_its_batch_fails(session, wsum, tmp_path, on_bad_file):
+    incoming, lake, ck = tmp_path / "in", tmp_path / "scores", tmp_path / "ck"
+    good = [drop(incoming, "f0.parquet", 0), drop(incoming, "f1.parquet", 10)]
+    drop(incoming, "f2.parquet", 20, rows=5_000)  # its column chunks most of it
+    data = (incoming / "f2.parquet").read_bytes()
+    footer = data[-(int.from_bytes(data[-8:-4], "little") + 8) :]
+    (incoming / "f2.parquet").write_bytes(data[: len(data) // 2] + footer)  # truncated: the probe reads its footer alone
+    script = scoring_stream("truncated", incoming, f"delta.`{lake}`", ck, f'trigger="once" and on_bad_file="{on_bad_file}"')
+    if on_bad_file == "fail":
+        with pytest.raises(ExecutionError, match=f"bad file {incoming / 'f2.parquet'}: Prefetch registered for bytes outside"):
+            session.run(script)
+        assert not lake.exists()  # nothing of its batch
+        return
+    session.run(script)
+    pd.testing.assert_frame_equal(delta_rows(lake), expected(*good))
+    offsets = json.loads((ck / "offsets" / "0.json").read_text())
+    assert [s["file"] for s in offsets["skipped"]] == [str(incoming / "f2.parquet")]
+
+
 def test_a_removed_file_of_a_batch_that_never_committed_is_left_out_when_it_runs_again(session, wsum, tmp_path):
     incoming, lake, ck = tmp_path / "in", tmp_path / "scores", tmp_path / "ck"
     script = scoring_stream("removed", incoming, f"delta.`{lake}`", ck)

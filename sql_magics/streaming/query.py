@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pyarrow.parquet as pq
 
@@ -30,7 +31,8 @@ from arrow_bridge.quoting import quote_identifier
 from sql_magics.errors import ExecutionError
 from sql_magics.models.registry import FunctionRegistry
 from sql_magics.streaming.checkpoint import Checkpoint
-from sql_magics.streaming.faults import reached
+from sql_magics.streaming.faults import reached, reading
+from sql_magics.streaming.read_errors import TransientReadError, transient
 from sql_magics.streaming.sinks import Sink, sink_for
 from sql_magics.streaming.sources import FileSource, Source
 from sql_magics.tables import formats
@@ -53,6 +55,16 @@ BAD_FILE_CHOICES = ("fail", "skip")
 IDLE_POLL_S = 0.05
 # How long !kill and a session's close wait for a stream's batch to commit before giving up on it.
 STOP_TIMEOUT_S = 600.0
+# The pauses before each new try of a batch whose files could not be read for a reason that may
+# pass (EIO, ESTALE, too many open files, out of memory): 5 more tries over 15.5 s, doubling from
+# half a second, outlast what clears by itself (another query's files or memory freed, an NFS
+# client revalidating its handles). What lasts longer needs a person: the stream stops naming the
+# file, and a restart takes up that batch exactly where it stopped.
+READ_RETRY_PAUSES_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# How many of a batch's files a message names before "and N more".
+NAMED_FILES = 3
+
+T = TypeVar("T")
 
 RUNNING, WAITING, STOPPED, FINISHED, FAILED = "running", "waiting", "stopped", "finished", "failed"
 
@@ -142,7 +154,7 @@ class StreamQuery:
         self.trigger = trigger
         self.db = db
         self.registry = registry
-        self.on_batch = on_batch  # called with one progress line per batch (rayudf run prints it)
+        self.on_batch = on_batch  # called with one progress line per batch, and per retry (rayudf run prints them)
         identity = {"name": self.name, "source": self.source.description(), "sink": sink.description()}
         self.checkpoint = Checkpoint.open(checkpoint, identity)  # its lock held until the run ends (or release())
         try:
@@ -189,13 +201,10 @@ class StreamQuery:
         try:
             if self.trigger.once:
                 self.source.until_now()
-            pending = self.checkpoint.pending()
-            if pending is not None:
-                self._batch(*pending, pending=True)
+            self._retried(lambda: self._pending(restart=True))
             while not self._stop.is_set():
                 tick = time.monotonic()
-                with self.db.exclusive():
-                    offsets = self.source.next_input(self.db.con)
+                offsets = self._retried(self._next_input)
                 if offsets is None:
                     if self.trigger.once:
                         if self.source.drained():
@@ -207,7 +216,7 @@ class StreamQuery:
                 batch = self.checkpoint.next_batch()
                 self.checkpoint.write_offsets(batch, offsets)
                 reached("offsets_written", batch)
-                self._batch(batch, offsets)
+                self._retried(lambda: self._pending(restart=False))
                 if not self.trigger.once:
                     self.state = WAITING
                     self._stop.wait(max(0.0, self.trigger.duration - (time.monotonic() - tick)))
@@ -218,6 +227,40 @@ class StreamQuery:
         finally:
             self.checkpoint.release()
 
+    def _retried(self, attempt: Callable[[], T]) -> T | None:
+        """``attempt()``, tried again after each pause of READ_RETRY_PAUSES_S while it fails with a
+        transient read error (recorded in last_error, for !streams); the error of the last try stops
+        the stream. None if the stream is stopped during a pause (its batch waits for the restart)."""
+        tries = len(READ_RETRY_PAUSES_S) + 1
+        for n, pause in enumerate(READ_RETRY_PAUSES_S, 1):
+            try:
+                return attempt()
+            except TransientReadError as err:
+                self.last_error = f"{err} (try {n} of {tries}; again in {pause:g} s)"
+                if self.on_batch is not None:
+                    self.on_batch(f"stream {self.name}: {self.last_error}")
+                if self._stop.wait(pause):
+                    return None
+        try:
+            return attempt()
+        except TransientReadError as err:
+            raise ExecutionError(
+                f"{err}; still so after {tries} tries over {sum(READ_RETRY_PAUSES_S):g} s, so the stream stops "
+                "(a transient error: nothing of the batch is committed and no file is marked bad; start the stream "
+                "again once the file reads)"
+            ) from err
+
+    def _next_input(self) -> dict | None:
+        with self.db.exclusive():
+            return self.source.next_input(self.db.con)
+
+    def _pending(self, *, restart: bool) -> None:
+        """Run the batch that has offsets but no commit, if one has: after a restart, or the one just
+        recorded. Its offsets are read at each try, as a try that left out a file rewrote them."""
+        pending = self.checkpoint.pending()
+        if pending is not None:
+            self._batch(*pending, pending=restart)
+
     def _batch(self, batch: int, offsets: dict, *, pending: bool = False) -> None:
         """Run one micro-batch and commit it: input recorded already, output staged, sink, commit recorded.
         A ``pending`` batch (one a crash cut short) that the sink has already is only recorded."""
@@ -225,6 +268,7 @@ class StreamQuery:
         started = time.monotonic()
         if pending and self.sink.has(self.db, batch, self.checkpoint.query_id):
             self.checkpoint.write_commit(batch, {"rows": None})  # its input may have gone since: not read again
+            self.checkpoint.compact(batch, self.source.merged)
             return
         staged = self.checkpoint.staging(batch) / "batch.parquet"
         with self.db.exclusive(), self.registry.statement():
@@ -236,6 +280,7 @@ class StreamQuery:
         self.checkpoint.write_commit(batch, {"rows": rows})
         reached("batch_committed", batch)
         self.checkpoint.clear_staging(batch)
+        self.checkpoint.compact(batch, self.source.merged)
         self.skipped += offsets.get("skipped", [])
         elapsed = time.monotonic() - started
         self.batches, self.rows, self.busy_s, self.last_batch_s = self.batches + 1, self.rows + rows, self.busy_s + elapsed, elapsed
@@ -244,7 +289,8 @@ class StreamQuery:
 
     def _stage(self, batch: int, offsets: dict, staged) -> tuple[int, dict]:
         """The batch's rows of the saved table, written to ``staged``: how many, and the batch's input. A
-        file that fails the batch is named (and with on_bad_file="skip", recorded and left out of a second try)."""
+        malformed file that fails the batch is named (and with on_bad_file="skip", recorded and left out
+        of a second try); a read that failed for a reason that may pass raises TransientReadError."""
         if isinstance(self.source, FileSource) and (left := self.source.gone(offsets)) is not offsets:
             offsets = left
             self.checkpoint.write_offsets(batch, offsets)  # nothing of the batch is committed: its input may change
@@ -252,10 +298,15 @@ class StreamQuery:
         if isinstance(self.source, FileSource) and not selected.get("files"):
             return 0, offsets  # every file was bad and skipped
         try:
-            self._run_selects(selected, staged)
-        except Exception:
+            with reading("stage"):
+                self._run_selects(selected, staged)
+        except Exception as err:
+            # each file read alone says which is malformed; one that fails to read for a reason that may pass
+            # raises TransientReadError, and a file read whole by it cannot be blamed
             bad = self.source.culprit(self.db.con, offsets) if isinstance(self.source, FileSource) else None
             if bad is None:
+                if transient(err):
+                    raise TransientReadError(_batch_input(batch, offsets), err) from err
                 raise
             if not self.trigger.skip_bad:
                 raise bad from None
@@ -297,6 +348,15 @@ class StreamQuery:
             return self.source.lag()
         except Exception as err:  # noqa: BLE001 - a source that cannot be listed now; the loop will say why
             return f"? ({err})"
+
+
+def _batch_input(batch: int, offsets: dict) -> str:
+    """A batch's input, for a message: its files (the first few), or its number."""
+    files = offsets.get("files")
+    if not files:
+        return f"batch {batch}"
+    more = f" and {len(files) - NAMED_FILES} more" if len(files) > NAMED_FILES else ""
+    return f"batch {batch} ({', '.join(files[:NAMED_FILES])}{more})"
 
 
 def start_stream(

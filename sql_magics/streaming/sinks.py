@@ -38,6 +38,7 @@ from sql_magics.streaming.faults import reached
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import relation_kind
 from sql_magics.tables.database import Database
+from udf_engine.durable import sync_file
 
 DELTA_FORMATS = (formats.LAKE_FORMAT, "rate")  # Byzer calls its streaming Delta sink `rate`
 CONSOLE_FORMAT = "console"
@@ -164,7 +165,7 @@ def _move(made: Path, target: Path) -> None:
     """Put ``made`` at ``target`` whole, by rename, its bytes on disk before its name (so a power cut
     leaves the whole file or none); from another filesystem (the checkpoint's), through a hidden copy
     beside ``target``."""
-    _sync_file(made)
+    sync_file(made)
     try:
         os.replace(made, target)
     except OSError as err:
@@ -172,15 +173,10 @@ def _move(made: Path, target: Path) -> None:
             raise
         hidden = target.with_name(f".{target.name}.tmp")
         shutil.copyfile(made, hidden)
-        _sync_file(hidden)
+        sync_file(hidden)
         os.replace(hidden, target)
         made.unlink()
     sync_directory(target.parent)
-
-
-def _sync_file(path: Path) -> None:
-    with open(path, "rb") as written:
-        os.fsync(written.fileno())
 
 
 class TableSink:

@@ -36,7 +36,9 @@ import pyarrow as pa
 from deltalake import DeltaTable
 
 from sql_magics.byzer.schemas import parse_schema
-from sql_magics.errors import ExecutionError, clean_duckdb_error
+from sql_magics.errors import ExecutionError
+from sql_magics.streaming.faults import reading
+from sql_magics.streaming.read_errors import BadFileError, TransientReadError, read_failure
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import loaded_table, replace_relation, table_from_arrow
 
@@ -58,15 +60,6 @@ MOCK_VALUE_COLUMN = "kafkaValue"
 """With ``valueFormat``, mockStream's rows are the fields of ``value`` plus the other columns in this struct (Byzer's name)."""
 
 
-class BadFileError(ExecutionError):
-    """A file of a file source that cannot be read as the stream's rows (corrupt, or another schema)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"bad file {path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
 class Source(Protocol):
     table: str  # the table the stream's selects read
 
@@ -75,7 +68,8 @@ class Source(Protocol):
         ...
 
     def resume(self, offsets: list[tuple[int, dict]]) -> None:
-        """Take up after the batches the checkpoint recorded (every record, in batch order)."""
+        """Take up after the batches the checkpoint recorded (in batch order: its compact record, which stands for
+        the batches it covers, then each record after it)."""
         ...
 
     def next_input(self, con: duckdb.DuckDBPyConnection) -> dict | None:
@@ -88,7 +82,8 @@ class Source(Protocol):
 
     def merged(self, records: list[dict]) -> dict:
         """One record that reads what the batches of ``records`` (consecutive, from the first) read:
-        all the rows so far, which mode="Complete" runs its selects over."""
+        all the rows so far, which mode="Complete" runs its selects over, and the record a
+        checkpoint compacts them into, so it keeps all that :meth:`resume` needs of them."""
         ...
 
     def lag(self) -> int:
@@ -257,13 +252,15 @@ class FileSource:
         return files, subdirectories
 
     def next_input(self, con: duckdb.DuckDBPyConnection) -> dict | None:
+        """Raises :class:`TransientReadError` if a new file could not be probed for a reason that may pass:
+        nothing then counts as read, and the next call probes the same files again."""
         new = [f for f in self.listing() if f not in self.seen and (self._until is None or f in self._until)]
         taken, self._waiting = new[: self.max_files], max(0, len(new) - self.max_files)
-        known = self.schema is not None
+        schema = self.schema
         files, skipped = [], []
         for path in taken:
             try:
-                self._check(con, path)
+                schema = self._check(con, path, schema)
             except BadFileError as bad:
                 if not self.skip_bad:
                     raise
@@ -276,36 +273,42 @@ class FileSource:
         record: dict = {"files": files}
         if skipped:
             record["skipped"] = skipped
-        if self.schema is not None and not known:  # the first file read: the stream's columns, kept with the batch
-            record["schema"] = self.schema
+        if self.schema is None and schema is not None:  # the first file read: the stream's columns, kept with the batch
+            self.schema = record["schema"] = schema
         return record
 
     def _columns(self, con: duckdb.DuckDBPyConnection, path: str) -> list[list[str]]:
         with con.cursor() as cursor:
             try:
-                rows = cursor.execute(f"DESCRIBE SELECT * FROM {formats.reader_sql(self.fmt, [path], self.options)}").fetchall()
-            except duckdb.Error as err:
-                raise BadFileError(path, clean_duckdb_error(err)) from None
+                with reading("probe"):
+                    rows = cursor.execute(f"DESCRIBE SELECT * FROM {formats.reader_sql(self.fmt, [path], self.options)}").fetchall()
+            except (duckdb.Error, OSError, MemoryError) as err:
+                raise read_failure(path, err) from None
         # CSV and JSON types are guessed from each file's values, so only their names must agree
         return [[name, kind if self.fmt == "parquet" else ""] for name, kind, *_ in rows]
 
-    def _check(self, con: duckdb.DuckDBPyConnection, path: str) -> None:
+    def _check(self, con: duckdb.DuckDBPyConnection, path: str, schema: list[list[str]] | None) -> list[list[str]]:
+        """The stream's columns once ``path`` is read: ``schema``, or the file's own if it is the first file."""
         columns = self._columns(con, path)
-        if self.schema is None:
-            self.schema = columns
-        elif columns != self.schema:
+        if schema is not None and columns != schema:
             shown = ", ".join(" ".join(c).strip() for c in columns)
-            wanted = ", ".join(" ".join(c).strip() for c in self.schema)
+            wanted = ", ".join(" ".join(c).strip() for c in schema)
             raise BadFileError(path, f"its columns are ({shown}), the stream's files have ({wanted})")
+        return columns
 
     def culprit(self, con: duckdb.DuckDBPyConnection, offsets: dict) -> BadFileError | None:
-        """After a batch failed reading its files: the first file that cannot be read whole, if one cannot."""
+        """After a batch failed reading its files: the first file that is malformed, if one is. Raises
+        :class:`TransientReadError` if reading one failed for a reason that may pass (it is not to blame)."""
         for path in offsets.get("files", []):
             with con.cursor() as cursor:
                 try:
-                    cursor.execute(f"SELECT * FROM {formats.reader_sql(self.fmt, [path], self.options)}").fetch_arrow_table()
-                except duckdb.Error as err:
-                    return BadFileError(path, clean_duckdb_error(err))
+                    with reading("culprit"):
+                        cursor.sql(f"SELECT * FROM {formats.reader_sql(self.fmt, [path], self.options)}").to_arrow_table()
+                except (duckdb.Error, OSError, MemoryError) as err:
+                    failure = read_failure(path, err)
+                    if isinstance(failure, TransientReadError):
+                        raise failure from None
+                    return failure
         return None
 
     def bind(self, con: duckdb.DuckDBPyConnection, offsets: dict) -> None:
@@ -313,7 +316,12 @@ class FileSource:
         replace_relation(con, self.table, f"SELECT * FROM {formats.reader_sql(self.fmt, offsets['files'], self.options)}")
 
     def merged(self, records: list[dict]) -> dict:
-        return {"files": [f for record in records for f in record.get("files", [])]}
+        merged: dict = {"files": [f for record in records for f in record.get("files", [])]}
+        if skipped := [s for record in records for s in record.get("skipped", [])]:
+            merged["skipped"] = skipped  # so that a restart from a compacted checkpoint never reads them again
+        if schema := next((record["schema"] for record in records if record.get("schema")), None):
+            merged["schema"] = schema
+        return merged
 
     def lag(self) -> int:
         return self._waiting
