@@ -19,18 +19,12 @@ ROW_GROUP = 16_384
 
 
 def start_ray() -> None:
-    """Start the local Ray a benchmark runs on, set as a Ray rayudf starts (LOCAL_SYSTEM_CONFIG), with
-    twice the cores as logical CPUs: idle registered workers must not stop other contenders' actors
-    (Ray Data's, Serve's) from being placed; only running ones use the cores."""
-    import ray
+    """Start the local Ray a benchmark runs on, as rayudf starts one (``init_local``), with twice the
+    cores as logical CPUs: idle registered workers must not stop other contenders' actors (Ray
+    Data's, Serve's) from being placed; only running ones use the cores."""
+    from udf_engine.ray_runtime import init_local
 
-    from udf_engine import NAMESPACE
-    from udf_engine.ray_runtime import LOCAL_SYSTEM_CONFIG
-
-    ray.init(
-        num_cpus=2 * (os.cpu_count() or 1), include_dashboard=False, namespace=NAMESPACE, log_to_driver=False,
-        _system_config=LOCAL_SYSTEM_CONFIG,
-    )
+    init_local(num_cpus=2 * (os.cpu_count() or 1), log_to_driver=False)
 
 
 def write_table(path: str | Path, *, rows: int, width: int, seed: int = 0, row_group: int = ROW_GROUP) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ class Session:
         self.registry = FunctionRegistry(self.db, runtime, session_id=session_id, worker_env=self.state.python_env)
         self.serving = Serving(self.registry, session_id=session_id, run_script=self._script)  # serves nothing until started
         self._owners: dict[str, Session] = {}  # /run/script's sessions per owner (sessionPerUser), made on first use
+        self._script_locks: dict[str | None, threading.Lock] = {}  # per owner (None: this session): one script at a time
+        self._owners_lock = threading.Lock()  # guards _owners and _script_locks
         self.streams = Streams()  # the streams its stream scripts started (docs/streaming.md)
         if framework:  # Ray and spares start now, in the background: the first registration finds them ready
             self.registry.start_ahead(framework)
@@ -145,7 +148,7 @@ class Session:
         """Answer HTTP for the session's model functions on Ray Serve (docs/serving.md) until ``.stop()``.
 
         ``token`` (else ``RAYUDF_TOKEN``) is then required as ``Authorization: Bearer <token>``;
-        binding beyond loopback needs one. ``allow_scripts`` turns on Byzer's ``/run/script``.
+        binding beyond loopback needs one, and so does ``allow_scripts`` (Byzer's ``/run/script``, JSON POSTs only).
         Registering a name again while serving swaps it for requests too (``traffic="0.1"``: a canary).
 
         Example:
@@ -163,13 +166,16 @@ class Session:
     def _script(self, sql: str, owner: str | None) -> pd.DataFrame | None:
         """Run a script for Byzer's ``/run/script``, in this session or in ``owner``'s own (sharing this
         Ray): the rows of its last statement, or of what it made (``select ... as t``, as Byzer answers)."""
-        if owner is not None and owner not in self._owners:
-            self._owners[owner] = Session(ray_address=self.registry.runtime.address, warm=False)  # on this Ray, already up
-        session = self if owner is None else self._owners[owner]
-        result = session.run(sql)
-        if result.made is None:
-            return result.frame
-        return session.sql(f"SELECT * FROM {quote_identifier(result.made)}")
+        with self._owners_lock:
+            if owner is not None and owner not in self._owners:
+                self._owners[owner] = Session(ray_address=self.registry.runtime.address, warm=False)  # on this Ray, already up
+            session = self if owner is None else self._owners[owner]
+            lock = self._script_locks.setdefault(owner, threading.Lock())
+        with lock:  # the table a script made is read before another script of its session can replace it
+            result = session.run(sql)
+            if result.made is None:
+                return result.frame
+            return session.sql(f"SELECT * FROM {quote_identifier(result.made)}")
 
     # -- lifecycle --------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Shared fixtures: one real local Ray for the whole run, real DuckDB, small real models.
 
-Ray is started once (with 2 logical GPUs, which only set CUDA_VISIBLE_DEVICES)
-and every Session joins it, so no test pays Ray's start-up twice.
+Ray is started once (with 2 logical GPUs, which only set CUDA_VISIBLE_DEVICES), as a session
+starts one, and every Session joins it, so no test pays Ray's start-up twice.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cloudpickle
@@ -31,10 +33,9 @@ WORKER_CPUS = 0.5
 def ray_cluster():
     import ray
 
-    from udf_engine import NAMESPACE
-    from udf_engine.ray_runtime import LOCAL_SYSTEM_CONFIG
+    from udf_engine.ray_runtime import init_local
 
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG)
+    init_local(num_cpus=4, num_gpus=2, log_to_driver=False)  # as a session starts one: on loopback, results inline
     yield ray
     ray.shutdown()
 
@@ -188,3 +189,52 @@ def named_actors(prefix: str, timeout_s: float = 10.0) -> list[str]:
         if not names or time.monotonic() > deadline:
             return names
         time.sleep(0.2)
+
+
+@contextmanager
+def ray_head(*args: str, env: dict, port: int | None = None) -> Iterator[str]:
+    """A ``ray start --head`` of the test's own (extra ``args``, ``env``), on its own temp dir and
+    ``port`` (a free one by default): yields its address. Stopped by killing the processes it
+    started (its process group, and what runs from its temp dir, such as nodes an autoscaler
+    added), nothing else."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    import psutil
+    from ray._private.services import node_ip_address_from_perspective
+
+    port = port or free_port()
+    address = f"{node_ip_address_from_perspective()}:{port}"  # where `ray start` puts its node
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayudf-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false", "--block", *args],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(temp_dir.glob("session_*/sockets/raylet")):
+            assert time.monotonic() < deadline and head.poll() is None, "the head node did not start"
+            time.sleep(0.5)
+        yield address
+    finally:
+        started = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in part for part in p.info["cmdline"] or [])]
+        os.killpg(head.pid, signal.SIGKILL)
+        for process in started:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]

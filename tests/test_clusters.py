@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import random_table, save_pickled
+from conftest import free_port, random_table, ray_head, save_pickled
 
 
 class Scaled:
@@ -175,53 +175,19 @@ FAKE_AUTOSCALER = {
 @pytest.fixture
 def autoscaling_cluster(tmp_path):
     """A head node with no CPU and Ray's autoscaler over its fake multi-node provider, which adds
-    up to one 1-CPU node (real raylets on this machine) when work waits for a CPU.
+    up to one 1-CPU node (real raylets on this machine) when work waits for a CPU. Its nodes run
+    from its temp dir, so stopping it (``ray_head``) stops them too."""
+    from ray._private.services import node_ip_address_from_perspective
 
-    Its own port and temp dir; stopped by killing the processes this fixture started (the head's
-    process group) and the nodes the autoscaler started (found by that temp dir), nothing else.
-    """
-    import shutil
-    import signal
-    import socket
-    import tempfile
-    import time
-    from pathlib import Path
-
-    import psutil
-    from ray._private.services import get_node_ip_address
-
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    address = f"{get_node_ip_address()}:{port}"
-    temp_dir = Path(tempfile.mkdtemp(prefix="rayudf-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    config = {**FAKE_AUTOSCALER, "provider": {**FAKE_AUTOSCALER["provider"], "gcs_address": address}}
-    (tmp_path / "autoscaler.json").write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "token"  # the head and the driver use the same token (~/.ray/auth_token)
     head_env = {**env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=0", f"--autoscaling-config={tmp_path / 'autoscaler.json'}",
-         f"--temp-dir={temp_dir}", "--include-dashboard=false", "--block"],
-        env=head_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not any(temp_dir.glob("session_*/sockets/raylet")):
-            assert time.monotonic() < deadline and head.poll() is None, "the autoscaling head did not start"
-            time.sleep(0.5)
+    config_path = tmp_path / "autoscaler.json"
+    port = free_port()  # the GCS address goes into the autoscaler's config before the head starts
+    config = {**FAKE_AUTOSCALER, "provider": {**FAKE_AUTOSCALER["provider"], "gcs_address": f"{node_ip_address_from_perspective()}:{port}"}}
+    config_path.write_text(json.dumps(config))
+    with ray_head("--num-cpus=0", f"--autoscaling-config={config_path}", env=head_env, port=port) as address:
         yield address, env
-    finally:
-        started = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in part for part in p.info["cmdline"] or [])]
-        os.killpg(head.pid, signal.SIGKILL)
-        for process in started:
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
-        head.wait()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_registration_waits_for_the_autoscaler_to_add_a_node(autoscaling_cluster, tmp_path):

@@ -11,7 +11,6 @@ import asyncio
 import io
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +23,12 @@ import pytest
 from sql_magics.serving.server import check_binding
 from udf_engine import ConfigError
 
-from conftest import WORKER_CPUS, Weighted, save_pickled
+from conftest import WORKER_CPUS, Weighted, free_port, save_pickled
 
 TOKEN = "s3cret-token"
 VERSION = "x-rayudf-version"
+# The module server's time limit: long enough for a worker's replacement under load, short enough to wait for a runaway.
+REQUEST_TIMEOUT_S = 8
 
 
 class Lengths:
@@ -46,12 +47,6 @@ class Scale:
         return np.asarray(batch, dtype=np.float64) * 2.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(session, model_dir):
     session.register_model("lin", save_pickled(model_dir / "serve_lin.pkl", Weighted((1.0, 10.0))), workers=2, num_cpus=WORKER_CPUS)
@@ -60,7 +55,7 @@ def server(session, model_dir):
         "strlen", save_pickled(model_dir / "serve_len.pkl", Lengths()), workers=1, num_cpus=WORKER_CPUS, returns="BIGINT"
     )
     port = free_port()
-    started = session.sql(f"!serve port={port} token={TOKEN} allow_scripts=true")
+    started = session.sql(f"!serve port={port} token={TOKEN} allow_scripts=true request_timeout_s={REQUEST_TIMEOUT_S}")
     url = started["url"][0]
     assert url == f"http://127.0.0.1:{port}" and started["functions"][0] == "lin, scale, strlen"
     yield url
@@ -151,8 +146,29 @@ BAD = [
     ("post", "/model/predict", {"data": {"data": "[[1, 2]]"}}, 400, "give sql"),
     ("post", "/model/predict", {"data": {"data": "[[1, 2]]", "sql": "lin(nope) as p"}}, 400, "nope"),
     ("post", "/model/predict", {"data": {"data": "[[1, 2]]", "sql": "1 as x from __rayudf_request; select 2"}}, 400, "one select list"),
-    ("post", "/model/predict", {"data": {"data": "[[1, 2]]", "sql": "(select count(*) from read_text('/etc/hostname')) as n"}}, 400,
-     "disabled"),
+    ("post", "/v1/functions/lin", {"content": b"[" * 100_000 + b"]" * 100_000}, 400, "JSON nested deeper than"),
+    ("post", "/model/predict", {"json": {"data": "[" * 100_000 + "]" * 100_000, "pipeline": "lin"}}, 400, "data: JSON nested deeper than"),
+    ("post", "/model/predict", {"content": b'{"a":' * 100_000, "headers": {"Content-Type": "application/json"}}, 400, "JSON nested deeper"),
+]
+
+# What a caller may try to reach past the request's rows with /model/predict's select list: each is a 400 naming what is refused.
+ESCAPES = [
+    ("(select count(*) from read_text('/etc/hostname')) as n", "the table function read_text() is not taken"),
+    ("(select * from read_parquet('/tmp/*.parquet')) as n", "the table function read_parquet() is not taken"),
+    ("(select count(*) from '/etc/passwd') as n", "the table /etc/passwd is not taken"),
+    ("(select count(*) from glob('/*')) as n", "the table function glob() is not taken"),
+    ("1 as x from duckdb_settings() --", "a comment is not taken"),
+    ("1 as x from duckdb_settings() /* the rest */", "a comment is not taken"),
+    ("(select count(*) from duckdb_settings()) as n", "the table function duckdb_settings() is not taken"),
+    ("current_setting('temp_directory') as t", "current_setting() is not taken: it reads the server's settings"),
+    ("(select * from query('select 1')) as q", "the table function query() is not taken"),
+    ("1 as x from __rayudf_request; copy (select 1) to '/tmp/rayudf-escape.csv'", "give one select list"),
+    ("1 as x from __rayudf_request; attach '/tmp/rayudf-escape.db'", "give one select list"),
+    ("1 as x from __rayudf_request; set memory_limit='100GB'", "give one select list"),
+    ("(with t as (select 1) select * from t) as w", "WITH is not taken"),
+    ("list_sum(range(100000000000)) as s", "range() is not taken: it can build a value far larger than the request"),
+    ("repeat('x', 1000000000) as big", "repeat() is not taken"),
+    ("(select count(*) from __rayudf_request, range(1000000000)) as n", "the table function range() is not taken"),
 ]
 
 
@@ -162,11 +178,55 @@ def test_bad_input_is_a_400_that_names_what_is_wrong(client, method, path, body,
     assert answer.status_code == status and says in answer.json()["error"], answer.text
 
 
-def test_a_body_over_the_limit_is_a_413(client):
-    from sql_magics.serving.app import MAX_BODY_BYTES
+@pytest.mark.parametrize(("sql", "says"), ESCAPES, ids=[e[1] for e in ESCAPES])
+def test_the_select_list_reads_the_requests_rows_and_nothing_else(client, sql, says):
+    answer = client.post("/model/predict", json={"dataType": "row", "data": [{"a": 1, "b": 2}], "sql": sql})
+    assert answer.status_code == 400 and says in answer.json()["error"], answer.text
+    assert not os.path.exists("/tmp/rayudf-escape.csv") and not os.path.exists("/tmp/rayudf-escape.db")
+
+
+def test_a_body_over_the_limit_is_a_413_chunked_too(client):
+    from sql_magics.serving.requests import MAX_BODY_BYTES
 
     answer = client.post("/v1/functions/lin", content=b" " * (MAX_BODY_BYTES + 1))
     assert answer.status_code == 413 and "at most" in answer.json()["error"]
+
+    def endless(total: int = 512 << 20, chunk: int = 1 << 20):  # 512 MiB, no Content-Length: sent chunked
+        for _ in range(total // chunk):
+            yield b" " * chunk
+
+    try:
+        answer = client.post("/v1/functions/lin", content=endless())
+    except httpx.TransportError:  # the server may close the connection once it answered, with most of the body unsent
+        pass
+    else:
+        assert answer.status_code == 413 and f"over {MAX_BODY_BYTES:,} bytes" in answer.json()["error"]
+    assert client.post("/v1/functions/lin", json={"inputs": [[1, 2]]}).json()["outputs"] == [21.0]
+
+
+def _arrow_body(table: pa.Table, **options) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(**options)) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def test_arrow_bodies_that_would_inflate_or_read_out_of_bounds_are_refused(client):
+    arrow = {"Content-Type": "application/vnd.apache.arrow.stream"}
+    zeros = pa.table({"a": np.zeros(20_000_000), "b": np.zeros(20_000_000)})  # 320 MB of doubles in ~30 KB of zstd
+    bomb = _arrow_body(zeros, compression="zstd")
+    assert len(bomb) < 1 << 20
+    answer = client.post("/v1/functions/lin", content=bomb, headers=arrow)
+    assert answer.status_code == 400 and "compressed buffers" in answer.json()["error"]
+    plain = pa.array([b"aa", b"bb", b"cc"], pa.binary())
+    offsets = np.frombuffer(plain.buffers()[1], dtype=np.int32).copy()
+    offsets[2] = 1_000_000  # the middle offset points far past the data buffer
+    crafted = pa.Array.from_buffers(pa.binary(), 3, [None, pa.py_buffer(offsets.tobytes()), plain.buffers()[2]])
+    answer = client.post("/v1/functions/strlen", content=_arrow_body(pa.table({"s": crafted})), headers=arrow)
+    assert answer.status_code == 400 and "out of bounds" in answer.json()["error"]
+    encoded = pa.table({"s": pa.array(["a", "bb"]).dictionary_encode()})
+    answer = client.post("/v1/functions/strlen", content=_arrow_body(encoded), headers=arrow)
+    assert answer.status_code == 400 and "send plain (not encoded) arrays" in answer.json()["error"]
 
 
 def test_a_model_that_raises_answers_its_message_and_the_server_goes_on(client):
@@ -280,7 +340,7 @@ def test_a_worker_killed_under_load_loses_no_request(session, client, model_dir)
 
 
 def test_run_script_runs_in_the_session_and_swaps_what_it_registers(session, client, model_dir):
-    answer = client.post("/run/script", data={"sql": "select 41 + 1 as answer as t", "includeSchema": "true"})  # table t
+    answer = client.post("/run/script", json={"sql": "select 41 + 1 as answer as t", "includeSchema": "true"})  # table t
     assert answer.json() == {"schema": {"type": "struct", "fields": [{"name": "answer", "type": "int32", "nullable": True}]},
                              "data": [{"answer": 42}]}
     path = save_pickled(model_dir / "serve_script.pkl", Weighted((5.0, 50.0)))
@@ -294,7 +354,7 @@ def test_run_script_runs_in_the_session_and_swaps_what_it_registers(session, cli
     own = client.post("/run/script", json={"sql": "create table mine as select 1 as x; select * from mine", "owner": "ann",
                                            "sessionPerUser": "true"})
     assert own.json() == [{"x": 1}] and "mine" not in session.sql("show tables")["name"].tolist()  # ann's own session
-    bad = client.post("/run/script", data={"sql": "select nope from nowhere"})
+    bad = client.post("/run/script", json={"sql": "select nope from nowhere"})
     assert bad.status_code == 500 and "nowhere" in bad.json()["error"]
 
 
@@ -304,11 +364,94 @@ def test_serve_status_and_a_second_server_refused(session, server):
         session.sql(f"!serve port={free_port()}")
 
 
-def test_binding_beyond_this_machine_needs_a_token():
+def test_binding_beyond_this_machine_needs_a_token_and_scripts_always_do():
     check_binding("127.0.0.1", None)
     check_binding("0.0.0.0", TOKEN)
+    check_binding("127.0.0.1", TOKEN, allow_scripts=True)
     with pytest.raises(ConfigError, match="binding 0.0.0.0 opens the server beyond this machine; give a token"):
         check_binding("0.0.0.0", None)
+    with pytest.raises(ConfigError, match="--allow-scripts runs scripts .* give a token"):
+        check_binding("127.0.0.1", None, allow_scripts=True)
+
+
+def test_run_script_takes_json_posts_only_and_nothing_from_other_sites(server, client):
+    script = {"sql": "select 1 as x from range(1)"}
+    assert client.post("/run/script", json=script).json() == [{"x": 1}]
+    for answer in (client.get("/run/script", params=script), client.post("/run/script", data=script),
+                   client.post("/run/script", content=b'{"sql": "select 1"}', headers={"Content-Type": "text/plain"})):
+        assert answer.status_code == 415 and "POST with a JSON body" in answer.json()["error"]
+    # what a web page of another site can make a browser send: a form POST, or a JSON one the server never allowed
+    evil = {"Origin": "http://evil.example"}
+    for answer in (httpx.post(f"{server}/run/script", data=script, headers=evil), client.post("/run/script", json=script, headers=evil)):
+        assert answer.status_code == 403 and "web pages of other sites" in answer.json()["error"]
+    # a DNS-rebinding name that resolves to 127.0.0.1: the Host it sends is not this server's
+    rebound = {"Host": f"evil.example:{server.rsplit(':', 1)[1]}"}
+    assert client.post("/run/script", json=script, headers=rebound).status_code == 421
+    assert httpx.get(f"{server}/healthz", headers=rebound).status_code == 421
+    assert client.get("/v1/functions", headers={"Host": "localhost"}).status_code == 200  # loopback's names are this server's
+
+
+EXITS = "run command as Ray.`` where outputTable=\"o\" and code='''raise SystemExit(3)'''"
+
+
+def test_a_script_that_exits_or_gives_what_arrow_cannot_hold_still_answers(client):
+    answer = client.post("/run/script", json={"sql": EXITS}, timeout=30)
+    assert answer.status_code == 500 and "SystemExit" in answer.json()["error"]
+    union = client.post("/run/script", json={"sql": "select union_value(k := 1) as u from range(1)"}, timeout=30)
+    assert union.status_code in (200, 500), union.text
+    assert client.post("/run/script", json={"sql": "select 2 as x from range(1)"}).json() == [{"x": 2}]  # the server goes on
+
+
+def test_scripts_of_one_owner_each_read_their_own_result(client):
+    def run(who: str) -> list[str]:
+        body = {"sql": f"select '{who}' as who as t", "owner": "bob", "sessionPerUser": "true"}
+        return [client.post("/run/script", json=body).json()[0]["who"] for _ in range(8)]
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(run, ("first", "second"))
+    assert set(first) == {"first"} and set(second) == {"second"}
+
+
+def _running(client) -> int:
+    line = next(line for line in client.get("/metrics").text.splitlines() if line.startswith("rayudf_sql_queries_running "))
+    return int(float(line.split()[-1]))
+
+
+# 3,000 rows in a three-way cross product: 2.7e10 rows to hash, minutes of one core.
+RUNAWAY = {"dataType": "row", "data": [{"a": i, "b": 1} for i in range(3000)],
+           "sql": "(select count(*) from __rayudf_request x, __rayudf_request y, __rayudf_request z "
+                  "where hash(x.a + y.a + z.a) % 7 = 0) as n"}
+
+
+def test_a_runaway_select_list_is_stopped_at_the_time_limit_while_the_server_answers(client):
+    started = time.monotonic()
+    with ThreadPoolExecutor(1) as pool:
+        runaway = pool.submit(client.post, "/model/predict", json=RUNAWAY)
+        time.sleep(1.0)
+        for _ in range(5):  # meanwhile the server answers as ever
+            assert client.post("/v1/functions/lin", json={"inputs": [[1, 2]]}).json()["outputs"] == [21.0]
+        answer = runaway.result()
+    assert answer.status_code in (504, 408), answer.text  # our time limit, or Serve's proxy's (the same number)
+    assert time.monotonic() - started < REQUEST_TIMEOUT_S + 5
+    deadline = time.monotonic() + 5
+    while _running(client) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(client) == 0  # interrupted, not left to run for hours
+
+
+def test_a_client_that_gives_up_stops_its_query(server, client):
+    with ThreadPoolExecutor(1) as pool:
+        gone = pool.submit(httpx.post, f"{server}/model/predict", json=RUNAWAY, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=2)
+        deadline = time.monotonic() + 5
+        while not _running(client) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _running(client) == 1
+        with pytest.raises(httpx.ReadTimeout):
+            gone.result()
+    left = time.monotonic()
+    while _running(client) and time.monotonic() < left + REQUEST_TIMEOUT_S - 2:
+        time.sleep(0.1)
+    assert _running(client) == 0 and time.monotonic() < left + REQUEST_TIMEOUT_S - 2  # stopped by the disconnect, not the time limit
 
 
 def test_metrics_count_requests_latency_and_batches_per_function(client):

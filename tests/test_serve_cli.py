@@ -1,10 +1,9 @@
 """``rayudf serve`` from the shell: it prints its address once it answers, and SIGTERM lets the
-requests in flight finish before it exits 0. The process joins the test session's Ray; its server
+requests in flight finish before it exits 0. What it refuses to start without a token. The process joins the test session's Ray; its server
 (one Serve per cluster) runs after test_serve.py's has stopped."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,8 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
-from conftest import WORKER_CPUS, Weighted, save_pickled
+from sql_magics.front.cli import main
+
+from conftest import WORKER_CPUS, Weighted, free_port, save_pickled
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYUDF = str(Path(sys.executable).with_name("rayudf"))
@@ -39,21 +41,22 @@ def start(script: Path, port: int, ray_address: str, *extra: str) -> tuple[subpr
 
 
 def test_sigterm_lets_requests_in_flight_finish_and_exits_0(ray_address, model_dir, tmp_path):
-    from test_serve import free_port
-
     model = save_pickled(model_dir / "cli_slow.pkl", Weighted(pause_s=2.0))
     script = tmp_path / "serve.sql"
     script.write_text(f'register sklearn.`{model}` as slow where workers="1" and num_cpus="{WORKER_CPUS}";\n')
     port = free_port()
-    process, line = start(script, port, ray_address)
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file\n")
+    process, line = start(script, port, ray_address, "--token-file", str(token_file))
     try:
         assert line == f"serving http://127.0.0.1:{port} (functions: slow)"
-        url = f"http://127.0.0.1:{port}"
-        assert httpx.post(f"{url}/run/script", data={"sql": "select 1"}).status_code == 403  # off without --allow-scripts
+        url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer from-a-file"}
+        assert httpx.post(f"{url}/v1/functions/slow", json={"inputs": [[1, 2]]}).status_code == 401
+        assert httpx.post(f"{url}/run/script", json={"sql": "select 1"}, headers=auth).status_code == 403  # off without --allow-scripts
         answers = []
 
         def ask() -> None:
-            answers.append(httpx.post(f"{url}/v1/functions/slow", json={"inputs": [[1, 2]]}, timeout=60))
+            answers.append(httpx.post(f"{url}/v1/functions/slow", json={"inputs": [[1, 2]]}, headers=auth, timeout=60))
 
         asking = threading.Thread(target=ask)
         asking.start()
@@ -72,14 +75,29 @@ def test_sigterm_lets_requests_in_flight_finish_and_exits_0(ray_address, model_d
 def test_a_bad_script_or_an_open_address_without_a_token_exits_with_a_line(ray_address, tmp_path):
     bad = tmp_path / "bad.sql"
     bad.write_text("register sklearn.`/nowhere/model.pkl` as f;\n")
-    done = subprocess.run([RAYUDF, "serve", str(bad), "--ray-address", ray_address], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    last = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 1 and last == f"error: {bad}: line 1: model path not found: /nowhere/model.pkl"
-    empty = tmp_path / "empty.sql"
-    empty.write_text("set x = '1';\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAYUDF_TOKEN"}
     done = subprocess.run(
-        [RAYUDF, "serve", str(empty), "--host", "0.0.0.0", "--ray-address", ray_address], capture_output=True, text=True, timeout=120,
-        cwd=ROOT, env=env,
+        [RAYUDF, "serve", str(bad), "--ray-address", ray_address, "--token", "typed"], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
-    assert done.returncode == 1 and "give a token (--token or RAYUDF_TOKEN)" in done.stderr
+    said = done.stderr.strip().splitlines()
+    assert said[0] == "warning: --token shows in the process list; prefer --token-file or RAYUDF_TOKEN"
+    assert done.returncode == 1 and said[-1] == f"error: {bad}: line 1: model path not found: /nowhere/model.pkl"
+
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--host", "0.0.0.0"], "serve: binding 0.0.0.0 opens the server beyond this machine; give a token (--token-file or RAYUDF_TOKEN)"),
+        (["--allow-scripts"], "serve: --allow-scripts runs scripts (files, Python) for whoever reaches the port; give a token "
+                              "(--token-file or RAYUDF_TOKEN)"),
+        (["--token-file", "missing"], "--token-file missing: No such file or directory"),
+        (["--token", "typed", "--token-file", "missing"], "give --token or --token-file, not both"),
+    ],
+)
+def test_serve_refuses_to_start_without_the_token_it_needs(tmp_path, monkeypatch, extra, says):
+    monkeypatch.delenv("RAYUDF_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "never_runs.sql"
+    script.write_text("register sklearn.`/nowhere/model.pkl` as f;\n")
+    done = CliRunner().invoke(main, ["serve", str(script), *extra])
+    assert done.exit_code == 2 and says in done.output  # refused before the script runs: no Ray, no model

@@ -15,12 +15,18 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
+import secrets
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from udf_engine.errors import ConfigError
 
@@ -51,6 +57,10 @@ _QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}
 # 20 shares, 27-31 ms against 34-53 ms).
 LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}
 _log = logging.getLogger(__name__)
+_AUTH_MODE = "RAY_AUTH_MODE"  # Ray's switch for token authentication: "token" (its default for a new local Ray) or "disabled"
+# How long the check whether a cluster takes calls without a token waits for its GCS (on the same network, it answers in ms).
+_PROBE_TIMEOUT_S = 5.0
+_WARNED: set[str] = set()  # the clusters warned about (their GCS address, "local"): each once per process
 
 
 # Ray's notices about faults the engine handles itself: a worker process that died (it is
@@ -108,6 +118,125 @@ def cluster_can_grow() -> bool:
     if report.get("pending_launches") or report.get("pending_nodes"):
         return True
     return any(kind != f"node_{node}" for node, kind in (report.get("node_type_mapping") or {}).items())
+
+
+def init_local(**options: Any) -> None:
+    """``ray.init`` of a new local Ray, as rayudf starts one (the tests' and the benchmarks' too):
+    dashboard off, results inline (:data:`LOCAL_SYSTEM_CONFIG`), every Ray server listening on
+    loopback only, and the token of Ray's token authentication (on by default) in a file only its
+    user can read.
+
+    Ray's own local start takes this machine's reachable address and listens on every interface;
+    with the node's address set to loopback, every server it starts binds there instead.
+    """
+    import ray
+
+    options["_system_config"] = {**LOCAL_SYSTEM_CONFIG, **options.get("_system_config", {})}
+    _private_token_file()
+    with _node_on_loopback():
+        ray.init(namespace=NAMESPACE, include_dashboard=False, **options)
+    warn_if_open(None)
+
+
+def join(address: str, **options: Any) -> None:
+    """``ray.init`` of the cluster at ``address``. A driver on this machine's loopback Ray (one that
+    :func:`init_local` started in another process) is a node on loopback too: Ray would otherwise
+    look for its raylet at this machine's reachable address, where none listens."""
+    import ray
+
+    with _node_on_loopback() if _is_loopback(address) else nullcontext():
+        ray.init(address=address, namespace=NAMESPACE, **options)
+    warn_if_open(ray.get_runtime_context().gcs_address)
+
+
+@contextmanager
+def _node_on_loopback() -> Iterator[None]:
+    """While ``ray.init`` runs, this node's address is loopback: Ray's switch for "this node is one of a
+    cluster" (ENABLE_RAY_CLUSTER, on by default on Linux) is off. A Ray without that switch: as it is."""
+    from ray._private import ray_constants
+
+    clustered = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if clustered is None:
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clustered
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a Ray address (``host:port``) is on loopback.
+
+    Example:
+        >>> _is_loopback("127.0.0.1:6379"), _is_loopback("localhost:6379"), _is_loopback("10.0.0.5:6379"), _is_loopback("auto")
+        (True, True, False, False)
+    """
+    host = urlsplit(f"//{address}").hostname if "://" not in address else None
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _private_token_file() -> None:
+    """Make the token file a new local Ray would write (``~/.ray/auth_token``, which Ray writes with the
+    default umask: readable by every user) ourselves, mode 0600, when token auth is on and no token exists."""
+    if os.environ.get(_AUTH_MODE, "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it meanwhile: Ray reads that one
+        return
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator makes
+
+
+def warn_if_open(gcs_address: str | None) -> None:
+    """Warn once per cluster when the Ray this process uses lets anyone in without a token: the local Ray
+    rayudf started (``gcs_address`` None) with RAY_AUTH_MODE=disabled, or a cluster whose GCS answers a
+    call that carries no token."""
+    key = gcs_address or "local"
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    if gcs_address is None:
+        if os.environ.get(_AUTH_MODE, "token").lower() == "token":
+            return
+        where = f"the local Ray rayudf started ({_AUTH_MODE}={os.environ[_AUTH_MODE]})"
+    elif _answers_without_token(gcs_address):
+        where = f"the Ray cluster at {gcs_address}"
+    else:
+        return
+    warnings.warn(
+        f"{where} has token authentication off: whoever can reach its ports can run code there as its user and read "
+        f"what it holds (models, data). Start it with {_AUTH_MODE}=token (https://docs.ray.io/en/latest/ray-security/token-auth.html)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _answers_without_token(gcs_address: str) -> bool:
+    """Whether the GCS at ``gcs_address`` answers a call that carries no token (Ray's internal gRPC API:
+    any other answer or shape counts as "no")."""
+    try:
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        with grpc.insecure_channel(gcs_address) as channel:
+            stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=_PROBE_TIMEOUT_S)
+        return True
+    except Exception:  # noqa: BLE001 - refused (token auth on), unreachable, or another Ray's API: no warning
+        return False
 
 
 class RayRuntime:
@@ -202,11 +331,9 @@ class RayRuntime:
         _log_raylet_notices()
         address = self.address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, namespace=NAMESPACE, **{**_QUIET, **self._init_options})
+            join(address, **{**_QUIET, **self._init_options})
             return
-        options = {**_QUIET, **self._init_options}
-        options["_system_config"] = {**LOCAL_SYSTEM_CONFIG, **options.get("_system_config", {})}
-        ray.init(namespace=NAMESPACE, include_dashboard=False, **options)
+        init_local(**{**_QUIET, **self._init_options})
         self._started_here = True
 
     def join(self, address: str | None) -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 import click
 
 from sql_magics.errors import ParseError
-from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOUT_S, TOKEN_VARIABLE
-from udf_engine.errors import RayUDFError
+from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOUT_S, TOKEN_VARIABLE, check_binding
+from udf_engine.errors import ConfigError, RayUDFError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # How often `rayudf serve` and a stream script's `rayudf run` look whether they were signalled to stop.
@@ -141,7 +141,10 @@ def _registers(text: str) -> bool:
 @click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--host", default=DEFAULT_HOST, show_default=True, help="the address to bind; beyond loopback needs a token")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, help="the HTTP port")
-@click.option("--token", default=None, envvar=TOKEN_VARIABLE, help=f"require Authorization: Bearer <token> (default: ${TOKEN_VARIABLE})")
+@click.option("--token", default=None, envvar=TOKEN_VARIABLE, help=f"require Authorization: Bearer <token> (default: ${TOKEN_VARIABLE}; "
+              "on the command line it shows in the process list: prefer --token-file)")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="read the token from this file (its first line)")
 @click.option("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
 @click.option("--allow-scripts", is_flag=True, help="answer Byzer's /run/script (a script can read files and run Python)")
 @click.option("--replicas", default=1, show_default=True, help="Serve replicas of the HTTP app")
@@ -149,13 +152,18 @@ def _registers(text: str) -> bool:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="set ${KEY}; wins over the script's own set")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def serve(
-    script: Path, host: str, port: int, token: str | None, ray_address: str | None, allow_scripts: bool, replicas: int,
-    request_timeout_s: float, sets: tuple[str, ...], debug: bool,
+    script: Path, host: str, port: int, token: str | None, token_file: Path | None, ray_address: str | None, allow_scripts: bool,
+    replicas: int, request_timeout_s: float, sets: tuple[str, ...], debug: bool,
 ) -> None:
     """Run a script (its register, load and set statements), then answer HTTP for its functions
     until SIGINT or SIGTERM, which let the requests in flight finish (docs/serving.md)."""
     from sql_magics.session import Session
 
+    token = _token(click.get_current_context(), token, token_file)
+    try:
+        check_binding(host, token, allow_scripts)  # before the script runs: nothing starts that would not serve
+    except ConfigError as err:
+        raise _Failed(str(err), 2) from None
     variables, text = _parse_sets(sets), _read(script)
     stop = threading.Event()
     with _statement_errors(debug), Session(ray_address=ray_address) as session:
@@ -172,6 +180,25 @@ def serve(
         while not stop.wait(_SIGNAL_POLL_S):
             pass
         click.echo("stopping: the requests in flight finish", err=True)
+
+
+def _token(context: click.Context, token: str | None, token_file: Path | None) -> str | None:
+    """The server's token: from --token-file, else --token or $RAYUDF_TOKEN (a warning when it was typed
+    on the command line, where every user of the machine can read it in /proc/<pid>/cmdline)."""
+    typed = context.get_parameter_source("token") is click.core.ParameterSource.COMMANDLINE
+    if token_file is None:
+        if typed:
+            click.echo(f"warning: --token shows in the process list; prefer --token-file or {TOKEN_VARIABLE}", err=True)
+        return token
+    if typed:
+        raise click.UsageError("give --token or --token-file, not both")
+    try:
+        lines = token_file.read_text().splitlines()
+    except OSError as err:
+        raise _Failed(f"--token-file {token_file}: {err.strerror}", 2) from None
+    if not lines or not lines[0].strip():
+        raise _Failed(f"--token-file {token_file}: the file is empty; its first line is the token", 2)
+    return lines[0].strip()
 
 
 @main.command()

@@ -19,25 +19,29 @@ Example:
 import asyncio
 import hmac
 import io
-import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
 from sql_magics.errors import ParseError
 from sql_magics.serving.metrics import Metrics
 from sql_magics.serving.replica import Functions, Pins
 from sql_magics.serving.requests import (
+    MAX_BODY_BYTES,
+    QueryStoppedError,
     RequestError,
     UnknownFunctionError,
     arrow_columns,
     inputs_arguments,
+    loads,
     predict_request,
     rows_json,
     values_json,
@@ -46,8 +50,9 @@ from udf_engine.errors import BatchTimeoutError, ModelError, RayUDFError, Worker
 
 VERSION_HEADER = "X-RayUDF-Version"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
-# The largest body a request may have: a bulk Arrow request of some hundred thousand rows.
-MAX_BODY_BYTES = 64 << 20
+_FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
+_EVERY_ADDRESS = ("0.0.0.0", "::", "")
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 # Requests one replica holds at once: enough that many are coalesced into one call to the workers.
 MAX_ONGOING_REQUESTS = 256
 # How long a replica that is told to stop lets its requests in flight finish (a slow model's batch),
@@ -64,7 +69,7 @@ def _status(err: BaseException) -> int:
     """The HTTP status of an error: the caller's mistake, the model's, or the workers'."""
     if isinstance(err, UnknownFunctionError):
         return 404
-    if isinstance(err, BatchTimeoutError):
+    if isinstance(err, BatchTimeoutError | QueryStoppedError):
         return 504
     if isinstance(err, ModelError):
         return 422
@@ -81,6 +86,32 @@ class _Refused(Exception):  # noqa: N818 - an answer, not a failure
         self.status = status
 
 
+def allowed_hosts(bound: str) -> frozenset[str] | None:
+    """The host names a request may say it is for (its ``Host``, a browser's ``Origin``): the bound
+    address and loopback's names; None (any) when bound to every address, which needs a token.
+
+    Example:
+        >>> sorted(allowed_hosts("127.0.0.1")), allowed_hosts("0.0.0.0")
+        (['127.0.0.1', '::1', 'localhost'], None)
+    """
+    if bound in _EVERY_ADDRESS:
+        return None
+    return frozenset({bound.strip("[]").lower(), *_LOOPBACK_NAMES})
+
+
+def _check_origin(request: Request, hosts: frozenset[str] | None) -> None:
+    """Refuse a request for another host name (a DNS-rebinding page: 421) or sent by a page of
+    another site (its Origin: 403). A browser always sends Origin with a cross-site POST."""
+    if hosts is None:
+        return
+    host = urlsplit(f"//{request.headers.get('host', '')}").hostname
+    if host not in hosts:
+        raise _Refused(421, f"this server answers for {', '.join(sorted(hosts))}, not for the host {host or '(none)'!r}")
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).hostname not in hosts:
+        raise _Refused(403, f"requests from web pages of other sites are refused (Origin {origin!r})")
+
+
 # The helpers stand before the deployment class: Serve serializes the class, with what it names, as it is defined.
 def _described(function) -> dict:
     return {
@@ -94,33 +125,47 @@ def _described(function) -> dict:
 
 
 async def _body(request: Request) -> bytes:
+    """The body, counted as it arrives (a chunked one has no Content-Length to refuse it by): 413 at MAX_BODY_BYTES."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _Refused(413, f"the body is {int(declared):,} bytes; at most {MAX_BODY_BYTES:,} are taken")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise _Refused(413, f"the body is {len(body):,} bytes; at most {MAX_BODY_BYTES:,} are taken")
-    return body
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _Refused(413, f"the body is over {MAX_BODY_BYTES:,} bytes; at most {MAX_BODY_BYTES:,} are taken")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-async def _params(request: Request) -> dict[str, Any]:
-    """A request's parameters: its query string, then its form fields or JSON object body."""
+async def _params(request: Request, *, json_only: bool = False) -> dict[str, Any]:
+    """A request's parameters: its query string, then its form fields or JSON object body (only a JSON
+    POST with ``json_only``: what a web page of another site cannot send without the server's consent)."""
+    kind = request.headers.get("content-type", "")
+    if json_only and (request.method != "POST" or not kind.startswith("application/json")):
+        raise _Refused(415, "this endpoint takes a POST with a JSON body (Content-Type: application/json)")
     params: dict[str, Any] = dict(request.query_params)
     if request.method != "POST":
         return params
-    kind = request.headers.get("content-type", "")
     body = await _body(request)
     if kind.startswith("application/json"):
-        try:
-            fields = json.loads(body or b"{}")
-        except ValueError as err:
-            raise RequestError(f"the body is not JSON: {err}") from None
+        fields = loads(body or b"{}", "the body")
         if not isinstance(fields, dict):
             raise RequestError("the JSON body must be an object of parameters")
         params.update(fields)
-    elif kind.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
-        params.update((k, v) for k, v in (await request.form()).items() if isinstance(v, str))
+    elif kind.startswith(_FORMS):
+        parser = FormParser if kind.startswith(_FORMS[0]) else MultiPartParser
+        try:
+            form = await parser(request.headers, _once(body), max_part_size=MAX_BODY_BYTES).parse()
+        except MultiPartException as err:
+            raise RequestError(f"the form body does not parse: {err.message}") from None
+        params.update((k, v) for k, v in form.items() if isinstance(v, str))
     return params
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    """A body already read (and counted), as the stream a form parser reads."""
+    yield body
 
 
 def _arrow_bytes(table: pa.Table) -> bytes:
@@ -140,10 +185,12 @@ def _arrow_bytes(table: pa.Table) -> bytes:
 class Ingress:
     """One replica of a session's HTTP tier."""
 
-    def __init__(self, directory: Any, token: str | None, allow_scripts: bool) -> None:
+    def __init__(self, directory: Any, token: str | None, allow_scripts: bool, host: str, request_timeout_s: float) -> None:
         self._directory = directory  # the session's Directory actor
         self._token = f"Bearer {token}".encode() if token else None
         self._allow_scripts = allow_scripts
+        self._hosts = allowed_hosts(host)  # the names a request may say it is for (None: any)
+        self._timeout_s = request_timeout_s  # how long a select list may run
         self._id = secrets.token_hex(4)  # how this replica reports to the directory
         self._metrics = Metrics()
         self._functions: Functions | None = None  # once the directory first answered
@@ -181,6 +228,7 @@ class Ingress:
     # -- answering -------------------------------------------------------------------------
 
     def _check(self, request: Request) -> None:
+        _check_origin(request, self._hosts)
         if self._token is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), self._token):
             raise _Refused(401, "this server needs Authorization: Bearer <token>")
 
@@ -209,7 +257,11 @@ class Ingress:
         return response
 
     @app.get("/healthz")
-    async def healthz(self) -> Response:
+    async def healthz(self, request: Request) -> Response:
+        try:
+            _check_origin(request, self._hosts)
+        except _Refused as err:
+            return JSONResponse({"error": str(err)}, status_code=err.status)
         functions = await self._ready()
         return JSONResponse({"status": "ok", "functions": sorted(functions.by_name)})
 
@@ -241,7 +293,7 @@ class Ingress:
     async def predict(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             ask = predict_request(await _params(request))
-            return JSONResponse(rows_json(await self._functions.predict(ask, pins)))
+            return JSONResponse(rows_json(await self._functions.predict(ask, pins, self._timeout_s)))
 
         return await self._answer(request, "predict", work)
 
@@ -258,7 +310,7 @@ class Ingress:
         async def work(pins: Pins) -> Response:
             if not self._allow_scripts:
                 raise _Refused(403, "/run/script is off: a script can read files and run Python; start the server with --allow-scripts")
-            answer = await self._directory.run_script.remote(await _params(request))
+            answer = await self._directory.run_script.remote(await _params(request, json_only=True))
             return JSONResponse(answer["body"], status_code=answer["status"])
 
         return await self._answer(request, "script", work, scores=False)

@@ -62,6 +62,7 @@ class Metrics:
         self.latency: dict[tuple[str, str], Histogram] = {}  # (function, endpoint)
         self.batch_requests: dict[str, Histogram] = {}  # requests in one worker call, by function
         self.batch_rows: dict[str, Histogram] = {}  # rows in one worker call, by function
+        self.queries_running = 0  # /model/predict select lists evaluating now (a gauge)
 
     def request(self, function: str, endpoint: str, code: int, seconds: float) -> None:
         self.requests[(function, endpoint, code)] += 1
@@ -74,13 +75,14 @@ class Metrics:
     def snapshot(self) -> dict:
         """The counters as plain data, to send to the directory."""
         return {"requests": dict(self.requests), "latency": self.latency, "batch_requests": self.batch_requests,
-                "batch_rows": self.batch_rows}
+                "batch_rows": self.batch_rows, "queries_running": self.queries_running}
 
     @classmethod
     def merged(cls, snapshots: list[dict]) -> Metrics:
         total = cls()
         for snap in snapshots:
             total.requests.update(snap["requests"])
+            total.queries_running += snap.get("queries_running", 0)
             for attr in ("latency", "batch_requests", "batch_rows"):
                 mine = getattr(total, attr)
                 for key, hist in snap[attr].items():
@@ -107,4 +109,6 @@ class Metrics:
             out += [f"# HELP {name} {what} coalesced into one call to a function's workers.", f"# TYPE {name} histogram"]
             for f, hist in sorted(getattr(self, attr).items()):
                 out += hist.lines(name, f'function="{f}"')
+        out += ["# HELP rayudf_sql_queries_running /model/predict select lists being evaluated now.",
+                "# TYPE rayudf_sql_queries_running gauge", f"rayudf_sql_queries_running {self.queries_running}"]
         return "\n".join(out) + "\n"

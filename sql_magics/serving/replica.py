@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 
 from arrow_bridge.function import add_arrow_function
-from arrow_bridge.quoting import quote_identifier
 from arrow_bridge.scoring import Call, Scored
 from arrow_bridge.tensors import join_outputs, slice_output
 from arrow_bridge.types import arrow_type
@@ -42,7 +41,15 @@ from sql_magics.errors import clean_duckdb_error
 from sql_magics.serving.coalescer import Coalescer
 from sql_magics.serving.directory import FunctionEntry, VersionEntry
 from sql_magics.serving.metrics import Metrics
-from sql_magics.serving.requests import REQUEST_TABLE, PredictRequest, RequestError, UnknownFunctionError
+from sql_magics.serving.requests import (
+    MAX_BODY_BYTES,
+    REQUEST_TABLE,
+    PredictRequest,
+    QueryStoppedError,
+    RequestError,
+    UnknownFunctionError,
+)
+from sql_magics.serving.select_list import query
 from udf_engine.actors.dispatcher import Dispatcher
 from udf_engine.actors.failures import Partial
 from udf_engine.errors import InputError, ModelError, RayUDFError, RowError
@@ -50,6 +57,14 @@ from udf_engine.errors import InputError, ModelError, RayUDFError, RowError
 # Threads that run requests' DuckDB queries: each one waits while its model calls are coalesced,
 # so there are as many as requests that may be coalesced into one call, and more.
 QUERY_THREADS = 64
+# What all of a replica's select lists together may hold in DuckDB (the request's rows come in as
+# Arrow, outside it): a select list over a request's rows needs little, a runaway one (a cross
+# product, range(1e11)) fails at this instead of taking the memory the model workers share.
+QUERY_MEMORY_LIMIT = "512MB"
+# Rows an answer may have: as many as a large request's, more only when a select list unnests.
+MAX_RESULT_ROWS = 1_000_000
+# How often a stopped query is interrupted again until its thread lets go of it.
+_INTERRUPT_EVERY_S = 0.1
 _local = threading.local()  # the Pins of the request a query thread runs
 
 
@@ -236,46 +251,87 @@ class Functions:
             raise call.placed(outcome.error) if isinstance(outcome.error, RowError) else outcome.error
         return call.scored(outcome.outputs, function.arrow_type)
 
-    async def predict(self, ask: PredictRequest, pins: Pins) -> pa.Table:
-        """Evaluate a ``/model/predict`` select list over its rows, on a query thread."""
+    async def predict(self, ask: PredictRequest, pins: Pins, timeout_s: float) -> pa.Table:
+        """Evaluate a ``/model/predict`` select list over its rows, on a query thread, for at most ``timeout_s``;
+        a query past it, or whose request is cancelled (its client went away), is interrupted."""
         sql = self._sql
-        return await self._loop.run_in_executor(self._queries, sql.evaluate, ask, pins, self)
+        cursor = sql.cursor()
+        work = asyncio.wrap_future(self._queries.submit(sql.evaluate, cursor, ask, pins, self))
+        self._metrics.queries_running += 1
+        work.add_done_callback(self._query_done)
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), timeout_s)
+        except TimeoutError:
+            self._loop.create_task(_interrupt_until_done(cursor, work))
+            raise QueryStoppedError(f"sql: the query ran past the request's time limit ({timeout_s:g} s) and was stopped") from None
+        except asyncio.CancelledError:
+            self._loop.create_task(_interrupt_until_done(cursor, work))
+            raise
+
+    def _query_done(self, work: asyncio.Future) -> None:
+        self._metrics.queries_running -= 1
+        if not work.cancelled():
+            work.exception()  # retrieved: a stopped query's error has nobody else to read it
 
 
 class _RequestSQL:
     """The replica's DuckDB for request select lists: the served functions created in it, no file,
-    network or extension access, one thread per query (a model call runs on the thread of its request)."""
+    network or extension access, a memory limit and no spilling, one thread per query (a model call
+    runs on the thread of its request). Each request's query has a cursor of its own, so that it
+    alone can be stopped."""
 
     def __init__(self, returns: dict[str, str], loop: asyncio.AbstractEventLoop) -> None:
         self.returns = returns
-        self._con = duckdb.connect(config={"enable_external_access": False, "threads": 1})
+        self._con = duckdb.connect(config={
+            "enable_external_access": False, "threads": 1, "memory_limit": QUERY_MEMORY_LIMIT, "temp_directory": "",
+            "autoload_known_extensions": False, "autoinstall_known_extensions": False,
+        })
         self._con.execute("SET lock_configuration = true").fetchall()
         for name, type_name in returns.items():
             add_arrow_function(self._con, name, _calling(name, loop), type_name)
-        self._cursors = threading.local()
 
-    def evaluate(self, ask: PredictRequest, pins: Pins, functions: Functions) -> pa.Table:
-        cursor = getattr(self._cursors, "cursor", None)
-        if cursor is None:
-            cursor = self._cursors.cursor = self._con.cursor()
-        statement = f"SELECT {ask.select} FROM {quote_identifier(REQUEST_TABLE)}"
-        try:
-            kinds = [s.type.name for s in duckdb.extract_statements(statement)]
-        except duckdb.Error as err:
-            raise RequestError(f"sql: {clean_duckdb_error(err)}") from None
-        if kinds != ["SELECT"]:
-            raise RequestError("sql: give one select list, nothing after it")
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        return self._con.cursor()
+
+    def evaluate(self, cursor: duckdb.DuckDBPyConnection, ask: PredictRequest, pins: Pins, functions: Functions) -> pa.Table:
+        """The select list's rows (at most MAX_RESULT_ROWS and MAX_BODY_BYTES of them); closes ``cursor``."""
         _local.pins, _local.functions = pins, functions
-        cursor.register(REQUEST_TABLE, ask.rows)
         try:
-            return cursor.sql(statement).to_arrow_table()
+            statement = query(ask.select)
+            cursor.register(REQUEST_TABLE, ask.rows)
+            reader = cursor.sql(statement).to_arrow_reader()
+            batches, rows, size = [], 0, 0
+            for batch in reader:
+                rows, size = rows + batch.num_rows, size + batch.nbytes
+                if rows > MAX_RESULT_ROWS or size > MAX_BODY_BYTES:
+                    raise RequestError(
+                        f"sql: the answer would be over {MAX_RESULT_ROWS:,} rows or {MAX_BODY_BYTES:,} bytes; "
+                        "an answer has as many rows as the request, unless the select list unnests"
+                    )
+                batches.append(batch)
+            return pa.Table.from_batches(batches, reader.schema)
+        except duckdb.InterruptException:
+            raise QueryStoppedError("sql: the query was stopped") from None
+        except duckdb.OutOfMemoryException:
+            raise RequestError(f"sql: the query needs more than the {QUERY_MEMORY_LIMIT} a replica's select lists may take") from None
         except duckdb.Error as err:
             if pins.error is not None:
                 raise pins.error from None
             raise RequestError(f"sql: {clean_duckdb_error(err)}") from None
         finally:
-            cursor.unregister(REQUEST_TABLE)
             _local.pins = _local.functions = None
+            cursor.close()
+
+
+async def _interrupt_until_done(cursor: duckdb.DuckDBPyConnection, work: asyncio.Future) -> None:
+    """Interrupt a query until its thread has let go of it: an interrupt that lands before the
+    query starts is lost (DuckDB clears it when a query begins), so it is sent again."""
+    while not work.done():
+        try:
+            cursor.interrupt()
+        except duckdb.Error:
+            return  # closed: the query is over
+        await asyncio.sleep(_INTERRUPT_EVERY_S)
 
 
 def _calling(name: str, loop: asyncio.AbstractEventLoop):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +30,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from arrow_bridge.ipc import UntrustedStreamError, read_untrusted
 from udf_engine.errors import RayUDFError
 
+# The largest body a request may have (and the largest answer a select list may give): a bulk
+# Arrow request of some hundred thousand rows.
+MAX_BODY_BYTES = 64 << 20
 DATA_TYPES = ("vector", "string", "row")
 FEATURE = "feature"  # Byzer's column of a vector or string request
 REQUEST_TABLE = "__rayudf_request"  # what the select list reads from
@@ -45,6 +50,10 @@ class RequestError(RayUDFError):
 
 class UnknownFunctionError(RequestError):
     """A request names a function the server does not serve: answered 404."""
+
+
+class QueryStoppedError(RequestError):
+    """A select list stopped because its request ran past its time limit (answered 504), or its client went away."""
 
 
 @dataclass
@@ -64,10 +73,17 @@ def _json(value: Any, what: str) -> Any:
     """``value`` itself, or what the JSON text ``value`` holds."""
     if not isinstance(value, str):
         return value
+    return loads(value, what)
+
+
+def loads(text: str | bytes, what: str) -> Any:
+    """JSON text's value, or a RequestError naming ``what`` (JSON nested too deep for the parser included)."""
     try:
-        return json.loads(value)
+        return json.loads(text)
     except ValueError as err:
-        raise RequestError(f"{what} is not JSON ({err}): {_shown(value)}") from None
+        raise RequestError(f"{what} is not JSON ({err}): {_shown(text if isinstance(text, str) else repr(text[:_SHOWN]))}") from None
+    except RecursionError:
+        raise RequestError(f"{what}: JSON nested deeper than {sys.getrecursionlimit():,} levels is not taken") from None
 
 
 def predict_request(params: Mapping[str, Any]) -> PredictRequest:
@@ -144,9 +160,9 @@ def inputs_arguments(body: Any) -> np.ndarray | list[pa.Array]:
 def arrow_columns(body: bytes) -> list[pa.Array]:
     """The argument columns of an Arrow IPC stream body: its columns, in order."""
     try:
-        table = pa.ipc.open_stream(body).read_all()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise RequestError(f"the body is not an Arrow IPC stream: {err}") from None
+        table = read_untrusted(body)
+    except UntrustedStreamError as err:
+        raise RequestError(str(err)) from None
     if table.num_columns == 0 or table.num_rows == 0:
         raise RequestError("the Arrow body holds no argument columns or no rows")
     return [column.combine_chunks() for column in table.columns]

@@ -40,6 +40,7 @@ from udf_engine.ray_runtime import NAMESPACE, actor_name
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 TOKEN_VARIABLE = "RAYUDF_TOKEN"  # where a server finds its token when none is given
+_TOKEN_SOURCES = f"(--token-file or {TOKEN_VARIABLE})"
 # Seconds Ray Serve's proxy lets a request run before it answers 408.
 REQUEST_TIMEOUT_S = 60.0
 # How long a server that is starting waits for /healthz to answer: Serve's controller, the proxy and
@@ -70,21 +71,28 @@ class ServerHandle:
         return f"serving {self.url} (functions: {', '.join(self.functions) or 'none yet'})"
 
 
-def check_binding(host: str, token: str | None) -> None:
-    """Refuse to serve beyond this machine without a token.
+def check_binding(host: str, token: str | None, allow_scripts: bool = False) -> None:
+    """Refuse to serve beyond this machine without a token, and scripts without one anywhere.
 
     Example:
         >>> check_binding("127.0.0.1", None); check_binding("0.0.0.0", "s3cret")
         >>> check_binding("0.0.0.0", None)
         Traceback (most recent call last):
-        udf_engine.errors.ConfigError: serve: binding 0.0.0.0 opens the server beyond this machine; give a token (--token or RAYUDF_TOKEN)
+        udf_engine.errors.ConfigError: serve: binding 0.0.0.0 opens the server beyond this machine; give a token (...)
+        >>> check_binding("127.0.0.1", None, allow_scripts=True)
+        Traceback (most recent call last):
+        udf_engine.errors.ConfigError: serve: --allow-scripts runs scripts (files, Python) for whoever reaches the port; ...
     """
+    if allow_scripts and not token:
+        raise ConfigError(
+            f"serve: --allow-scripts runs scripts (files, Python) for whoever reaches the port; give a token {_TOKEN_SOURCES}"
+        )
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
     if not loopback and not token:
-        raise ConfigError(f"serve: binding {host} opens the server beyond this machine; give a token (--token or RAYUDF_TOKEN)")
+        raise ConfigError(f"serve: binding {host} opens the server beyond this machine; give a token {_TOKEN_SOURCES}")
 
 
 class Serving:
@@ -120,7 +128,7 @@ class Serving:
         """Serve the session's functions on ``host:port`` until :meth:`stop`."""
         if self._handle is not None:
             raise ConfigError(f"serve: this session already serves at {self._handle.url} (!serve stop, or handle.stop(), first)")
-        check_binding(host, token)
+        check_binding(host, token, allow_scripts)
         if replicas < 1:
             raise ConfigError(f"serve: replicas must be at least 1, got {replicas}")
         self._registry.runtime.ensure()
@@ -144,7 +152,9 @@ class Serving:
             self._serve_started = True
             serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": float(request_timeout_s)})
             serve.run(
-                Ingress.options(num_replicas=int(replicas)).bind(self._directory, token, bool(allow_scripts)),
+                Ingress.options(num_replicas=int(replicas)).bind(
+                    self._directory, token, bool(allow_scripts), host, float(request_timeout_s)
+                ),
                 name=self._app, route_prefix="/", blocking=False,
             )
             self._tender = threading.Thread(target=self._tend, name="rayudf-serving", daemon=True)
@@ -290,10 +300,12 @@ def script_answer(request: dict, run: Callable[[str, str | None], pd.DataFrame |
     owner = str(request.get("owner") or "admin") if per_user else None
     try:
         frame = run(sql, owner)
+        table = pa.table({}) if frame is None else pa.Table.from_pandas(frame, preserve_index=False)
+        rows = rows_json(table)
     except (ParseError, ExecutionError, RayUDFError) as err:
         return {"status": 400 if isinstance(err, ParseError) else 500, "body": {"error": str(err)}}
-    table = pa.table({}) if frame is None else pa.Table.from_pandas(frame, preserve_index=False)
-    rows = rows_json(table)
+    except BaseException as err:  # noqa: BLE001 - SystemExit, a result Arrow cannot hold: still an answer, never a lost request
+        return {"status": 500, "body": {"error": f"/run/script: {type(err).__name__}: {err}"}}
     if str(request.get("includeSchema", "false")).lower() not in _TRUE:
         return {"status": 200, "body": rows}
     fields = [{"name": f.name, "type": str(f.type), "nullable": True} for f in table.schema]
