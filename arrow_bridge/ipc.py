@@ -4,7 +4,9 @@ An IPC body is checked before any of it is decoded, and in full after:
 - compressed buffers (LZ4/ZSTD) are refused: a megabyte of zstd can inflate to gigabytes, and
   Arrow decompresses a whole batch at once, with no bound;
 - encodings whose decoded size is not the body's (dictionaries, run-ends, views: one value
-  referenced by millions of rows) are refused;
+  referenced by millions of rows; extension types, which may hide them) are refused, and so are
+  types whose rows take no bytes (null, zero-width) and streams that say they hold more rows
+  than their bytes can;
 - ``validate(full=True)``: an offset that points past its buffer passes Arrow's cheap checks
   when a stream is read, and would be read out of bounds later.
 
@@ -32,13 +34,16 @@ import pyarrow as pa
 
 # The MessageHeader union's members that carry buffers (Arrow's format/Message.fbs).
 _DICTIONARY_BATCH, _RECORD_BATCH = 2, 3
+# Every row of a type that is taken costs at least a bit (a boolean, a validity bit): a stream that
+# says it holds more rows than that says what its bytes cannot hold.
+_ROWS_PER_BYTE = 8
 # Field numbers in the flatbuffer tables of Message.fbs.
 _MESSAGE_HEADER_TYPE, _MESSAGE_HEADER = 1, 2
 _DICTIONARY_BATCH_DATA = 1
 _RECORD_BATCH_COMPRESSION = 3
 
 
-class UntrustedStreamError(ValueError):
+class UntrustedStreamError(Exception):
     """An IPC body that is not a plain, whole Arrow stream."""
 
 
@@ -53,8 +58,10 @@ def read_untrusted(body: bytes) -> pa.Table:
         _check_types(stream.schema)
         table = stream.read_all()
         table.validate(full=True)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, struct.error, IndexError) as err:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, struct.error, IndexError, ValueError) as err:
         raise UntrustedStreamError(f"the body is not a whole Arrow IPC stream: {err}") from None
+    if table.num_rows > _ROWS_PER_BYTE * len(body):
+        raise UntrustedStreamError(f"the Arrow stream says it holds {table.num_rows:,} rows, more than its {len(body):,} bytes can")
     return table
 
 
@@ -63,13 +70,25 @@ def _check_types(schema: pa.Schema) -> None:
         stack = [field.type]
         while stack:
             kind = stack.pop()
-            if pa.types.is_dictionary(kind) or pa.types.is_run_end_encoded(kind) or _is_view(kind):
+            if isinstance(kind, pa.ExtensionType) or pa.types.is_dictionary(kind) or pa.types.is_run_end_encoded(kind) or _is_view(kind):
                 raise UntrustedStreamError(f"column {field.name!r}: {kind} is not taken; send plain (not encoded) arrays")
+            if _is_empty(kind):
+                raise UntrustedStreamError(f"column {field.name!r}: {kind} holds nothing in each row; it is not taken")
             stack += [kind.field(i).type for i in range(kind.num_fields)]
 
 
 def _is_view(kind: pa.DataType) -> bool:
     return kind.id in {pa.string_view().id, pa.binary_view().id, pa.list_view(pa.int8()).id, pa.large_list_view(pa.int8()).id}
+
+
+def _is_empty(kind: pa.DataType) -> bool:
+    """Types whose rows take no bytes, so that a few bytes can say a stream holds billions of them."""
+    return (
+        pa.types.is_null(kind)
+        or (pa.types.is_fixed_size_binary(kind) and kind.byte_width == 0)
+        or (pa.types.is_fixed_size_list(kind) and kind.list_size == 0)
+        or (pa.types.is_struct(kind) and kind.num_fields == 0)
+    )
 
 
 def _compressed(metadata: bytes) -> bool:

@@ -169,6 +169,12 @@ ESCAPES = [
     ("list_sum(range(100000000000)) as s", "range() is not taken: it can build a value far larger than the request"),
     ("repeat('x', 1000000000) as big", "repeat() is not taken"),
     ("(select count(*) from __rayudf_request, range(1000000000)) as n", "the table function range() is not taken"),
+    ("json_serialize_plan('select current_setting(''secret_directory'') as v', optimize := true) as p",
+     "json_serialize_plan() is not taken"),
+    ("pg_get_viewdef(1) as v", "pg_get_viewdef() is not taken: it reads the database's catalog"),
+    ("replace(b::varchar, '2', b::varchar) as r", "replace() is not taken: it can build a value far larger"),
+    ("'x' as a0, " + ", ".join(f"a{i - 1}||a{i - 1} as a{i}" for i in range(1, 30)) + ", length(a29) as n",  # 2^29 times the binder's work
+     "a0 names an alias of the same select list"),
 ]
 
 
@@ -227,6 +233,9 @@ def test_arrow_bodies_that_would_inflate_or_read_out_of_bounds_are_refused(clien
     encoded = pa.table({"s": pa.array(["a", "bb"]).dictionary_encode()})
     answer = client.post("/v1/functions/strlen", content=_arrow_body(encoded), headers=arrow)
     assert answer.status_code == 400 and "send plain (not encoded) arrays" in answer.json()["error"]
+    nothing = _arrow_body(pa.table({"n": pa.nulls(2**31 - 1)}))  # 2^31 rows in ~200 bytes
+    answer = client.post("/v1/functions/strlen", content=nothing, headers=arrow)
+    assert len(nothing) < 1000 and answer.status_code == 400 and "holds nothing in each row" in answer.json()["error"]
 
 
 def test_a_model_that_raises_answers_its_message_and_the_server_goes_on(client):
@@ -383,11 +392,17 @@ def test_run_script_takes_json_posts_only_and_nothing_from_other_sites(server, c
     # what a web page of another site can make a browser send: a form POST, or a JSON one the server never allowed
     evil = {"Origin": "http://evil.example"}
     for answer in (httpx.post(f"{server}/run/script", data=script, headers=evil), client.post("/run/script", json=script, headers=evil)):
-        assert answer.status_code == 403 and "web pages of other sites" in answer.json()["error"]
+        assert answer.status_code == 403 and "web pages of other origins" in answer.json()["error"]
+    # a GET an <img> of another site makes carries no Origin; the browser says where it comes from all the same
+    image = httpx.get(f"{server}/model/predict", params={"data": "[[1, 2]]", "pipeline": "lin"}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert image.status_code == 403 and "Sec-Fetch-Site: cross-site" in image.json()["error"]
+    other_port = {"Origin": "http://127.0.0.1:1"}  # another server of this machine is another origin
+    assert client.post("/run/script", json=script, headers=other_port).status_code == 403
     # a DNS-rebinding name that resolves to 127.0.0.1: the Host it sends is not this server's
     rebound = {"Host": f"evil.example:{server.rsplit(':', 1)[1]}"}
     assert client.post("/run/script", json=script, headers=rebound).status_code == 421
     assert httpx.get(f"{server}/healthz", headers=rebound).status_code == 421
+    assert httpx.get(f"{server}/healthz", headers={"Host": "["}).status_code == 421
     assert client.get("/v1/functions", headers={"Host": "localhost"}).status_code == 200  # loopback's names are this server's
 
 

@@ -68,6 +68,20 @@ def test_links_are_refused(tmp_path):
         save_rows_as_file(_tar_rows([(link, b"")]), tmp_path / "out")
 
 
+def test_a_sparse_entry_is_refused(tmp_path):
+    """A GNU sparse entry: a few bytes in the stream that unpack to a file of any size."""
+    sparse = tarfile.TarInfo("model.bin")
+    sparse.type = tarfile.GNUTYPE_SPARSE
+    sparse.sparse = [(0, 0)]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(sparse, io.BytesIO(b""))
+    rows = [{"start": 0, "offset": len(buffer.getvalue()), "value": buffer.getvalue()}]
+    with pytest.raises(ModelError, match="only files and directories"):
+        save_rows_as_file(rows, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.bin").exists()
+
+
 def test_a_missing_or_repeated_chunk_is_named(tmp_path, keras_model):
     rows = list(build_rows_from_file(keras_model[1]))
     assert len(rows) >= 1

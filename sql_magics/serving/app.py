@@ -53,6 +53,7 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 _FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 _EVERY_ADDRESS = ("0.0.0.0", "::", "")
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_SAME_ORIGIN = ("same-origin", "none")  # Sec-Fetch-Site of a page of this server, or of a typed URL or a client that is no page
 # Requests one replica holds at once: enough that many are coalesced into one call to the workers.
 MAX_ONGOING_REQUESTS = 256
 # How long a replica that is told to stop lets its requests in flight finish (a slow model's batch),
@@ -99,17 +100,32 @@ def allowed_hosts(bound: str) -> frozenset[str] | None:
     return frozenset({bound.strip("[]").lower(), *_LOOPBACK_NAMES})
 
 
-def _check_origin(request: Request, hosts: frozenset[str] | None) -> None:
-    """Refuse a request for another host name (a DNS-rebinding page: 421) or sent by a page of
-    another site (its Origin: 403). A browser always sends Origin with a cross-site POST."""
+def _check_origin(request: Request, hosts: frozenset[str] | None, port: int) -> None:
+    """Refuse a request for another host name (a DNS-rebinding page: 421), or one a web page of
+    another origin made a browser send (403): a browser says so in ``Sec-Fetch-Site`` on every
+    request (a cross-site GET from an ``<img>`` carries no Origin), and in ``Origin`` on a POST."""
     if hosts is None:
         return
-    host = urlsplit(f"//{request.headers.get('host', '')}").hostname
+    try:
+        host = urlsplit(f"//{request.headers.get('host', '')}").hostname
+    except ValueError:  # not a host at all ("[")
+        host = None
     if host not in hosts:
         raise _Refused(421, f"this server answers for {', '.join(sorted(hosts))}, not for the host {host or '(none)'!r}")
+    fetched_by = request.headers.get("sec-fetch-site")
+    if fetched_by is not None and fetched_by not in _SAME_ORIGIN:
+        raise _Refused(403, f"requests that web pages of other origins make are refused (Sec-Fetch-Site: {fetched_by})")
     origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).hostname not in hosts:
-        raise _Refused(403, f"requests from web pages of other sites are refused (Origin {origin!r})")
+    if origin is not None and not _ours(origin, hosts, port):
+        raise _Refused(403, f"requests from web pages of other origins are refused (Origin {origin!r})")
+
+
+def _ours(origin: str, hosts: frozenset[str], port: int) -> bool:
+    try:
+        parts = urlsplit(origin)
+        return parts.hostname in hosts and parts.port == port and parts.scheme in ("http", "https")
+    except ValueError:
+        return False
 
 
 # The helpers stand before the deployment class: Serve serializes the class, with what it names, as it is defined.
@@ -185,11 +201,14 @@ def _arrow_bytes(table: pa.Table) -> bytes:
 class Ingress:
     """One replica of a session's HTTP tier."""
 
-    def __init__(self, directory: Any, token: str | None, allow_scripts: bool, host: str, request_timeout_s: float) -> None:
+    def __init__(
+        self, directory: Any, token: str | None, allow_scripts: bool, host: str, port: int, request_timeout_s: float
+    ) -> None:
         self._directory = directory  # the session's Directory actor
         self._token = f"Bearer {token}".encode() if token else None
         self._allow_scripts = allow_scripts
         self._hosts = allowed_hosts(host)  # the names a request may say it is for (None: any)
+        self._port = port  # the port of the origin a browser's page must have
         self._timeout_s = request_timeout_s  # how long a select list may run
         self._id = secrets.token_hex(4)  # how this replica reports to the directory
         self._metrics = Metrics()
@@ -228,7 +247,7 @@ class Ingress:
     # -- answering -------------------------------------------------------------------------
 
     def _check(self, request: Request) -> None:
-        _check_origin(request, self._hosts)
+        _check_origin(request, self._hosts, self._port)
         if self._token is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(), self._token):
             raise _Refused(401, "this server needs Authorization: Bearer <token>")
 
@@ -259,7 +278,7 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self, request: Request) -> Response:
         try:
-            _check_origin(request, self._hosts)
+            _check_origin(request, self._hosts, self._port)
         except _Refused as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
         functions = await self._ready()

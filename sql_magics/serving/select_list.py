@@ -7,8 +7,10 @@ trailing ``--`` hides ours), a second statement, table functions (``range(1e11)`
 (``json_serialize_sql``: the very parser that runs it, so nothing parses differently) and
 refused, naming what is wrong, unless: it is one SELECT with no comment in the text, its FROM is
 the one we put there, every table anything in it reads is the request's rows (a subquery over
-them is fine), it has no CTE, and it calls no function that reads the server's settings or
-builds values far larger than the request. What stays (a cross product of the request's rows
+them is fine), it has no CTE, no expression names another's alias (DuckDB's binder pastes it in,
+doubling the work of a chain at each step, where no interrupt reaches), and it calls no function
+that reads the server's settings or catalog, runs SQL of its own, or builds values far larger
+than the request. What stays (a cross product of the request's rows
 in a subquery, a slow model) is bounded by the replica: a time limit, a memory limit, an
 interrupt when the client goes away, and a cap on the answer's size.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -41,12 +44,16 @@ from sql_magics.serving.requests import REQUEST_TABLE, RequestError
 # newer DuckDB adds) is refused.
 _COMBINING = ("JOIN", "SUBQUERY", "EMPTY", "EMPTY_FROM", "EXPRESSION_LIST")
 # Scalar functions refused by name: those that read the server's own state rather than the rows
-# (settings show paths), and those that build a value far larger than their arguments
-# (repeat('x', 1e9) is a gigabyte that DuckDB's memory limit does not count).
+# (settings show paths; a plan serialized with optimize folds current_setting() into its answer),
+# and those that build a value far larger than their arguments (repeat('x', 1e9) is a gigabyte
+# that DuckDB's memory limit does not count; replace(v, 'x', v) squares v).
 _REFUSED = {
-    **dict.fromkeys(("current_setting", "getvariable"), "it reads the server's settings"),
     **dict.fromkeys(
-        ("repeat", "lpad", "rpad", "printf", "format", "range", "generate_series", "list_resize", "array_resize"),
+        ("current_setting", "getvariable", "json_serialize_sql", "json_serialize_plan", "json_deserialize_sql"),
+        "it reads the server's settings or runs SQL of its own",
+    ),
+    **dict.fromkeys(
+        ("repeat", "lpad", "rpad", "printf", "format", "range", "generate_series", "list_resize", "replace", "regexp_replace"),
         "it can build a value far larger than the request",
     ),
 }
@@ -54,6 +61,25 @@ _REFUSED = {
 _CACHED = 1024
 # One parser for every check: a connection that reads nothing and is only ever asked to parse.
 _PARSER = duckdb.connect(config={"enable_external_access": False})
+
+
+def _refused_names() -> dict[str, str]:
+    """:data:`_REFUSED`, with DuckDB's other names for those functions, and the built-in macros whose
+    body reads a table (pg_get_viewdef() reads duckdb_views()): what is inside a macro is not checked."""
+    with _PARSER.cursor() as cursor:
+        rows = cursor.execute(
+            "SELECT DISTINCT lower(function_name), lower(alias_of), function_type, macro_definition FROM duckdb_functions()"
+        ).fetchall()
+    refused = dict(_REFUSED)
+    for name, alias_of, kind, body in rows:
+        if alias_of in _REFUSED:
+            refused[name] = _REFUSED[alias_of]
+        elif kind == "macro" and re.search(r"\bFROM\b", body or "", re.I):
+            refused[name] = "it reads the database's catalog"
+    return refused
+
+
+_REFUSED_NAMES = _refused_names()
 
 
 @functools.lru_cache(maxsize=_CACHED)
@@ -126,8 +152,10 @@ def _tables(node: dict) -> Iterator[dict]:
 def _check(node: dict) -> None:
     if (node.get("cte_map") or {}).get("map"):
         raise RequestError("sql: WITH is not taken: a select list reads the request's rows only")
-    if node.get("class") == "FUNCTION" and (why := _REFUSED.get(str(node.get("function_name", "")).lower())):
+    if node.get("class") == "FUNCTION" and (why := _REFUSED_NAMES.get(str(node.get("function_name", "")).lower())):
         raise RequestError(f"sql: {node['function_name']}() is not taken: {why}")
+    if node.get("type") == "SELECT_NODE":
+        _check_aliases(node)
     for ref in _tables(node):
         kind = ref.get("type")
         if kind == "TABLE_FUNCTION":
@@ -139,3 +167,35 @@ def _check(node: dict) -> None:
                 raise RequestError(f"sql: the table {shown} is not taken: a select list reads the request's rows only")
         elif kind not in _COMBINING:
             raise RequestError(f"sql: {str(kind).lower().replace('_', ' ')} is not taken: a select list reads the request's rows only")
+
+
+def _check_aliases(node: dict) -> None:
+    """Refuse an expression that names another expression's alias in the same select list (or in its
+    WHERE, GROUP BY, HAVING): DuckDB pastes the aliased expression in when it binds, so a chain of
+    them (`x||x as a1, a1||a1 as a2, ...`) doubles the work at each step, in a binder no interrupt
+    reaches."""
+    aliases = {str(e["alias"]).lower() for e in node.get("select_list") or [] if e.get("alias")}
+    if not aliases:
+        return
+    parts = [(e, str(e.get("alias") or "").lower()) for e in node.get("select_list") or []]
+    parts += [(node.get(key), "") for key in ("where_clause", "group_expressions", "having", "qualify")]
+    for expression, own in parts:
+        for ref in _within(expression):
+            names = ref.get("column_names") or []
+            if ref.get("class") == "COLUMN_REF" and len(names) == 1 and str(names[0]).lower() in aliases - {own}:
+                raise RequestError(
+                    f"sql: {names[0]} names an alias of the same select list; write its expression again "
+                    "(an alias used in the list is not taken: a chain of them doubles the work at each step)"
+                )
+
+
+def _within(expression: Any) -> Iterator[dict]:
+    """The objects of an expression, not those of the subqueries in it (they have select lists of their own)."""
+    stack = [expression]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(v for k, v in node.items() if k != "subquery")
+        elif isinstance(node, list):
+            stack.extend(node)

@@ -153,7 +153,7 @@ class Serving:
             serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": float(request_timeout_s)})
             serve.run(
                 Ingress.options(num_replicas=int(replicas)).bind(
-                    self._directory, token, bool(allow_scripts), host, float(request_timeout_s)
+                    self._directory, token, bool(allow_scripts), host, int(port), float(request_timeout_s)
                 ),
                 name=self._app, route_prefix="/", blocking=False,
             )

@@ -8,7 +8,7 @@ bytes). Saved to the lake and loaded back, the rows go to ``register Ray.`<table
 stream, so tables written by Byzer and by rayudf read in both.
 
 Extraction refuses entries that would land outside the target directory (``../x``,
-absolute paths, links), and rows with a gap or an overlap between chunks (a lost row).
+absolute paths, links), sparse entries (a few bytes that unpack to a huge file), and rows with a gap or an overlap between chunks (a lost row).
 
 Example:
     >>> import tempfile, pathlib
@@ -96,7 +96,7 @@ def _ordered(rows: Iterable[dict]) -> list[dict]:
 
 
 def _check_member(member: tarfile.TarInfo, target: Path) -> None:
-    if not (member.isfile() or member.isdir()):
+    if not (member.isfile() or member.isdir()) or member.issparse():  # a sparse entry of 10 KB can be a 1 TiB file
         raise ModelError(f"streaming_tar: refusing tar entry {member.name!r}: only files and directories are extracted")
     if not (member.isdir() and PurePosixPath(member.name) == PurePosixPath(".")):  # "./", as `tar -C dir .` writes
         inside(target, member.name, what="streaming_tar: tar entry")
