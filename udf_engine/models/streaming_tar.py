@@ -8,7 +8,8 @@ bytes). Saved to the lake and loaded back, the rows go to ``register Ray.`<table
 stream, so tables written by Byzer and by rayudf read in both.
 
 Extraction refuses entries that would land outside the target directory (``../x``,
-absolute paths, links), sparse entries (a few bytes that unpack to a huge file), and rows with a gap or an overlap between chunks (a lost row).
+absolute paths, links), sparse entries (a few bytes that unpack to a huge file), and rows
+with a gap or an overlap between chunks (a lost row).
 
 Example:
     >>> import tempfile, pathlib
