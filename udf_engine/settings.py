@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -73,9 +73,71 @@ def _default(name: str) -> Any:
     return field(default=value)
 
 
+# The one reading of a boolean option, everywhere options are read (register, load, save, streams, serve).
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A boolean option's value: true/false, 1/0, yes/no, on/off (any case); anything else is an error.
+
+    Example:
+        >>> as_bool("Yes", "recycle"), as_bool("0", "recycle"), as_bool(True, "recycle")
+        (True, False, True)
+        >>> as_bool("maybe", "recycle")
+        Traceback (most recent call last):
+        udf_engine.errors.ConfigError: option recycle: expected true or false (or 1/0, yes/no, on/off), got 'maybe'
+    """
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"option {name}: expected true or false (or 1/0, yes/no, on/off), got {value!r}")
+
+
+def refuse_unknown(given: Iterable[str], known: Iterable[str], what: str) -> None:
+    """The one "not supported here" message: ``what`` names where (``load delta``, ``stream sink parquet``).
+
+    Example:
+        >>> refuse_unknown(["idCols", "idcol"], ["idCols", "mergeSchema"], "save delta")
+        Traceback (most recent call last):
+        udf_engine.errors.ConfigError: save delta: option 'idcol' is not supported here (supported: idCols, mergeSchema)
+    """
+    known = list(known)
+    unknown = [name for name in given if name not in known]
+    if unknown:
+        supported = ", ".join(known) or "none"
+        raise ConfigError(f"{what}: option {unknown[0]!r} is not supported here (supported: {supported})")
+
+
+def read_options(given: Mapping[str, Any], table: Sequence[Option], what: str) -> dict[str, Any]:
+    """The values of ``given`` typed by ``table``, by option name, each missing one at its default;
+    an option ``table`` does not name, or one given twice (by name and alias), is an error.
+
+    Example:
+        >>> table = (Option("recycle", False, bool, "start over at the end"), Option("steps", 3, int, "rows a step"))
+        >>> read_options({"recycle": "1"}, table, "load mockStream")
+        {'recycle': True, 'steps': 3}
+    """
+    by_name = {alias: opt for opt in table for alias in (opt.name, *opt.aliases)}
+    refuse_unknown(given, by_name, what)
+    values: dict[str, Any] = {}
+    for key, value in given.items():
+        opt = by_name[key]
+        if opt.name in values:
+            raise ConfigError(f"{what}: option {opt.name} given twice (as {key!r})")
+        values[opt.name] = _coerce(opt, value)
+    return {opt.name: values.get(opt.name, opt.default) for opt in table}
+
+
 def _coerce(opt: Option, value: Any) -> Any:
     if opt.default is None and (value is None or str(value).strip().lower() in ("", "none")):
         return None
+    if opt.type is bool:
+        return as_bool(value, opt.name)
     if opt.type is dict:
         if isinstance(value, Mapping):
             return dict(value)
