@@ -1,8 +1,8 @@
 """A built UDF as a DuckDB vectorized (``type='arrow'``) function, and its versions.
 
 DuckDB calls the function with at most 2048 rows at a time, from several threads
-at once. Each call cuts its rows into ``batch_size`` pieces and fans them out over
-the workers through the dispatcher (:mod:`arrow_bridge.scoring`); :func:`add_function`
+at once. Each call hands its rows to the engine (``RemoteUDF.score``), which cuts them into
+``batch_size`` pieces and fans them out over the workers (:mod:`arrow_bridge.scoring`); :func:`add_function`
 raises the connection's ``threads`` setting (never lowers it) so that enough calls are in
 flight to keep every worker busy. The function stays in DuckDB while its model changes: a
 :class:`ModelFunction` holds the current :class:`Version` and the one a running statement pinned.
@@ -28,7 +28,7 @@ import pyarrow as pa
 from arrow_bridge.scoring import score_columns, valid_rows
 from arrow_bridge.tensors import features, to_arrow
 from arrow_bridge.types import arrow_type, duckdb_type_of
-from udf_engine.actors.dispatcher import MAX_IN_FLIGHT_PER_WORKER
+from udf_engine.actors.batching import MAX_IN_FLIGHT_PER_WORKER
 from udf_engine.errors import ConfigError
 
 
@@ -66,9 +66,8 @@ class Version:
     """One registered version of a model function: its UDF, its label, and the calls running on it."""
 
     def __init__(self, udf: Any, label: str = "") -> None:
-        self.udf = udf  # a RemoteUDF (anything with map(batches) -> list, conf, info)
+        self.udf = udf  # a RemoteUDF (anything with score(matrix) -> outputs per batch, conf, info)
         self.label = label  # what !models and the answers of a served function call it ("1", "2", a given label)
-        self.batch_size = udf.conf.batch_size  # rows per batch sent to a worker
         self.width = udf.info.get("input_width")  # values per input row, when the model says so
         self._calls = 0  # calls of this version running now (and leases: a server answering with it)
         self._idle = threading.Condition()
@@ -186,10 +185,7 @@ class ModelFunction:
 
     def __call__(self, *cols: Any) -> pa.Array:
         with self.using() as version:
-            scored = score_columns(
-                cols, function=self.name, width=version.width, batch_size=version.batch_size,
-                arrow_type=self.arrow_type, map_batches=version.udf.map,
-            )
+            scored = score_columns(cols, function=self.name, width=version.width, arrow_type=self.arrow_type, score=version.udf.score)
         self.count(scored.rows, scored.nulled, scored.reason)
         return scored.array
 

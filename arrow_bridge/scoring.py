@@ -4,9 +4,8 @@ Both paths score this way: DuckDB's calls of a model function in the driver
 (``arrow_bridge.function``), and a worker scoring its own share of a file (``arrow_bridge.share_scan``).
 
 Example:
-    >>> double = lambda batches: [b * 2 for b in batches]
-    >>> score_columns([pa.array([1.0, None, 3.0])], function="f", width=1, batch_size=1,
-    ...               arrow_type=pa.float64(), map_batches=double).array.to_pylist()
+    >>> double = lambda matrix: [matrix * 2]   # the engine's score(matrix): the outputs of its batches, in order
+    >>> score_columns([pa.array([1.0, None, 3.0])], function="f", width=1, arrow_type=pa.float64(), score=double).array.to_pylist()
     [2.0, None, 6.0]
 """
 
@@ -58,10 +57,6 @@ class Call:
         check_arguments(function, width, matrix.shape[1])
         return cls(len(matrix), None, matrix)
 
-    def batches(self, batch_size: int) -> list:
-        """The matrix in pieces of ``batch_size`` rows."""
-        return [self.matrix[i : i + batch_size] for i in range(0, len(self.matrix), batch_size)]
-
     def placed(self, err: RowError) -> RowError:
         """A RowError placed among the rows scored, placed among the call's rows."""
         return err if self.valid is None else err.at(int(np.flatnonzero(self.valid)[err.row]), self.rows)
@@ -79,17 +74,17 @@ class Call:
 
 
 def score_columns(
-    cols: Sequence[Any], *, function: str, width: int | None, batch_size: int, arrow_type: pa.DataType,
-    map_batches: Callable[[list], list],
+    cols: Sequence[Any], *, function: str, width: int | None, arrow_type: pa.DataType, score: Callable[[Any], list]
 ) -> Scored:
     """Score argument columns with a model: rows with a NULL argument stay NULL, the others go to
-    ``map_batches`` in ``batch_size`` pieces; the outputs become one Arrow array of ``arrow_type``.
-    A RowError names its row among the call's rows, NULL rows included."""
+    ``score`` as one feature matrix (the engine cuts it into batches: ``RemoteUDF.score``, a worker's
+    share scan) and its outputs, one per batch, become one Arrow array of ``arrow_type``. A RowError
+    names its row among the call's rows, NULL rows included."""
     call = Call.of(cols, function=function, width=width)
     if call.matrix is None:
         return call.scored([], arrow_type)
     try:
-        outputs = map_batches(call.batches(batch_size))
+        outputs = score(call.matrix)
     except RowError as err:
         raise call.placed(err) from None
     return call.scored(outputs, arrow_type)

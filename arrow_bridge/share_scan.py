@@ -15,8 +15,8 @@ calls, and one score column per model call: a few bytes a row instead of the mod
 Example:
     >>> task = ShareScan(function="f", returns="DOUBLE", query=f"SELECT x AS {arg_column(0, 0)}, file_row_number AS {ROW_COLUMN} "
     ...                  f"FROM {SHARE_VIEW}", schema=pa.schema([(arg_column(0, 0), pa.float64())]), passthrough=(),
-    ...                  call_args=(1,), file="t.parquet", rows=(0, 9), width=None, batch_size=4)  # doctest: +SKIP
-    >>> task.run(lambda batches: [b.sum(axis=1) for b in batches]).table.column_names   # doctest: +SKIP
+    ...                  call_args=(1,), file="t.parquet", rows=(0, 9), width=None)  # doctest: +SKIP
+    >>> task.run(lambda matrix: [matrix.sum(axis=1)]).table.column_names   # doctest: +SKIP
     ['__rayudf_s0']
 """
 
@@ -159,16 +159,15 @@ class ShareScan:
     file: str
     rows: tuple[int, int]
     width: int | None  # values per input row, when the model says so
-    batch_size: int
     picked: tuple[tuple[str, str], ...] | None = None  # (column, file column) when ``query`` only picks columns
 
     def __len__(self) -> int:
         """The rows of the share (before filters), as a batch's length counts its rows."""
         return self.rows[1] - self.rows[0] + 1
 
-    def run(self, score: Callable[[list], list[Any]], threads: int = 1) -> ShareResult:
+    def run(self, score: Callable[[Any], list[Any]], threads: int = 1) -> ShareResult:
         """Read the share with DuckDB (``threads`` of it: the worker's share of the cores), score each
-        model call's arguments with ``score(batches)``, return the result."""
+        model call's arguments with ``score(matrix)`` (the worker cuts it into its batches), return the result."""
         read = self._read(threads)
         row_numbers = read[ROW_COLUMN]
         # the driver's types: a file of a glob may store a column narrower than the first file does
@@ -179,9 +178,7 @@ class ShareScan:
         for call, count in enumerate(self.call_args):
             args = [table[arg_column(call, j)].combine_chunks() for j in range(count)]
             try:
-                scored = score_columns(
-                    args, function=self.function, width=self.width, batch_size=self.batch_size, arrow_type=target, map_batches=score
-                )
+                scored = score_columns(args, function=self.function, width=self.width, arrow_type=target, score=score)
             except RowError as err:
                 place = f"row {row_numbers[err.row].as_py() + 1} of {self.file}"
                 raise ModelError(f"{err.message} ({place}: {err.values})") from None

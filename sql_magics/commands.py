@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -28,7 +27,8 @@ import pandas as pd
 from sql_magics.errors import ExecutionError
 from sql_magics.models.registry import FunctionRegistry
 from sql_magics.planner.plan import PLAN_COLUMNS
-from sql_magics.serving.server import TOKEN_VARIABLE, Serving
+from sql_magics.serving.options import SERVE_OPTIONS
+from sql_magics.serving.server import Serving
 from sql_magics.state import ScriptState
 from sql_magics.streaming.streams import Streams
 from sql_magics.tables import lake
@@ -36,7 +36,7 @@ from sql_magics.tables.database import Database
 
 WORKER_COLUMNS = [
     "function", "version", "worker", "node", "gpu_ids", "batches", "scans", "rows", "mean_ms_per_batch", "errors", "replaced", "alive",
-    "batch_running_s", "last_error",
+    "batch_running_s", "most_held", "bounced", "last_error",
 ]
 MODEL_COLUMNS = ["function", "kind", "path", "version", "since", "workers", "batch_size", "returns", "nulled_rows", "traffic"]
 # Ray node ids are 56 hex digits; the first 12 tell the nodes of a cluster apart.
@@ -153,18 +153,13 @@ def plan(context: Context, args: list[str]) -> pd.DataFrame:
     return pd.DataFrame([planned], columns=PLAN_COLUMNS)
 
 
-SERVE_COLUMNS = ["url", "functions"]
-# `!serve key=value ...`: the options, and how each is read.
-_SERVE_OPTIONS: dict[str, Callable[[str], object]] = {
-    "host": str, "port": int, "token": str, "replicas": int, "request_timeout_s": float,
-    "allow_scripts": lambda v: v.lower() in ("true", "1", "yes"),
-}
+SERVE_COLUMNS = ["url", "functions", "warning"]
 
 
 def serve(context: Context, args: list[str]) -> pd.DataFrame | None:
-    """``!serve [port=8000 token=... host=127.0.0.1 replicas=1 allow_scripts=true request_timeout_s=60]``:
-    answer HTTP for the session's functions in the background; ``!serve status`` says where,
-    ``!serve stop`` stops it (the requests in flight finish)."""
+    """``!serve [key=value ...]`` (the options of SERVE_OPTIONS: ``!serve port=8001 allow_scripts=true``):
+    answer HTTP for the session's functions in the background; ``!serve status`` says where, and warns
+    of a change the replicas have not confirmed; ``!serve stop`` stops it (the requests in flight finish)."""
     serving = context.serving
     if serving is None:
         raise ExecutionError("!serve: this executor has no server to start (run it in a Session)")
@@ -173,24 +168,21 @@ def serve(context: Context, args: list[str]) -> pd.DataFrame | None:
         serving.stop()
         return None
     if word != "status":
-        serving.start(**_serve_options(args))
+        serving.start(_serve_options(args))
     handle = serving.handle
-    rows = [{"url": handle.url, "functions": ", ".join(handle.functions)}] if handle else []
+    rows = [{"url": handle.url, "functions": ", ".join(handle.functions), "warning": serving.warning}] if handle else []
     return pd.DataFrame(rows, columns=SERVE_COLUMNS)
 
 
-def _serve_options(args: list[str]) -> dict:
-    options: dict = {}
+def _serve_options(args: list[str]) -> dict[str, str]:
+    """The ``key=value`` words of ``!serve``, as given: the server reads them by SERVE_OPTIONS."""
+    options: dict[str, str] = {}
     for word in args:
         key, eq, value = word.partition("=")
-        if not eq or key not in _SERVE_OPTIONS:
-            raise ExecutionError(f"!serve: expected key=value with a key of {', '.join(_SERVE_OPTIONS)}, or stop or status; got {word!r}")
-        try:
-            options[key] = _SERVE_OPTIONS[key](value)
-        except ValueError:
-            raise ExecutionError(f"!serve: {key}={value!r} is not a {_SERVE_OPTIONS[key].__name__}") from None
-    if "token" not in options and os.environ.get(TOKEN_VARIABLE):
-        options["token"] = os.environ[TOKEN_VARIABLE]
+        if not eq or not key:
+            keys = ", ".join(option.name for option in SERVE_OPTIONS)
+            raise ExecutionError(f"!serve: expected key=value with a key of {keys}, or stop or status; got {word!r}")
+        options[key] = value
     return options
 
 

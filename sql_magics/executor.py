@@ -4,6 +4,9 @@ The executor works on three things it is given: the :class:`Database` that runs 
 :class:`FunctionRegistry` that registers models, and the :class:`ScriptState` that
 statements leave for the ones after them. Every error leaves here as an ExecutionError
 naming the script and the statement's line; nothing runs before the whole script has parsed.
+The modes in :data:`MODES` plug in: each is asked whether it claims a statement before the
+statement's batch handler runs it (a stream script's load, selects and save are the streaming
+mode's), so the handlers here are batch only.
 
 Example:
     >>> from udf_engine import RayRuntime
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import duckdb
 import pandas as pd
@@ -39,8 +43,7 @@ from sql_magics.models import kinds
 from sql_magics.models.registry import FunctionRegistry
 from sql_magics.serving.server import Serving
 from sql_magics.state import RAY_ADDRESS, WARM, WORKER_SCAN, WORKER_SCAN_VALUES, ScriptState, warm_framework
-from sql_magics.streaming.query import STREAM_NAME, STREAM_OPTIONS, StreamDraft, start_stream
-from sql_magics.streaming.sources import batch_load_error, source_for
+from sql_magics.streaming.mode import StreamMode
 from sql_magics.streaming.streams import Streams
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import column_count, replace_relation, table_from_arrow
@@ -69,6 +72,30 @@ REPARTITION_ET = "TableRepartition"
 _SHELL_ERROR_CHARS = 200
 
 
+class Mode(Protocol):
+    """A way of running statements beside batch (streaming), built per executor with the executor as its context."""
+
+    def claims(self, statement: statements.Statement) -> bool:
+        """Whether the mode runs ``statement`` (instead of its batch handler)."""
+        ...
+
+    def run(self, statement: statements.Statement) -> str | None:
+        """Run a statement the mode claims; the line it says (it yields no rows)."""
+        ...
+
+    def assigned(self, key: str, value: str) -> None:
+        """A variable the script set (``set streamName`` makes a stream script)."""
+        ...
+
+    def finished(self) -> list[str]:
+        """Warnings at the end of a script (a stream nothing started)."""
+        ...
+
+
+# The modes that plug into the executor, asked in this order whether they claim a statement.
+MODES: tuple[Callable[[Executor], Mode], ...] = (StreamMode,)
+
+
 @dataclass
 class ScriptResult:
     """What a script gives back: the rows of its last statement that yields rows, a line to
@@ -94,12 +121,12 @@ class Executor:
         self.serving = serving  # the session's HTTP server (!serve), when it has one
         self.streams = streams if streams is not None else Streams()  # the session's streams (!streams)
         self.echo = echo  # where a stream's progress lines and console sink print
-        self._stream: StreamDraft | None = None  # the stream this script is, after its set streamName
         self.parameters = parameters or {}  # values for $name query parameters
         self._including: list[Path] = []  # include stack, to refuse cycles
         self._notice: str | None = None  # what the statement that ran last says when it yields no rows
         self._made: str | None = None  # the relation the statement that ran last made
         self._warnings: list[str] = []  # for the whole script, included files too
+        self.modes: list[Mode] = [mode(self) for mode in MODES]  # this script's, asked before each statement
 
     def run(self, script: list[statements.Statement], *, base_dir: Path, source_name: str = "") -> ScriptResult:
         """Run a script's statements in order; the workers of its later ``register`` statements start meanwhile."""
@@ -110,7 +137,7 @@ class Executor:
             nulled_before = self._nulled()
             try:
                 with self._turn(statement):
-                    result = _HANDLERS[statement.kind](self, statement, base_dir=base_dir)
+                    result = self._execute(statement, base_dir)
             except (ParseError, ExecutionError) as err:
                 if isinstance(err, ParseError) or err.line:
                     raise  # already placed (an included file's statement)
@@ -124,11 +151,9 @@ class Executor:
                     self._warn_nulled(nulled_before, statement, source_name)
             if result is not None:
                 frame = result
-        if not self._including and self._stream is not None and self._stream.source is not None and not self._stream.started:
-            self._warnings.append(
-                f"stream {self._stream.name}: nothing started it; a stream starts at save append <table> as <sink> "
-                'options checkpointLocation="/dir" (docs/streaming.md)'
-            )
+        if not self._including:
+            for mode in self.modes:
+                self._warnings += mode.finished()
         return ScriptResult(frame, None if frame is not None else self._notice, self._warnings, self._made)
 
     def assign(self, key: str, value: str) -> None:
@@ -141,16 +166,24 @@ class Executor:
         elif key == RAY_ADDRESS:
             self.registry.runtime.retarget(value)
         elif key == WARM:
-            self.registry.warm(warm_framework(value, named=f"set {WARM} = "))
+            self.registry.spares.warm(warm_framework(value, named=f"set {WARM} = "))
         elif key == WORKER_SCAN and value.lower() not in WORKER_SCAN_VALUES:
             raise ExecutionError(f"set {WORKER_SCAN}: {value!r} is not one of {', '.join(WORKER_SCAN_VALUES)}")
-        elif key == STREAM_NAME:
-            self._stream = StreamDraft(value)
         elif self.db.is_setting(key):
             self.db.set_setting(key, value)
         state.variables[key] = value
+        for mode in self.modes:
+            mode.assigned(key, value)
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _execute(self, statement: statements.Statement, base_dir: Path) -> pd.DataFrame | None:
+        """Run ``statement``: by the mode that claims it, else by its batch handler."""
+        for mode in self.modes:
+            if mode.claims(statement):
+                self._notice = mode.run(statement)
+                return None
+        return _HANDLERS[statement.kind](self, statement, base_dir=base_dir)
 
     def _prepare(self, script: list[statements.Statement]) -> None:
         """Spares for the model registrations after the first statement, as their text reads now
@@ -208,12 +241,6 @@ class Executor:
         path, options = self.substituted(stmt.path), substitute_options(stmt.options, self.state.variables)
         fmt, table = stmt.format.lower(), self.substituted(stmt.table)
         con = self.db.con
-        if self._stream is not None and (source := source_for(con, stmt.format, path, options, table, lake_root=self._lake_root())):
-            self._stream.read_from(source)
-            self._notice = f"stream {self._stream.name} reads {table} from {source.description()}"
-            return
-        if self._stream is None and (refused := batch_load_error(stmt.format, path)):
-            raise refused
         if fmt == formats.JSON_LINES_FORMAT.lower():
             self._load_json_lines(table, path)
         elif fmt in formats.TABLE_FORMATS:
@@ -242,10 +269,6 @@ class Executor:
     def select(self, stmt: statements.Select, **_: object) -> pd.DataFrame | None:
         query = self.as_duckdb(stmt.sql)
         table = self.substituted(stmt.table)  # Byzer's `select ... as `${name}``
-        if self._stream is not None and self._stream.reads(query):
-            self._stream.defer(table, query)
-            self._notice = f"stream {self._stream.name}: {table} runs in each micro-batch"
-            return None
         kind = replace_relation(self.db.con, table, query, self._bound(query))
         if table == statements.OUTPUT_TABLE:
             return self._frame(f"SELECT * FROM {quote_identifier(table)}")
@@ -260,46 +283,12 @@ class Executor:
     def save(self, stmt: statements.Save, **_: object) -> None:
         path, options = self.substituted(stmt.path), substitute_options(stmt.options, self.state.variables)
         fmt, table = stmt.format.lower(), self.substituted(stmt.table)
-        if self._stream is not None and table.lower() in (t.lower() for t in self._stream.tables()):
-            self._start_stream(stmt, table, fmt, path, options)
-        elif given := [k for k in options if k in STREAM_OPTIONS and k != "mode"]:
-            raise ExecutionError(
-                f"save {table}: {given[0]} is an option of a stream; a stream script starts with set {STREAM_NAME}=\"name\" "
-                "and loads a directory, a Delta table or mockStream (docs/streaming.md)"
-            )
-        elif fmt in formats.TABLE_FORMATS:
+        if fmt in formats.TABLE_FORMATS:
             formats.save_table(self.db, table, path, stmt.mode)
         elif fmt == formats.LAKE_FORMAT:
             lake.save(self.db.con, table, path, stmt.mode, options, stmt.partition_by, root=self._lake_root())
         else:
             formats.save_file(self.db, table, fmt, path, stmt.mode, options, stmt.partition_by)
-
-    def _start_stream(self, stmt: statements.Save, table: str, fmt: str, path: str, options: dict[str, str]) -> None:
-        """``save append <stream table> as <sink>``: the stream starts, in the background unless ``trigger="once"``."""
-        draft = self._stream
-        if draft.started:
-            raise ExecutionError(f"stream {draft.name}: started already; a stream script has one save append of its tables")
-        if stmt.mode != statements.APPEND:
-            raise ExecutionError(f"stream {draft.name}: save {stmt.mode} {table}: a stream adds each micro-batch, so it needs save append")
-        self.streams.refuse_running(draft.name)
-        query = start_stream(
-            draft, table, fmt, path, options, stmt.partition_by, self.db, self.registry, lake_root=self._lake_root(),
-            on_batch=self.echo if self.streams.progress else None, echo=self.echo,
-        )
-        try:
-            if query.trigger.once:
-                self.streams.remember(query)
-                query.run()
-                self._notice = f"stream {draft.name} ran once: {query.batches} batches, {query.rows:,} rows into {query.sink.description()}"
-                return
-            self.streams.start(query)
-        except BaseException:
-            query.checkpoint.release()  # its checkpoint claimed as the query was made: free for the next run
-            raise
-        self._notice = (
-            f"stream {draft.name} started: {query.source.description()} into {query.sink.description()}; "
-            f"!streams shows it, !kill stream {draft.name} stops it"
-        )
 
     def register(self, stmt: statements.Register, **_: object) -> None:
         path, options = self.substituted(stmt.path), substitute_options(stmt.options, self.state.variables)

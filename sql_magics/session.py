@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 from pathlib import Path
@@ -27,13 +26,16 @@ from sql_magics.handoff import on_waiting_thread
 from sql_magics.language.parser import parse
 from sql_magics.language.statements import Statement
 from sql_magics.models.kinds import register_model
+from sql_magics.models.options import RegisterOptions
 from sql_magics.models.registry import FunctionRegistry, RegisteredFunction
 from sql_magics.planner.scans import WorkerScans
-from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOUT_S, TOKEN_VARIABLE, ServerHandle, Serving
+from sql_magics.serving.options import with_serve_keywords
+from sql_magics.serving.server import ServerHandle, Serving
 from sql_magics.state import ScriptState, warm_framework
 from sql_magics.streaming.streams import Streams
 from sql_magics.tables.database import Database
 from udf_engine import RayRuntime
+from udf_engine.models.loaders import MODEL_KINDS
 
 
 class Session:
@@ -69,7 +71,7 @@ class Session:
         self._owners_lock = threading.Lock()  # guards _owners and _script_locks
         self.streams = Streams()  # the streams its stream scripts started (docs/streaming.md)
         if framework:  # Ray and spares start now, in the background: the first registration finds them ready
-            self.registry.start_ahead(framework)
+            self.registry.spares.warm(framework)
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -133,7 +135,9 @@ class Session:
         ``batch_size``, ``num_cpus``, ``num_gpus``, ``resources``, ``returns``, ``version``,
         ``method`` (``predict_proba``), and for ONNX ``inputs``/``output``.
         """
-        return register_model(self.registry, function, path, kind=format, **options)
+        fmt = MODEL_KINDS.get(str(format).lower()) if format else None
+        typed = RegisterOptions.of(options, f"register_model({function!r}, {str(path)!r})", fmt=fmt)  # typed before anything starts
+        return register_model(self.registry, function, path, typed, kind=format)
 
     def unregister(self, function: str) -> None:
         """Remove a function from SQL and stop its workers."""
@@ -141,15 +145,15 @@ class Session:
 
     # -- serving ----------------------------------------------------------------------
 
-    def serve(
-        self, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, allow_scripts: bool = False,
-        replicas: int = 1, request_timeout_s: float = REQUEST_TIMEOUT_S,
-    ) -> ServerHandle:
+    @with_serve_keywords
+    def serve(self, **options: Any) -> ServerHandle:
         """Answer HTTP for the session's model functions on Ray Serve (docs/serving.md) until ``.stop()``.
 
-        ``token`` (else ``RAYUDF_TOKEN``) is then required as ``Authorization: Bearer <token>``;
-        binding beyond loopback needs one, and so does ``allow_scripts`` (Byzer's ``/run/script``, JSON POSTs only).
-        Registering a name again while serving swaps it for requests too (``traffic="0.1"``: a canary).
+        ``options`` are the serve options (``SERVE_OPTIONS`` of :mod:`sql_magics.serving.options`; the signature
+        shows them with their defaults, docs/serving.md explains them). ``token`` (else ``RAYUDF_TOKEN``) is then
+        required as ``Authorization: Bearer <token>``; binding beyond loopback needs one, and so does
+        ``allow_scripts`` (Byzer's ``/run/script``, JSON POSTs only). Registering a name again while
+        serving swaps it for requests too (``traffic="0.1"``: a canary).
 
         Example:
             >>> with Session() as s:                                                        # doctest: +SKIP
@@ -158,10 +162,7 @@ class Session:
             ...     server.url
             'http://127.0.0.1:8000'
         """
-        return self.serving.start(
-            host=host, port=port, token=token or os.environ.get(TOKEN_VARIABLE), allow_scripts=allow_scripts, replicas=replicas,
-            request_timeout_s=request_timeout_s,
-        )
+        return self.serving.start(options)
 
     def _script(self, sql: str, owner: str | None) -> pd.DataFrame | None:
         """Run a script for Byzer's ``/run/script``, in this session or in ``owner``'s own (sharing this

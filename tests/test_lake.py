@@ -244,9 +244,11 @@ def test_missing_tables_and_bad_names_and_options(s, lake, tmp_path):
     with pytest.raises(ExecutionError, match=re.escape("delta: 'a.b.c' is neither db.table nor a path")):
         s.sql("load delta.`a.b.c` as t")
     s.sql("select 1 as id from range(1) as t")
-    with pytest.raises(ExecutionError, match=re.escape("save delta: option 'idcols' is not supported (supported: idCols, mergeSchema")):
+    unknown = "save delta: option 'idcols' is not supported here (supported: idCols, mergeSchema"
+    with pytest.raises(ExecutionError, match=re.escape(unknown)):
         s.sql('save append t as delta.`db.t` where idcols="id"')
-    with pytest.raises(ExecutionError, match=re.escape("load delta: option 'checkpointLocation' is not supported (supported: version,")):
+    unknown = "load delta: option 'checkpointLocation' is not supported here (supported: version,"
+    with pytest.raises(ExecutionError, match=re.escape(unknown)):
         s.sql('load delta.`db.t` where checkpointLocation="/tmp/c" as x')
     with pytest.raises(ExecutionError, match=re.escape("idCols merges rows into the table, so it needs save append (not overwrite)")):
         s.sql('save overwrite t as delta.`db.t` where idCols="id"')
@@ -263,6 +265,17 @@ def test_schema_changes_need_an_option(s):
     assert rows(s, "select a, b from merged order by a") == [(1, None), (2, "x")]
     s.sql('select 9 as z from range(1) as three; save overwrite three as delta.`db.t` where overwriteSchema="true"; load delta.`db.t` as o')
     assert rows(s, "select * from o") == [(9,)]
+
+
+def test_schema_options_read_yes_as_true_and_a_bad_one_is_named(s):
+    s.sql("select 1 as a from range(1) as one; select 2 as a, 'x' as b from range(1) as two; save one as delta.`db.t`")
+    with pytest.raises(ExecutionError) as refused:
+        s.sql('save append two as delta.`db.t` where mergeSchema="maybe"')
+    assert str(refused.value) == "line 1: option mergeSchema: expected true or false (or 1/0, yes/no, on/off), got 'maybe'"
+    s.sql('save append two as delta.`db.t` where mergeSchema="yes"; load delta.`db.t` as merged')
+    assert rows(s, "select a, b from merged order by a") == [(1, None), (2, "x")]
+    with pytest.raises(ExecutionError, match=re.escape("load delta: option version given twice (as 'versionAsOf')")):
+        s.sql('load delta.`db.t` where version="0" and versionAsOf="1" as both')
 
 
 def test_a_broken_table_is_one_clear_error(s, lake):

@@ -96,7 +96,7 @@ WING_RULES = {
     "udf_engine.models": ("udf_engine.actors", "udf_engine.byzer"),
     "udf_engine.actors": ("udf_engine.byzer",),
     **{f"udf_engine.{base}": ("udf_engine.models", "udf_engine.actors", "udf_engine.byzer") for base in
-       ("errors", "settings", "ray_runtime", "resources", "durable")},
+       ("errors", "settings", "ray_runtime", "resources", "durable", "paths")},
 }
 
 
@@ -112,6 +112,16 @@ def test_a_share_scan_in_a_worker_imports_no_function_lifecycle_nor_dispatcher()
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
     unwanted = ("arrow_bridge.function", "udf_engine.actors.dispatcher", "udf_engine.actors.builder", "udf_engine.actors.master")
     assert "arrow_bridge.scoring" in loaded and [m for m in unwanted if m in loaded] == []
+
+
+def test_no_module_outside_the_engines_actors_makes_a_dispatcher():
+    """Rows reach the workers one way (RemoteUDF.score, RemoteUDF.attach): nobody else builds a data plane."""
+    makers = {
+        module_name(path) for path in files(*PACKAGES, but=("udf_engine.actors",))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Dispatcher"
+    }
+    assert makers == set()
 
 
 def test_nothing_imports_the_fronts():
@@ -138,6 +148,17 @@ def test_no_modules_import_each_other_in_a_circle():
 
     circles = [c for name in sorted(graph) if (c := circle_from(name, []))]
     assert circles == []
+
+
+def test_a_mode_plugs_into_the_executor_which_does_not_branch_on_it():
+    """SPEC §2: the executor asks its modes whether they claim a statement; of the streaming wing it knows the
+    mode and the session's streams (for !streams), none of a stream's parts (drafts, sources, options)."""
+    from sql_magics.executor import MODES
+    from sql_magics.streaming.mode import StreamMode
+
+    streaming = {n for n in project_imports(MODULES[f"{SQL}.executor"]) if n.startswith(f"{SQL}.streaming")}
+    assert streaming == {f"{SQL}.streaming.mode", f"{SQL}.streaming.streams"}
+    assert StreamMode in MODES
 
 
 def test_every_wing_is_a_package_with_a_docstring():

@@ -8,8 +8,12 @@ loopback and bounded: a few hundred requests at most, from a handful of threads.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
+import json
+import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -20,7 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from sql_magics.serving.server import check_binding
+from sql_magics import ExecutionError, Session
+from sql_magics.serving import app
+from sql_magics.serving import server as serving
+from sql_magics.serving.options import SERVE_OPTIONS, read_serve_options
+from sql_magics.serving.server import check_binding, script_answer
 from udf_engine import ConfigError
 
 from conftest import WORKER_CPUS, Weighted, free_port, save_pickled
@@ -484,3 +492,120 @@ def test_async_clients_at_concurrency_32_all_succeed(server):
         return [a.json()["outputs"][0] for a in answers]
 
     assert asyncio.run(load()) == list(lin([[i, 1] for i in range(32)]))
+
+
+def test_serve_options_are_read_once_for_the_command_and_python(session, monkeypatch):
+    with pytest.raises(ExecutionError, match=r"serve: option 'prot' is not supported here \(supported: host, port, token, allow_scripts"):
+        session.sql("!serve prot=8001")
+    with pytest.raises(ExecutionError, match="option port: expected int, got 'eighty'"):
+        session.sql("!serve port=eighty")
+    with pytest.raises(ExecutionError, match="option allow_scripts: expected true or false"):
+        session.sql("!serve allow_scripts=maybe")
+    with pytest.raises(ExecutionError, match="!serve: expected key=value with a key of host, port, token, allow_scripts"):
+        session.sql("!serve 8001")
+    with pytest.raises(ConfigError, match="serve: replicas must be at least 1, got 0"):
+        session.serve(replicas=0)
+    keywords = inspect.signature(Session.serve).parameters
+    assert {name: p.default for name, p in keywords.items() if name != "self"} == {o.name: o.default for o in SERVE_OPTIONS}
+    monkeypatch.setenv("RAYUDF_TOKEN", "from-the-environment")
+    assert read_serve_options({}).token == "from-the-environment"
+    assert read_serve_options({"token": "given"}).token == "given"
+    assert read_serve_options({"allow_scripts": "on", "port": "8001"}).allow_scripts is True
+
+
+@pytest.fixture
+def replica_log(caplog, monkeypatch):
+    """What the replicas' logger records, handed on to the root's where caplog reads (Ray may keep its loggers' records)."""
+    for name in ("ray.serve", "ray"):
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+    return caplog
+
+
+def test_a_replica_whose_following_fails_logs_it_and_follows_on(monkeypatch, replica_log):
+    import ray
+
+    monkeypatch.setattr(app, "_FOLLOW_RETRY_S", 0.01)
+    monkeypatch.setattr(app, "_DIRECTORY_RETRY_S", 0.01)
+    # what the directory answers each poll: a fault of ours, news, the directory out of reach, news it fails to take in once
+    answers = [ValueError("a fault of ours"), (1, "one"), ray.exceptions.RayError("the directory is restarting"), (2, "two"), (2, "two")]
+    asked, applied, refuse = [], [], {"two"}
+
+    async def ask(known: int):
+        asked.append(known)
+        if not answers:
+            await asyncio.sleep(3600)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def apply(entries: str) -> None:
+        if entries in refuse:
+            refuse.discard(entries)
+            raise TypeError(f"cannot take {entries} in")
+        applied.append(entries)
+
+    async def follow_a_while() -> None:
+        following = asyncio.create_task(app.follow_directory(ask, apply, 0, "replica r1"))
+        while len(applied) < 2 and not following.done():
+            await asyncio.sleep(0.01)
+        following.cancel()
+
+    asyncio.run(asyncio.wait_for(follow_a_while(), 10))
+    assert applied == ["one", "two"] and asked == [0, 0, 1, 1, 1, 2]
+    logged = [r for r in replica_log.records if r.name == app._log.name]
+    assert [r.exc_info[0] for r in logged] == [ValueError, TypeError]  # the directory out of reach is no fault: not logged
+    assert all("replica r1: following the directory failed" in r.getMessage() for r in logged)
+
+
+def test_a_500_is_logged_with_its_traceback_and_answers_one_line(replica_log):
+    from sql_magics.serving.requests import RequestError
+
+    try:
+        raise RuntimeError("actor 5f1e0c pid 4242 at 10.0.0.7\nsecond line")
+    except RuntimeError as err:
+        answer = app.error_answer(err, "v1")
+    said = json.loads(answer.body)["error"]
+    assert answer.status_code == 500 and "\n" not in said and "4242" not in said and said.startswith("internal error (RuntimeError)")
+    incident = re.search(r"error id (\w+)$", said).group(1)
+    (record,) = [r for r in replica_log.records if incident in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info[0] is RuntimeError and "pid 4242" in str(record.exc_info[1])
+    mistake = app.error_answer(RequestError("the body is not JSON"), "v1")  # the caller's: its own message, nothing logged
+    assert mistake.status_code == 400 and json.loads(mistake.body) == {"error": "the body is not JSON"}
+    assert len(replica_log.records) == 1
+
+
+def test_a_script_that_answers_500_is_logged_with_its_traceback(caplog):
+    def exits(sql, owner):
+        raise SystemExit(3)
+
+    with caplog.at_level(logging.ERROR, logger=serving.__name__):
+        answer = script_answer({"sql": "select 1"}, exits)
+    assert answer == {"status": 500, "body": {"error": "/run/script: SystemExit: 3"}}
+    (record,) = caplog.records
+    assert "/run/script answers 500" in record.getMessage() and record.exc_info[0] is SystemExit
+    assert script_answer({"sql": "select 1", "includeSchema": "maybe"}, exits)["status"] == 400
+
+
+def test_a_registration_the_replicas_do_not_confirm_says_so_until_they_do(session, server, model_dir, monkeypatch, caplog):
+    """Last of the module's server tests: the replica it leaves behind counts for REPLICA_SILENT_S after its last poll."""
+    import ray
+
+    monkeypatch.setattr(serving, "HEARD_TIMEOUT_S", 1.0)
+    directory = session.serving._directory
+    ray.get(directory.follow.remote(0, "stuck", [], {}))  # a replica that polls once and no more: it runs on revision 0
+    assert session.sql("!serve status")["warning"].tolist() == [""]
+    with caplog.at_level(logging.WARNING, logger=serving.__name__):
+        session.register_model("late", save_pickled(model_dir / "serve_late.pkl", Weighted()), workers=1, num_cpus=WORKER_CPUS)
+    try:
+        said = r"^serve: 1 of \d+ replicas did not confirm the newest change of the served functions \(a registration, swap or removal\)"
+        assert [r.getMessage() for r in caplog.records if re.match(said, r.getMessage())], caplog.text  # the stuck one; others heard
+        assert re.match(said, session.sql("!serve status")["warning"][0])
+        revision, _ = ray.get(directory.follow.remote(0, "stuck", [], {}))  # it hears at last,
+        ray.get(directory.follow.remote(revision, "stuck", [], {}))  # and says so with its next poll
+        deadline = time.monotonic() + 5
+        while session.sql("!serve status")["warning"][0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session.sql("!serve status")["warning"].tolist() == [""]
+    finally:
+        session.unregister("late")

@@ -92,6 +92,7 @@ def test_a_bad_script_or_an_open_address_without_a_token_exits_with_a_line(ray_a
                               "(--token-file or RAYUDF_TOKEN)"),
         (["--token-file", "missing"], "--token-file missing: No such file or directory"),
         (["--token", "typed", "--token-file", "missing"], "give --token or --token-file, not both"),
+        (["--replicas", "0"], "serve: replicas must be at least 1, got 0"),  # read as !serve and Session.serve read it
     ],
 )
 def test_serve_refuses_to_start_without_the_token_it_needs(tmp_path, monkeypatch, extra, says):

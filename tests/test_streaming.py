@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -630,3 +631,105 @@ save append counted as table.`delta_counted` options mode="Complete" and trigger
     write_deltalake(str(source), pa.table({"id": [4]}), mode="append")
     session.run(script)  # the table as it was at the start, then the versions since: each row once
     assert session.con.execute("select n, s from delta_counted").fetchall() == [(4, 10)]
+
+
+# -- options: a table per place, one boolean reader, one "not supported here" ------------------
+
+
+def test_boolean_options_read_1_and_yes_as_true_and_0_and_off_as_false(session, tmp_path):
+    from sql_magics.streaming.sinks import sink_for
+    from sql_magics.streaming.sources import DeltaSource, MockSource
+
+    session.con.execute("create or replace table flag_rows as select range as id from range(3)")
+    assert MockSource(session.con, "flag_rows", {"recycle": "1"}, "e").recycle is True  # "1" was false before
+    assert MockSource(session.con, "flag_rows", {"recycle": "0"}, "e").recycle is False
+    table = tmp_path / "flags"
+    write_deltalake(str(table), pa.table({"id": [1]}))
+    assert DeltaSource(str(table), {"mode": "path", "ignoreChanges": "yes"}, "t", root=None).ignore_changes is True
+    assert sink_for("console", "", {"truncate": "off"}, [], lake_root=None).truncate is False  # "off" was true before
+
+
+def test_ignore_changes_yes_reads_the_files_a_rewriting_version_adds(session, tmp_path):
+    source = tmp_path / "events"
+    write_deltalake(str(source), pa.table({"id": [1, 2]}))
+    write_deltalake(str(source), pa.table({"id": [9]}), mode="overwrite")  # version 1 rewrites the rows
+    session.run(f"""
+set streamName="changes";
+load delta.`{source}` options mode="path" and startingVersion="0" and ignoreChanges="yes" as events;
+select id from events as ids;
+save append ids as table.`changed_ids` options trigger="once" and checkpointLocation="{tmp_path / 'ck'}";
+""")
+    assert session.con.execute("select id from changed_ids order by id").fetchall() == [(1,), (2,), (9,)]
+
+
+def test_a_bad_boolean_is_one_line_naming_the_option(session, tmp_path):
+    session.con.execute("create or replace table maybe_rows as select 1 as id")
+    script = f"""set streamName="maybe";
+load mockStream.`maybe_rows` options recycle="maybe" as events;
+select id from events as ids;
+save append ids as table.`maybe_out` options trigger="once" and checkpointLocation="{tmp_path / 'ck'}";
+"""
+    with pytest.raises(ExecutionError) as refused:
+        session.run(script)
+    assert str(refused.value) == "line 2: option recycle: expected true or false (or 1/0, yes/no, on/off), got 'maybe'"
+
+
+@pytest.mark.parametrize(
+    ("load", "sink", "message"),
+    [
+        ('load delta.`{delta}` options mode="path" and startingVersio="0" as events;', "table.`unknown_out`",
+         "load delta (stream): option 'startingVersio' is not supported here (supported: startingVersion, ignoreChanges, mode)"),
+        ('load mockStream.`unknown_rows` options stepSize="1-2" as events;', "table.`unknown_out`",
+         "load mockStream: option 'stepSize' is not supported here (supported: stepSizeRange, recycle, valueFormat, valueSchema)"),
+        ("load parquet.`{incoming}` as events;", 'rate.`{tmp}/lake` options idcols="id" and',
+         "save rate/delta (stream): option 'idcols' is not supported here (supported: idCols, mergeSchema, overwriteSchema)"),
+        ("load parquet.`{incoming}` as events;", 'console.`` options numrows="2" and',
+         "save console: option 'numrows' is not supported here (supported: numRows, truncate)"),
+        ("load parquet.`{incoming}` as events;", 'table.`unknown_out` options header="true" and',
+         "save table (stream): option 'header' is not supported here (supported: none)"),
+    ],
+    ids=["delta source", "mockStream", "delta sink", "console sink", "table sink"],
+)
+def test_an_unknown_option_of_each_source_and_sink_is_the_one_message(session, tmp_path, load, sink, message):
+    incoming, delta = tmp_path / "in", tmp_path / "events"
+    drop(incoming, "f0.parquet", 0)
+    write_deltalake(str(delta), pa.table({"id": [1]}))
+    session.con.execute("create or replace table unknown_rows as select 1 as id")
+    save = sink.format(tmp=tmp_path) if " options " in sink else f"{sink} options"
+    with pytest.raises(ExecutionError) as refused:
+        session.run(f"""set streamName="unknown";
+{load.format(delta=delta, incoming=incoming)}
+select id from events as ids;
+save append ids as {save} trigger="once" and checkpointLocation="{tmp_path / 'ck'}";
+""")
+    assert str(refused.value).split(": ", 1)[1] == message
+
+
+def test_a_stream_that_fails_in_the_background_logs_its_traceback(session, tmp_path, caplog):
+    incoming = tmp_path / "in"
+    drop(incoming, "f0.parquet", 0)
+    (incoming / "f1.parquet").write_bytes(b"PAR1 not really parquet")
+    script = scoring_stream("logged", incoming, "table.`logged_out`", tmp_path / "ck", 'duration="0.1"').replace("wsum(a, b)", "a")
+    with caplog.at_level(logging.INFO, logger="sql_magics.streaming.query"):
+        session.run(script)
+        record = wait_for(lambda: next((r for r in caplog.records if "stream logged failed" in r.getMessage()), None))
+    row = session.sql("!show progress/logged").iloc[0]
+    assert row["state"] == "failed" and row["last_error"].startswith(f"bad file {incoming / 'f1.parquet'}")
+    assert "\n" not in row["last_error"]  # !streams keeps one line; the log, the whole traceback
+    assert record.exc_info is not None and "Traceback (most recent call last)" in caplog.text
+    assert record.levelno == logging.INFO  # a bad file is the user's: below what Python prints when nothing is configured
+
+
+def test_a_stream_that_fails_of_a_bug_logs_it_as_an_error(caplog, monkeypatch):
+    from sql_magics.streaming.query import StreamQuery
+
+    def bug(self):
+        self.last_error = "KeyError: 'files'"
+        raise KeyError("files")
+
+    monkeypatch.setattr(StreamQuery, "run", bug)
+    query = StreamQuery.__new__(StreamQuery)  # only its background thread's body: no source, sink or checkpoint needed
+    query.name = "buggy"
+    query._background()
+    [record] = [r for r in caplog.records if "stream buggy failed" in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info[0] is KeyError

@@ -143,12 +143,13 @@ def test_a_spare_imports_idly_until_a_model_waits_for_its_imports(tmp_path, monk
 def test_a_spare_whose_framework_does_not_import_says_so_when_a_model_loads(ray_cluster):
     from udf_engine.actors.warm_pool import WorkerKind, worker_actor
     from udf_engine.resources import WorkerResources
+    from udf_engine.settings import UDFConf
 
     kind = WorkerKind(("no_such_framework",), WorkerResources(num_cpus=WORKER_CPUS))
     spare = worker_actor(kind).remote(imports=kind.imports)
     try:
         with pytest.raises(ray.exceptions.RayTaskError, match="No module named 'no_such_framework'"):
-            ray.get(spare.load.remote("w0", lambda refs, conf: None, lambda model, batch: batch, [], {}), timeout=60)
+            ray.get(spare.load.remote("w0", lambda refs, conf: None, lambda model, batch: batch, [], UDFConf()), timeout=60)
     finally:
         ray.kill(spare)
 

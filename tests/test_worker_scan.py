@@ -182,8 +182,9 @@ def test_a_worker_killed_during_a_worker_scan_loses_no_row(session, register, mo
     assert plan_of(session, query)["path"] == "workers"
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(session.sql, query)
-        while sum(s["batches"] for s in registered.udf.stats()) < 6:  # both workers busy with their shares
+        while sum(s["batches"] for s in registered.udf.stats()) < 6 and not running.done():  # both workers busy with their shares
             time.sleep(0.05)
+        assert not running.done(), running.result()  # a query that ended already (or failed) has nothing to lose
         victim = None
         while victim is None:
             victim = next((s["pid"] for s in registered.udf.stats() if s["batch_running_s"] is not None), None)
@@ -305,6 +306,7 @@ def test_share_scans_on_two_threads_each_read_their_own_share(files):
     import pyarrow as pa
 
     from arrow_bridge.share_scan import ROW_COLUMN, SHARE_VIEW, ShareScan, arg_column
+    from udf_engine.actors.batching import cut
 
     root, values = files
     query = f"SELECT a AS {arg_column(0, 0)}, file_row_number AS {ROW_COLUMN} FROM {SHARE_VIEW}"
@@ -312,9 +314,9 @@ def test_share_scans_on_two_threads_each_read_their_own_share(files):
     def scan(file: str, rows: int) -> np.ndarray:
         task = ShareScan(
             function="f", returns="DOUBLE", query=query, schema=pa.schema([(arg_column(0, 0), pa.float64())]), passthrough=(),
-            call_args=(1,), file=str(root / file), rows=(0, rows - 1), width=None, batch_size=100,
+            call_args=(1,), file=str(root / file), rows=(0, rows - 1), width=None,
         )
-        return task.run(lambda batches: [b[:, 0] for b in batches]).table.column(0).to_numpy()
+        return task.run(lambda matrix: [b[:, 0] for b in cut(matrix, 100)]).table.column(0).to_numpy()  # as a worker scores it
 
     with ThreadPoolExecutor(2) as pool:
         rounds = [(pool.submit(scan, "part-0.parquet", 6000), pool.submit(scan, "part-1.parquet", 2500)) for _ in range(10)]

@@ -3,9 +3,9 @@
 A model is loaded once into stateful ``UDFWorker`` actors owned by a ``UDFMaster``;
 a caller-side ``Dispatcher`` spreads batches over them. The wings, lowest first:
 ``models/`` (model files, the model store, the loaders a worker runs), ``actors/`` (the
-builder, master, workers, dispatcher and warm pool) and ``byzer/`` (MLSQL's ``RayContext``
-and the ``pyjava`` import names); beside them ``errors``, ``settings``, ``ray_runtime``,
-``resources`` and ``durable``, which every wing may use.
+builder, master, workers, dispatcher, warm pool and its spares policy) and ``byzer/``
+(MLSQL's ``RayContext`` and the ``pyjava`` import names); beside them ``errors``,
+``settings``, ``ray_runtime``, ``resources`` and ``durable``, which every wing may use.
 
 The names below are imported when first asked for: a process that needs one module (a worker
 scanning its share, say) does not import the builder, the dispatcher and the rest with it.

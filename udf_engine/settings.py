@@ -149,7 +149,7 @@ def _coerce(opt: Option, value: Any) -> Any:
             raise ConfigError(f"option {opt.name}: expected a JSON object, got {value!r}")
         return parsed
     if opt.type is str:
-        return str(value).strip().lower()
+        return str(value).strip()
     try:
         if opt.type is int and isinstance(value, str):
             return int(float(value)) if float(value).is_integer() else int(value)
@@ -183,6 +183,7 @@ class UDFConf:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "on_error", self.on_error.lower())  # "NULL" as "null"
         if self.workers < 1:
             raise ConfigError(f"option workers: must be at least 1, got {self.workers}")
         if self.num_cpus < 0 or self.num_gpus < 0:

@@ -17,14 +17,15 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from sql_magics.errors import ParseError
-from sql_magics.serving.server import DEFAULT_HOST, DEFAULT_PORT, REQUEST_TIMEOUT_S, TOKEN_VARIABLE, check_binding
+from sql_magics.serving.options import SERVE_OPTIONS, TOKEN_VARIABLE, read_serve_options
+from sql_magics.serving.server import check_binding
 from udf_engine.errors import ConfigError, RayUDFError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -137,31 +138,41 @@ def _registers(text: str) -> bool:
         return False
 
 
+# What `rayudf serve`'s flag of a serve option says besides the option's own help.
+_FLAG_NOTES = {"token": "; on the command line it shows in the process list: prefer --token-file"}
+
+
+def _serve_flags(command: Callable) -> Callable:
+    """A flag for each serve option (``--request-timeout-s`` for ``request_timeout_s``), in SERVE_OPTIONS's order."""
+    for option in reversed(SERVE_OPTIONS):  # click lists the flags in the order the decorators are applied, last first
+        flag, text = "--" + option.name.replace("_", "-"), option.help + _FLAG_NOTES.get(option.name, "")
+        if option.type is bool:
+            command = click.option(flag, option.name, is_flag=True, default=option.default, help=text)(command)
+        else:
+            shown = option.default is not None
+            command = click.option(flag, option.name, type=option.type, default=option.default, show_default=shown, help=text)(command)
+    return command
+
+
 @main.command()
 @click.argument("script", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--host", default=DEFAULT_HOST, show_default=True, help="the address to bind; beyond loopback needs a token")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, help="the HTTP port")
-@click.option("--token", default=None, envvar=TOKEN_VARIABLE, help=f"require Authorization: Bearer <token> (default: ${TOKEN_VARIABLE}; "
-              "on the command line it shows in the process list: prefer --token-file)")
+@_serve_flags
 @click.option("--token-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="read the token from this file (its first line)")
 @click.option("--ray-address", default=None, help="join this Ray cluster (default: RAY_ADDRESS, else a local Ray)")
-@click.option("--allow-scripts", is_flag=True, help="answer Byzer's /run/script (a script can read files and run Python)")
-@click.option("--replicas", default=1, show_default=True, help="Serve replicas of the HTTP app")
-@click.option("--request-timeout-s", default=REQUEST_TIMEOUT_S, show_default=True, help="seconds a request may take (then 408)")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="set ${KEY}; wins over the script's own set")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 def serve(
-    script: Path, host: str, port: int, token: str | None, token_file: Path | None, ray_address: str | None, allow_scripts: bool,
-    replicas: int, request_timeout_s: float, sets: tuple[str, ...], debug: bool,
+    script: Path, token_file: Path | None, ray_address: str | None, sets: tuple[str, ...], debug: bool, **options: object
 ) -> None:
     """Run a script (its register, load and set statements), then answer HTTP for its functions
     until SIGINT or SIGTERM, which let the requests in flight finish (docs/serving.md)."""
     from sql_magics.session import Session
 
-    token = _token(click.get_current_context(), token, token_file)
+    options["token"] = _token(click.get_current_context(), options["token"], token_file)
     try:
-        check_binding(host, token, allow_scripts)  # before the script runs: nothing starts that would not serve
+        settings = read_serve_options(options)
+        check_binding(settings.host, settings.token, settings.allow_scripts)  # before the script runs: nothing starts that would not serve
     except ConfigError as err:
         raise _Failed(str(err), 2) from None
     variables, text = _parse_sets(sets), _read(script)
@@ -173,9 +184,7 @@ def serve(
         session.pin_variables(variables)
         for warning in session.run(text, source_name=str(script), base_dir=script.parent).warnings:
             click.echo(f"warning: {warning}", err=True)
-        handle = session.serve(
-            host=host, port=port, token=token, allow_scripts=allow_scripts, replicas=replicas, request_timeout_s=request_timeout_s
-        )
+        handle = session.serve(**options)
         click.echo(f"serving {handle.url} (functions: {', '.join(handle.functions)})")
         while not stop.wait(_SIGNAL_POLL_S):
             pass
@@ -183,8 +192,8 @@ def serve(
 
 
 def _token(context: click.Context, token: str | None, token_file: Path | None) -> str | None:
-    """The server's token: from --token-file, else --token or $RAYUDF_TOKEN (a warning when it was typed
-    on the command line, where every user of the machine can read it in /proc/<pid>/cmdline)."""
+    """The server's token: from --token-file, else --token (a warning: every user of the machine can read
+    it in /proc/<pid>/cmdline); None leaves it to $RAYUDF_TOKEN (read_serve_options)."""
     typed = context.get_parameter_source("token") is click.core.ParameterSource.COMMANDLINE
     if token_file is None:
         if typed:

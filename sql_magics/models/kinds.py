@@ -28,7 +28,8 @@ from typing import Any
 from sql_magics.byzer.python_code import run_code
 from sql_magics.errors import ExecutionError
 from sql_magics.language.statements import RAY
-from sql_magics.models.registry import TRACKING_URI, FunctionRegistry, RegisteredFunction
+from sql_magics.models.options import TRACKING_URI, RegisterOptions, script_options
+from sql_magics.models.registry import FunctionRegistry, RegisteredFunction
 from sql_magics.state import ScriptState
 from sql_magics.tables.catalog import loaded_table
 from udf_engine import ConfigError, RemoteUDF, UDFBuildInFunc
@@ -37,7 +38,7 @@ from udf_engine.errors import RayUDFError
 from udf_engine.models import sources
 from udf_engine.models.loaders import LOADERS, MODEL_KINDS
 from udf_engine.models.store import DEFAULT_VERSION, detect_format
-from udf_engine.settings import DEFAULT_METHOD
+from udf_engine.settings import DEFAULT_METHOD, UDFConf
 
 # `register model.`path``: the kind is the model's own format, read from the path or the table.
 DETECTED_KIND = "model"
@@ -51,47 +52,54 @@ _CODE_OPTIONS = ("registerCode", "predictCode", "code")
 
 
 def register(registry: FunctionRegistry, state: ScriptState, kind: str, source: str, function: str, options: dict) -> RegisteredFunction:
-    """Run one ``register <kind>.`<source>` as <function> where <options>``."""
+    """Run one ``register <kind>.`<source>` as <function> where <options>``: its options typed first, before anything starts."""
     lowered = kind.lower()
+    what = f"register {kind}.`{source}` as {function}"
     if lowered in MODEL_KINDS or lowered == DETECTED_KIND:
         if MLFLOW_TRACKING_URI in state.variables:  # `set mlflow.tracking_uri = "..."`; a where-option wins
             options = {TRACKING_URI: state.variables[MLFLOW_TRACKING_URI], **options}
-        return register_model(registry, function, source, kind=lowered, **options)
+        typed = RegisterOptions.of(options, what, fmt=MODEL_KINDS.get(lowered))
+        return register_model(registry, function, source, typed, kind=lowered)
     if lowered == RAY.lower():
-        return register_ray(registry, state, function, source, options)
+        return register_ray(registry, state, function, source, options, what)
     if lowered == SCRIPT_KIND.lower():
-        return register_script(registry, function, options)
+        return register_script(registry, function, options, what)
     raise ExecutionError(f"register: kind {kind!r} is not supported (supported: {', '.join(REGISTER_KINDS)})")
 
 
 def prepare(registry: FunctionRegistry, kind: str, source: str, options: dict) -> None:
     """Have spares ready for ``register <kind>.`<source>` where <options>``, a later statement of the
     running script, when it loads a model from a file of a framework worth importing ahead
-    (``FunctionRegistry.prepare``); anything else, or options it would refuse, is left to that statement."""
+    (``SparesPolicy.prepare``); anything else, or options it would refuse, is left to that statement."""
     lowered = kind.lower()
     try:
         if lowered in MODEL_KINDS:
-            registry.prepare(LOADERS[MODEL_KINDS[lowered]], options)
+            fmt = MODEL_KINDS[lowered]
         elif lowered == DETECTED_KIND and Path(source).is_file():
-            registry.prepare(LOADERS[detect_format(source)], options)
+            fmt = detect_format(source)
+        else:
+            return
+        registry.spares.prepare(LOADERS[fmt], RegisterOptions.of(options, f"register {kind}", fmt=fmt).settings)
     except (RayUDFError, KeyError, OSError):
         pass
 
 
 def register_model(
-    registry: FunctionRegistry, function: str, source: str | Path, *, kind: str | None = None, **options: Any
+    registry: FunctionRegistry, function: str, source: str | Path, options: RegisterOptions, *, kind: str | None = None
 ) -> RegisteredFunction:
     """Load a model into Ray workers and make it callable from SQL as ``function(...)`` (``Session.register_model``).
 
-    ``kind`` is a key of MODEL_KINDS, or None/"model" to read it from the model.
+    ``kind`` is a key of MODEL_KINDS, or None/"model" to read it from the model; ``options`` are typed
+    already (:meth:`RegisterOptions.of`), for that kind's format or for any.
     """
     kind = None if kind in (None, DETECTED_KIND) else kind.lower()
     if kind is not None and kind not in MODEL_KINDS:
         raise ConfigError(f"register {function}: unknown model kind {kind!r} (known: {', '.join(MODEL_KINDS)}, {DETECTED_KIND})")
-    version = str(options.get("version") or DEFAULT_VERSION)
-    model = model_source(registry, str(source), kind=kind, version=version, tracking_uri=options.get(TRACKING_URI))
+    model = model_source(registry, str(source), kind=kind, version=options.version or DEFAULT_VERSION, tracking_uri=options.tracking_uri)
+    if kind is None:  # the format is known now
+        options = options.checked_for(model.format, f"register {function}")
     loader = sources.loader_of(function, model, kind=kind)
-    apply = UDFBuildInFunc.predictor(str(options.get("method") or DEFAULT_METHOD))
+    apply = UDFBuildInFunc.predictor(options.settings.extra.get("method", DEFAULT_METHOD))
     return registry.register_udf(function, loader, apply, rows=model.rows, kind=kind or model.format, path=model.shown, options=options)
 
 
@@ -105,17 +113,24 @@ def model_source(
     return sources.from_path(source, kind=kind, version=version, tracking_uri=tracking_uri)
 
 
-def register_ray(registry: FunctionRegistry, state: ScriptState, function: str, source: str, options: dict) -> RegisteredFunction:
-    """MLSQL's ``register Ray.`<model table>` as f where registerCode='''...'''``."""
+def register_ray(
+    registry: FunctionRegistry, state: ScriptState, function: str, source: str, options: dict, what: str
+) -> RegisteredFunction:
+    """MLSQL's ``register Ray.`<model table>` as f where registerCode='''...'''``: any option reaches the
+    code in ``context.conf``; the engine's are typed first all the same."""
     code = options.get("registerCode")
     if not code:
         raise ExecutionError(f"register Ray {function}: the registerCode option is required")
-    rows = model_source(registry, source).rows if source else []
     conf = {**state.python_conf, **{k: v for k, v in options.items() if k not in _CODE_OPTIONS}}
+    try:
+        settings = UDFConf.from_options(conf)
+    except ConfigError as err:
+        raise ConfigError(f"{what}: {err}") from None
+    rows = model_source(registry, source).rows if source else []
 
     def build() -> RemoteUDF:
         # MLSQL's apply_func is written for one row; foreach/map_iter tasks of the code see the pyjava names
-        context = registry.ray_context(function, conf, rows, row_wise=True, names=pyjava_modules)
+        context = registry.ray_context(function, settings, rows, conf=conf, row_wise=True, names=pyjava_modules)
         namespace = {"__name__": f"__rayudf_register_{function}__", "context": context}
         try:
             with pyjava_modules():
@@ -130,12 +145,11 @@ def register_ray(registry: FunctionRegistry, state: ScriptState, function: str, 
             raise
         return context.udf
 
-    returns = options.get("returns", RAY_DEFAULT_RETURNS)
-    return registry.build_and_add(
-        function,
-        build,
-        lambda udf: registry.add_udf(function, udf, kind=RAY, path=source, options={**options, "returns": returns}),
+    typed = RegisterOptions(
+        settings, returns=options.get("returns", RAY_DEFAULT_RETURNS), sample=options.get("sample"), version=options.get("version"),
+        given=options,
     )
+    return registry.build_and_add(function, build, lambda udf: registry.add_udf(function, udf, kind=RAY, path=source, options=typed))
 
 
 def _script_function(function: str, code: str, method: str | None) -> Callable:
@@ -182,21 +196,20 @@ def _spark_type(name: str, function: str) -> str:
         raise ExecutionError(f"register ScriptUDF {function}: dataType {name!r} is not a Spark SQL type") from None
 
 
-def register_script(registry: FunctionRegistry, function: str, options: dict) -> RegisteredFunction:
+def register_script(registry: FunctionRegistry, function: str, options: dict, what: str) -> RegisteredFunction:
     """``register ScriptUDF.`` as f where lang="python" and code='''def apply(...)'''``.
 
     The result type is ``returns`` (DuckDB's name) or, as in Byzer, ``dataType`` (alias
     ``returnType``): a Spark SQL type such as ``map(string,string)``.
     """
-    lang = options.get("lang", "python").lower()
-    if lang != "python":
-        raise ExecutionError(f"register ScriptUDF {function}: lang {lang!r} is not supported (only python)")
-    if not options.get("code"):
+    typed = script_options(options, what)
+    if typed["lang"].lower() != "python":
+        raise ExecutionError(f"register ScriptUDF {function}: lang {typed['lang']!r} is not supported (only python)")
+    if not typed["code"]:
         raise ExecutionError(f"register ScriptUDF {function}: the code option is required")
-    func = _script_function(function, options["code"], options.get("methodName"))
-    spark_type = options.get("dataType") or options.get("returnType")
-    returns = options.get("returns") or (spark_type and _spark_type(spark_type, function))
+    func = _script_function(function, typed["code"], typed["methodName"])
+    returns = typed["returns"] or (typed["dataType"] and _spark_type(typed["dataType"], function))
     if not returns:
         raise ExecutionError(f'register ScriptUDF {function}: declare the result type, e.g. dataType="double" or returns="DOUBLE"')
-    vectorized = options.get("udfType", "").lower() == "vectorized"
-    return registry.add_python(function, func, returns, kind=SCRIPT_KIND, vectorized=vectorized, options=options)
+    vectorized = typed["udfType"].lower() == "vectorized"
+    return registry.add_python(function, func, returns, kind=SCRIPT_KIND, vectorized=vectorized, version=typed["version"], given=options)

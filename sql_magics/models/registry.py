@@ -12,6 +12,9 @@ no statement uses them. DuckDB's own functions are only created or removed betwe
 session's statements (``Database.exclusive``): DuckDB crashes when a function a running
 query calls is removed.
 
+The session's warm spares are the engine's business (``udf_engine.actors.spares``): the
+registry holds the policy (``registry.spares``), and each build asks it for the pool.
+
 Example:
     >>> registry = FunctionRegistry(Database(), RayRuntime(), session_id="ab12", worker_env={})
     >>> registry.actor_prefix("digit")
@@ -22,14 +25,12 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -37,23 +38,16 @@ import duckdb
 
 from arrow_bridge.function import ModelFunction, RowCounter, Version, add_function, add_python_function, keep_workers_busy, return_type_of
 from sql_magics.errors import ExecutionError, clean_duckdb_error
+from sql_magics.models.options import RegisterOptions
 from sql_magics.tables.database import Database
 from udf_engine import ConfigError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, WorkerError, put_model
-from udf_engine.actors.warm_pool import WorkerKind, start_pool, stop_pool
+from udf_engine.actors.spares import SparesPolicy
 from udf_engine.errors import ResourceError
-from udf_engine.models.loaders import WARM_FRAMEWORKS, WARM_IMPORTS
 from udf_engine.models.store import DEFAULT_VERSION
 from udf_engine.ray_runtime import actor_name
 from udf_engine.settings import UDFConf
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# The register option naming the MLflow tracking server (`set mlflow.tracking_uri` fills it).
-TRACKING_URI = "tracking_uri"
-# Options the bridge and the registry read; every other option goes to the engine.
-_BRIDGE_OPTIONS = ("returns", "version", "sample", TRACKING_URI)
-# How long spares for a script's later registration (prepare) wait for a Ray starting ahead of need.
-PREPARE_WAIT_S = 30.0
-_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,25 +84,25 @@ class FunctionRegistry:
     """
 
     def __init__(self, db: Database, runtime: RayRuntime, *, session_id: str, worker_env: Mapping[str, str]) -> None:
-        self.runtime = runtime  # the Ray the workers run on; started on the first registration
-        self.db = db  # whose connection the functions are created in
-        self._session_id = session_id  # keeps this session's actor names apart from others'
-        self._worker_env = worker_env  # environment of every worker unless a registration names one (`!python env`)
-        self._functions: dict[str, RegisteredFunction] = {}  # by SQL name
-        self._registrations: Counter[str] = Counter()  # registrations of each name so far: the default version labels
-        self._attempts: Counter[str] = Counter()  # builds of each name so far: unique actor names
-        self._lock = threading.Lock()  # guards _functions, _registrations, _attempts and _unbusy
-        self._changes = threading.RLock()  # one registration or removal at a time; taken before Database.exclusive
-        self._scored = RowCounter()  # rows scored by every model function of this registry
-        self.pool_name = actor_name(session_id, "pool")  # the session's warm pool (udf_engine.actors.warm_pool)
-        self._pool: Any = None  # its handle, once started
-        self._pool_lock = threading.Lock()  # one start of the pool: ahead of need (warm_up) or at a registration
-        self._closed = False  # once close() ran: nothing starts any more
-        self._warming: str | None = None  # the framework whose spares wait for a default registration (set warm)
-        self._ahead = False  # whether Ray was started ahead of need (start_ahead), by this registry
-        self._preparing: list[threading.Thread] = []  # placing spares for registrations to come (prepare)
-        self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising
-        self._watchers: list[Callable[[], None]] = []  # told after each change of the functions (a server publishes them)
+        self.runtime = runtime  # the Ray the workers run on; started on the first registration. Set once: no lock
+        self.db = db  # whose connection the functions are created in. Set once: no lock
+        self._session_id = session_id  # keeps this session's actor names apart from others'. Set once: no lock
+        # environment of every worker unless a registration names one. The session's `!python env` writes it; builds and
+        # warm-ups read it with no lock, as dict() copies it in one step under the GIL
+        self._worker_env = worker_env
+        # Guards _functions, _registrations, _attempts, _unbusy and _watchers; held for no DuckDB or Ray call.
+        self._lock = threading.Lock()
+        self._functions: dict[str, RegisteredFunction] = {}  # by SQL name; _lock
+        self._registrations: Counter[str] = Counter()  # registrations of each name so far: the default version labels; _lock
+        self._attempts: Counter[str] = Counter()  # builds of each name so far: unique actor names; _lock
+        self._unbusy: list[RemoteUDF] = []  # versions swapped in since the last statement: DuckDB's threads may need raising; _lock
+        self._watchers: list[Callable[[], None]] = []  # told after each change of the functions (a server publishes them); _lock
+        # Guards no field: one registration or removal at a time, each whole; taken before Database.exclusive and _lock.
+        self._changes = threading.RLock()
+        self._scored = RowCounter()  # rows scored by every model function of this registry; its own lock
+        # which spares wait in the session's warm pool, and the pool itself (its own locks): `set warm`, a script's
+        # later registrations, and the pool's name handed to every RayContext
+        self.spares = SparesPolicy(runtime, actor_name(session_id, "pool"), complete=self._with_env)
 
     # -- what is registered -------------------------------------------------------------
 
@@ -121,6 +115,11 @@ class FunctionRegistry:
     def model_functions(self) -> dict[str, ModelFunction]:
         """The functions served by Ray workers, by SQL name."""
         return {name: f.model_function for name, f in self.functions.items() if f.model_function is not None}
+
+    @property
+    def pool_name(self) -> str:
+        """The name of the session's warm pool actor (udf_engine.actors.warm_pool)."""
+        return self.spares.pool_name
 
     @property
     def rows_scored(self) -> int:
@@ -169,14 +168,14 @@ class FunctionRegistry:
     # -- registering --------------------------------------------------------------------
 
     def register_udf(
-        self, function: str, init_func: Callable, apply_func: Callable, *, rows: list[dict], kind: str, path: str, options: dict
+        self, function: str, init_func: Callable, apply_func: Callable, *, rows: list[dict], kind: str, path: str,
+        options: RegisterOptions,
     ) -> RegisteredFunction:
         """Build workers with ``init_func``/``apply_func`` over a model's rows and register them."""
         _check_name(function)
-        engine_options = {k: v for k, v in options.items() if k not in _BRIDGE_OPTIONS}
         return self.build_and_add(
             function,
-            lambda: UDFBuilder.build(self.ray_context(function, engine_options, rows), init_func, apply_func),
+            lambda: UDFBuilder.build(self.ray_context(function, options.settings, rows), init_func, apply_func),
             lambda udf: self.add_udf(function, udf, kind=kind, path=path, options=options),
         )
 
@@ -196,120 +195,38 @@ class FunctionRegistry:
                 return add(build())
         return add(udf)
 
-    def ray_context(self, function: str, conf: dict, rows: list[dict], **more: Any) -> RayContext:
-        """The context to build ``function`` in: this registry's Ray and actor names, the model rows in
-        the object store, and the workers' environment; ``more`` are RayContext's other fields (``row_wise``, ``names``)."""
+    def ray_context(self, function: str, settings: UDFConf, rows: list[dict], *, conf: dict | None = None, **more: Any) -> RayContext:
+        """The context to build ``function`` in: its typed ``settings`` with the workers' environment, this
+        registry's Ray and actor names, and the model rows in the object store; ``conf`` is what MLSQL code
+        reads as ``context.conf`` (the settings' own by default); ``more`` are RayContext's other fields
+        (``row_wise``, ``names``)."""
+        settings = self._with_env(settings)
         self.runtime.ensure()
-        while self._preparing:  # spares placed for this registration are there before it asks for workers
-            self._preparing.pop().join()
+        pool = self.spares.ready()  # spares placed for this registration are there before it asks for workers
         return RayContext(
             function,
-            conf=self._with_env(conf),
+            conf=conf if conf is not None else settings.as_conf(),
+            settings=settings,
             model_refs=put_model(rows),
             actor_prefix=f"{self.actor_prefix(function)}.r{self._next_registration(function)}",
             runtime=self.runtime,
-            warm_pool=self._warm_pool(),
+            warm_pool=pool,
             **more,
         )
 
-    def _with_env(self, conf: Mapping[str, Any]) -> dict:
-        """A function's engine options with the session's worker environment (``!python env``)."""
-        return {"env": dict(self._worker_env), **conf} if self._worker_env else dict(conf)
+    def _with_env(self, settings: UDFConf) -> UDFConf:
+        """A function's settings with the session's worker environment (``!python env``), unless it set its own."""
+        if not self._worker_env or settings.env:
+            return settings
+        return replace(settings, env=dict(self._worker_env))
 
-    def _warm_pool(self) -> str:
-        """The name of this session's warm pool, started with the first registration (Ray stops an
-        actor nobody holds a handle of, so the registry holds one)."""
-        with self._pool_lock:
-            self._started_pool()
-        return self.pool_name
-
-    def _started_pool(self) -> Any:
-        """This session's pool, started if it is not (the pool lock held): once, as a second start
-        would hand back a handle that does not own it."""
-        if self._pool is None:
-            self._pool = start_pool(self.pool_name)
-        return self._pool
-
-    def _refill(self, wanted: Callable[[], tuple[WorkerKind, int] | None]) -> None:
-        """Have the spares ``wanted()`` names (a kind, and how many; None: none) wait in the pool. Decided
-        and placed holding the pool lock, so a ``set warm`` that follows drops them; nothing once closed."""
-        import ray
-
-        with self._pool_lock:
-            if self._closed or (want := wanted()) is None:
-                return
-            ray.get(self._started_pool().refill.remote(*want))
-
-    def start_ahead(self, framework: str) -> None:
-        """Start Ray in the background, then spares importing ``framework`` (a key of WARM_FRAMEWORKS)
-        for the workers a registration with default options asks for: that registration takes them."""
-        self._warming, self._ahead = framework, True
-        self.runtime.start_ahead(then=self._warm_up, leaving=self._drop_pool)
-
-    def warm(self, framework: str | None) -> None:
-        """``set warm``: the waiting spares make way for spares of ``framework`` (None: no spares)."""
-        with self._pool_lock:
-            if framework == self._warming:
-                return
-            self._warming = framework
-            if self._pool is not None:
-                import ray
-
-                ray.get(self._pool.drop.remote())
-        if framework is None:
-            return
-        if not self._ahead:  # Ray not started ahead yet: now, the spares once it is up
-            self.start_ahead(framework)
-        elif _ray_up():
-            threading.Thread(target=self._warm_up, name="rayudf-warm-up", daemon=True).start()
-        # else the start ahead is under way, and warms what _warming says once Ray is up
-
-    def _warm_up(self) -> None:
-        """Refill the pool with spares of the framework now warmed, for a default registration."""
-        self._refill(self._warmed_kind)
-
-    def _warmed_kind(self) -> tuple[WorkerKind, int] | None:
-        """The workers a registration with default options asks for, of the framework warmed now (None: none)."""
-        if self._warming is None:
-            return None
-        conf = UDFConf.from_options(self._with_env({}))
-        return WorkerKind.of(conf, WARM_FRAMEWORKS[self._warming]), conf.workers
-
-    def prepare(self, init_func: Callable, options: Mapping[str, Any]) -> None:
-        """Have spares ready for a registration a later statement of the running script makes (a model
-        ``init_func`` loads, with ``options``), when its framework is worth importing ahead: they are
-        placed in the background once Ray is up, import while the statements before it run, and that
-        registration takes them. It never starts Ray itself, so a ``set ray.address`` may still move it."""
-        conf = UDFConf.from_options(self._with_env({k: v for k, v in options.items() if k not in _BRIDGE_OPTIONS}))
-        kind = WorkerKind.of(conf, WARM_IMPORTS.get(init_func, ()))
-        if kind.kept_warm and (self._ahead or _ray_up()):
-            thread = threading.Thread(target=self._place, args=(kind, conf.workers), name="rayudf-prepare", daemon=True)
-            self._preparing.append(thread)
-            thread.start()
-
-    def _place(self, kind: WorkerKind, count: int) -> None:
-        deadline = time.monotonic() + PREPARE_WAIT_S
-        while not _ray_up():  # a start ahead of need under way
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.1)
-        try:
-            self._refill(lambda: (kind, count))
-        except Exception:  # noqa: BLE001 - ahead of need: the registration starts its workers itself and says what fails
-            _log.info("placing spares ahead of a registration failed", exc_info=True)
-
-    def _drop_pool(self) -> None:
-        """Stop the warm pool and its spares; the next registration starts another."""
-        with self._pool_lock:
-            stop_pool(self.pool_name)
-            self._pool = None
-
-    def add_udf(self, function: str, udf: RemoteUDF, *, kind: str, path: str, options: dict) -> RegisteredFunction:
+    def add_udf(self, function: str, udf: RemoteUDF, *, kind: str, path: str, options: RegisterOptions) -> RegisteredFunction:
         """Make a built UDF callable from SQL, as a new version if the name exists; on failure its workers stop."""
         try:
             _check_name(function)
-            returns = return_type_of(function, udf, options.get("returns"), self._sample(function, options.get("sample")))
-            registered = RegisteredFunction(function, kind, path, returns, udf, None, self._version(function, options), dict(options))
+            returns = return_type_of(function, udf, options.returns, self._sample(function, options.sample))
+            version = self._version(function, options.version)
+            registered = RegisteredFunction(function, kind, path, returns, udf, None, version, dict(options.given))
             self._install_model(registered)
         except BaseException:
             udf.shutdown()
@@ -350,11 +267,11 @@ class FunctionRegistry:
         self._changed()
 
     def add_python(
-        self, function: str, func: Callable, returns: str, *, kind: str, vectorized: bool, options: dict
+        self, function: str, func: Callable, returns: str, *, kind: str, vectorized: bool, version: str | None, given: Mapping[str, Any]
     ) -> RegisteredFunction:
         """Make a plain Python function callable from SQL (run in-process by DuckDB)."""
         _check_name(function)
-        registered = RegisteredFunction(function, kind, "", returns, None, None, self._version(function, options), dict(options))
+        registered = RegisteredFunction(function, kind, "", returns, None, None, self._version(function, version), dict(given))
         self._install(registered, lambda: add_python_function(self.db.con, function, func, returns, vectorized=vectorized))
         return registered
 
@@ -388,11 +305,11 @@ class FunctionRegistry:
             self._attempts[function] += 1
             return self._attempts[function]
 
-    def _version(self, function: str, options: dict) -> str:
+    def _version(self, function: str, label: str | None) -> str:
         """The label the registration gives, else how many times the name has been registered."""
         with self._lock:
             self._registrations[function] += 1
-            return str(options.get("version") or self._registrations[function])
+            return str(label or self._registrations[function])
 
     # -- removing -----------------------------------------------------------------------
 
@@ -419,8 +336,7 @@ class FunctionRegistry:
                 self._retire(function)
             except Exception as err:  # noqa: BLE001 - the other functions' workers must stop all the same
                 failures.append(f"{function.name}: {err}")
-        self._closed = True
-        self._drop_pool()
+        self.spares.close()
         if failures:
             raise WorkerError("could not stop the workers of " + "; ".join(failures))
 
@@ -430,8 +346,3 @@ class FunctionRegistry:
         if registered.model_function is not None:
             registered.model_function.close()
 
-
-def _ray_up() -> bool:
-    import ray
-
-    return ray.is_initialized()

@@ -26,7 +26,7 @@ _GLOB = re.compile(r"[*?\[{]")
 MAX_VIEW_DEPTH = 8
 
 
-def inline_views(con: duckdb.DuckDBPyConnection, node: dict, models: set[str], depth: int = 0) -> None:
+def inline_views(con: duckdb.DuckDBPyConnection, node: dict, models: frozenset[str], depth: int = 0) -> None:
     """Replace references to views whose SQL names a model function by the views' queries."""
     if depth > MAX_VIEW_DEPTH:
         return

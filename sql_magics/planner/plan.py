@@ -176,7 +176,7 @@ class _Call:
         return json.dumps([without_locations(a["expression"]) for a in self.node["arguments"]], sort_keys=True)
 
 
-def _calls(node: dict, models: set[str], builtin: BuiltinFunctions) -> list[_Call]:
+def _calls(node: dict, models: frozenset[str], builtin: BuiltinFunctions) -> list[_Call]:
     found: list[_Call] = []
 
     def visit(value: Any, parent: Any, key: Any, scope: dict, in_aggregate: bool, in_window: bool) -> None:
@@ -228,14 +228,14 @@ def plan_query(
 
     ``node`` is rewritten in place, whichever path the plan ends on: give a copy to keep it. A tree
     this planner cannot read, or a question DuckDB will not answer on the way, runs as written."""
-    models = {name.lower() for name in functions}
+    models = frozenset(name.lower() for name in functions)
     try:
         builtin = builtin_functions()
         inline_views(con, node, models)
         calls = _calls(node, models, builtin)
         if not calls:
             return driver(NO_CALL)
-        return _plan(con, node, calls, builtin, models, functions, prefix, suffix)
+        return _plan(con, node, calls, functions=functions, builtin=builtin, models=models, prefix=prefix, suffix=suffix)
     except NotEligible as why:
         return driver(str(why))
     except SHAPE_ERRORS as err:
@@ -248,7 +248,16 @@ def _unread(err: Exception) -> Plan:
     return driver(f"DuckDB {duckdb.__version__}'s parse tree has a shape this planner does not read ({type(err).__name__}: {err})")
 
 
-def _plan(con, node, calls, builtin, models, functions, prefix, suffix) -> Plan:
+# -- is the query's shape one the worker path keeps -------------------------------------------
+
+
+def _stars(scope: dict) -> list[dict]:
+    """The ``*`` items of a SELECT's list."""
+    return [item for item in scope["select_list"] if item.get("class") == "STAR"]
+
+
+def _called_function(node: dict, calls: list[_Call], aggregates: frozenset[str]) -> str:
+    """The one model function ``calls`` call, all in one SELECT whose shape the worker path keeps; else NotEligible."""
     scope = calls[0].scope
     names = {function_name(c.node) for c in calls}
     if any(c.scope is not scope for c in calls):
@@ -262,97 +271,163 @@ def _plan(con, node, calls, builtin, models, functions, prefix, suffix) -> Plan:
     if any(c.in_window for c in calls):
         raise NotEligible("a model call inside a window function")
     aggregating = bool(scope["group_expressions"]) or has(
-        {"s": scope["select_list"], "h": scope["having"]}, lambda v: function_name(v) in builtin.aggregates
+        {"s": scope["select_list"], "h": scope["having"]}, lambda v: function_name(v) in aggregates
     )
     if aggregating and not all(c.in_aggregate for c in calls):
         raise NotEligible("a model call outside the aggregates of a grouping SELECT")
-    stars = [item for item in scope["select_list"] if item.get("class") == "STAR"]
+    stars = _stars(scope)
     if any(s.get("columns") for s in stars) or sum(v.get("class") == "STAR" for v in walk(scope["select_list"])) > len(stars):
         raise NotEligible("COLUMNS(...) or a * inside an expression in the SELECT")
     (function,) = names
-    fn = next(f for n, f in functions.items() if n.lower() == function)
+    return function
+
+
+def _model_function(functions: Mapping[str, ModelFunction], name: str) -> ModelFunction:
+    """The model function called ``name`` (any case), if the worker path can run it."""
+    fn = next(f for n, f in functions.items() if n.lower() == name)
     if fn.udf.conf.batch_timeout_s is not None:
         raise NotEligible("batch_timeout_s is set: it bounds one batch, and a worker's share holds many")
-    source, paths, alias = parquet_source(con, scope)
+    return fn
+
+
+# -- the source and what runs where it is read -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The one Parquet source of the SELECT, as the workers read it."""
+
+    ref: dict  # the table reference that reads the files (read_parquet(...), 'x.parquet')
+    alias: str  # what the statement calls it ("" for nothing)
+    files: list[str]
+    columns: tuple[str, ...]  # the files' columns, as DuckDB names them, in their order
+
+    def column(self, names: list[str]) -> str | None:
+        """The file column a reference (``a``, ``alias.a``) reads, as the files name it; None for any other reference."""
+        qualified = len(names) == 2 and names[0].lower() == self.alias.lower()
+        if len(names) != 1 and not qualified:
+            return None
+        wanted = names[-1].lower()
+        return next((c for c in self.columns if c.lower() == wanted), None)
+
+
+def _read_source(con: duckdb.DuckDBPyConnection, scope: dict) -> _Source:
+    """The SELECT's one Parquet source, its files and their columns; NotEligible for any other source."""
+    ref, paths, alias = parquet_source(con, scope)
     files = files_of(con, paths)
-    source_sql = "read_parquet([" + ", ".join(quote_literal(f) for f in files) + "])"
-    described = con.execute(f"DESCRIBE SELECT * FROM {source_sql}").fetchall()
-    columns = {row[0].lower(): row[0] for row in described}
-    if FILE_ROW in columns or any(c.startswith(PREFIX) for c in columns):
+    files_sql = "read_parquet([" + ", ".join(quote_literal(f) for f in files) + "])"
+    columns = tuple(row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {files_sql}").fetchall())
+    if any(c.lower() == FILE_ROW or c.lower().startswith(PREFIX) for c in columns):
         raise NotEligible(f"the files have a column named {FILE_ROW} or {PREFIX}*")
-    for call in calls:
-        _check_args(call, builtin, set(columns), alias, models)
-
-    # the distinct calls, each becoming one score column
-    keys = [call.key_of_args() for call in calls]
-    distinct = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-    arg_exprs = [copy.deepcopy([a["expression"] for a in calls[keys.index(key)].node["arguments"]]) for key in distinct]
-    # filters on the source's columns alone run where the rows are read: the model sees the rows it would have seen
-    pushed = [copy.deepcopy(c) for c in conjuncts(scope["where_clause"]) if _pushable(c, builtin, set(columns), alias, models)]
-    for call, key in zip(calls, keys, strict=True):
-        call.parent[call.key] = column([score_column(distinct[key])], call.node.get("alias", ""))
-    # the columns the statement reads besides the model's arguments
-    referenced = {
-        v["column_names"][-1].lower() for v in walk({k: v for k, v in scope.items() if k != "from_table"})
-        if v.get("class") == "COLUMN_REF" and _is_source_column(v["column_names"], set(columns), alias)
-    }
-    passthrough = tuple(row[0] for row in described if stars or row[0].lower() in referenced)
-    for star in stars:  # the score columns are ours, not the user's
-        star["exclude_list"] = [*star.get("exclude_list", []), *(score_column(i) for i in range(len(arg_exprs)))]
-
-    select_list = [column([c], c) for c in passthrough]
-    select_list += [{**expr, "alias": arg_column(i, j)} for i, exprs in enumerate(arg_exprs) for j, expr in enumerate(exprs)]
-    probe = to_sql(con, select(select_list, {**copy.deepcopy(source), "alias": alias}, conjoin(pushed)))
-    schema = con.sql(f"{probe} LIMIT 0").to_arrow_table().schema
-    worker_query = to_sql(con, select([*select_list, column([FILE_ROW], ROW_COLUMN)], table(SHARE_VIEW, alias), conjoin(pushed)))
-    picked = None  # a query that only picks columns may be read straight from the files (arrow_bridge.share_scan)
-    if not pushed and all(e.get("class") == "COLUMN_REF" for exprs in arg_exprs for e in exprs):
-        picked = tuple((c, c) for c in passthrough) + tuple(
-            (arg_column(i, j), columns[e["column_names"][-1].lower()]) for i, exprs in enumerate(arg_exprs) for j, e in enumerate(exprs)
-        )
-
-    scan_name = f"{PREFIX}scan_{secrets.token_hex(4)}"
-    scope["from_table"] = table(scan_name, alias)
-    return Plan(
-        WORKERS, "", fn.name, prefix + to_sql(con, node) + suffix, scan_name, worker_query, schema, passthrough,
-        tuple(len(e) for e in arg_exprs), files, shares_of(files, fn.udf.conf.workers), picked,
-    )
+    return _Source(ref, alias, files, columns)
 
 
-def _check_args(call: _Call, builtin: BuiltinFunctions, columns: set[str], alias: str, models: set[str]) -> None:
-    for arg in call.node["arguments"]:
-        for value in walk(arg["expression"]):
+@dataclass(frozen=True)
+class _OnWorkers:
+    """What a worker's DuckDB can evaluate over its share of the files: the one rule for the model's arguments
+    (else the statement stays with the driver) and for WHERE conditions (else the driver alone filters)."""
+
+    builtin: BuiltinFunctions
+    models: frozenset[str]
+    source: _Source
+
+    def why_not(self, expr: dict) -> str | None:
+        """Why ``expr`` cannot run where the rows are read (None: it can): it may read the source's columns
+        and call functions every DuckDB has that give the same value each time, and nothing else."""
+        for value in walk(expr):
             cls = value.get("class")
             if cls in ("SUBQUERY", "WINDOW") or is_query(value):
-                raise NotEligible("a model argument holds a subquery or window")
+                return "holds a subquery or window"
             if name := function_name(value):
-                if name in builtin.aggregates:
-                    raise NotEligible("a model argument holds an aggregate")
-                if name in builtin.volatile:
-                    raise NotEligible(f"a model argument calls {name}(), which gives other values each time")
-                if name in models:
-                    raise NotEligible("a model call inside another")
-                if name not in builtin.names:
-                    raise NotEligible(f"a model argument calls {name}(), which only this session's DuckDB has, not the workers'")
-            if cls == "COLUMN_REF" and not _is_source_column(value["column_names"], columns, alias):
-                raise NotEligible(f"a model argument reads {'.'.join(value['column_names'])}, not a column of the files")
+                if name in self.builtin.aggregates:
+                    return "holds an aggregate"
+                if name in self.builtin.volatile:
+                    return f"calls {name}(), which gives other values each time"
+                if name in self.models:
+                    return f"calls the model function {name}()"
+                if name not in self.builtin.names:
+                    return f"calls {name}(), which only this session's DuckDB has, not the workers'"
+            if cls == "COLUMN_REF" and self.source.column(value["column_names"]) is None:
+                return f"reads {'.'.join(value['column_names'])}, not a column of the files"
+        return None
+
+    def check_arguments(self, calls: list[_Call]) -> None:
+        """NotEligible unless every argument of every call can run on the workers."""
+        for call in calls:
+            for arg in call.node["arguments"]:
+                if why := self.why_not(arg["expression"]):
+                    raise NotEligible(f"a model argument {why}")
+
+    def filters(self, scope: dict) -> list[dict]:
+        """Copies of the WHERE conditions that run where the rows are read, so that the model sees the rows it would have seen."""
+        return [copy.deepcopy(c) for c in conjuncts(scope["where_clause"]) if self.why_not(c) is None]
 
 
-def _is_source_column(names: list[str], columns: set[str], alias: str) -> bool:
-    if len(names) == 1:
-        return names[0].lower() in columns
-    return len(names) == 2 and names[0].lower() == alias.lower() and names[1].lower() in columns
+# -- the rewrite -------------------------------------------------------------------------------
 
 
-def _pushable(conjunct: dict, builtin: BuiltinFunctions, columns: set[str], alias: str, models: set[str]) -> bool:
-    """Whether a WHERE condition can run where the rows are read: source columns, and functions a worker's DuckDB has."""
-    for value in walk(conjunct):
-        cls = value.get("class")
-        if cls in ("SUBQUERY", "WINDOW") or is_query(value):
-            return False
-        name = function_name(value)
-        if name and (name in models or name in builtin.aggregates or name in builtin.volatile or name not in builtin.names):
-            return False
-        if cls == "COLUMN_REF" and not _is_source_column(value["column_names"], columns, alias):
-            return False
-    return True
+def _score_calls(calls: list[_Call]) -> list[list[dict]]:
+    """Replace each call by its score column (calls of equal arguments by one); the arguments of each score column."""
+    keys = [call.key_of_args() for call in calls]
+    distinct = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    arguments = [copy.deepcopy([a["expression"] for a in calls[keys.index(key)].node["arguments"]]) for key in distinct]
+    for call, key in zip(calls, keys, strict=True):
+        call.parent[call.key] = column([score_column(distinct[key])], call.node.get("alias", ""))
+    return arguments
+
+
+def _passthrough(scope: dict, source: _Source, star: bool) -> tuple[str, ...]:
+    """The file columns the statement reads besides the model's arguments (every one, under a ``*``)."""
+    outside = {k: v for k, v in scope.items() if k != "from_table"}
+    referenced = {source.column(v["column_names"]) for v in walk(outside) if v.get("class") == "COLUMN_REF"}
+    return tuple(c for c in source.columns if star or c in referenced)
+
+
+@dataclass(frozen=True)
+class _WorkerQuery:
+    sql: str  # what a worker runs over its share (SHARE_VIEW)
+    schema: pa.Schema  # of its passthrough and argument columns, as the driver's DuckDB types them
+    picked: tuple[tuple[str, str], ...] | None  # (column, file column) when it only picks columns
+
+
+def _worker_query(
+    con: duckdb.DuckDBPyConnection, *, source: _Source, passthrough: tuple[str, ...], arguments: list[list[dict]], filters: list[dict]
+) -> _WorkerQuery:
+    """What each worker runs over its share: the passthrough columns, the calls' arguments, the filters pushed."""
+    select_list = [column([c], c) for c in passthrough]
+    select_list += [{**expr, "alias": arg_column(i, j)} for i, exprs in enumerate(arguments) for j, expr in enumerate(exprs)]
+    probe = to_sql(con, select(select_list, {**copy.deepcopy(source.ref), "alias": source.alias}, conjoin(filters)))
+    schema = con.sql(f"{probe} LIMIT 0").to_arrow_table().schema
+    sql = to_sql(con, select([*select_list, column([FILE_ROW], ROW_COLUMN)], table(SHARE_VIEW, source.alias), conjoin(filters)))
+    picked = None  # a query that only picks columns may be read straight from the files (arrow_bridge.share_scan)
+    if not filters and all(e.get("class") == "COLUMN_REF" for exprs in arguments for e in exprs):
+        picked = tuple((c, c) for c in passthrough) + tuple(
+            (arg_column(i, j), source.column(e["column_names"])) for i, exprs in enumerate(arguments) for j, e in enumerate(exprs)
+        )
+    return _WorkerQuery(sql, schema, picked)
+
+
+def _plan(
+    con: duckdb.DuckDBPyConnection, node: dict, calls: list[_Call], *, functions: Mapping[str, ModelFunction],
+    builtin: BuiltinFunctions, models: frozenset[str], prefix: str, suffix: str,
+) -> Plan:
+    """The worker path's plan of a query whose model calls are ``calls``; NotEligible says why there is none."""
+    scope = calls[0].scope
+    fn = _model_function(functions, _called_function(node, calls, builtin.aggregates))
+    source = _read_source(con, scope)
+    on_workers = _OnWorkers(builtin, models, source)
+    on_workers.check_arguments(calls)
+    filters = on_workers.filters(scope)
+    arguments = _score_calls(calls)
+    stars = _stars(scope)
+    passthrough = _passthrough(scope, source, star=bool(stars))
+    for star in stars:  # the score columns are ours, not the user's
+        star["exclude_list"] = [*star.get("exclude_list", []), *(score_column(i) for i in range(len(arguments)))]
+    worker = _worker_query(con, source=source, passthrough=passthrough, arguments=arguments, filters=filters)
+    scan_name = f"{PREFIX}scan_{secrets.token_hex(4)}"
+    scope["from_table"] = table(scan_name, source.alias)
+    return Plan(
+        path=WORKERS, function=fn.name, statement=prefix + to_sql(con, node) + suffix, scan_name=scan_name, worker_query=worker.sql,
+        schema=worker.schema, passthrough=passthrough, call_args=tuple(len(a) for a in arguments), files=source.files,
+        shares=shares_of(source.files, fn.udf.conf.workers), picked=worker.picked,
+    )

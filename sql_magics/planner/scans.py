@@ -65,7 +65,7 @@ def running(con: duckdb.DuckDBPyConnection, planned: Plan, fn: ModelFunction) ->
             ShareScan(
                 function=fn.name, returns=fn.return_type, query=planned.worker_query, schema=planned.schema,
                 passthrough=planned.passthrough, call_args=planned.call_args, file=share.file,
-                rows=(share.first, share.last), width=version.width, batch_size=version.batch_size, picked=planned.picked,
+                rows=(share.first, share.last), width=version.width, picked=planned.picked,
             )
             for share in planned.shares
         ]

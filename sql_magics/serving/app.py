@@ -19,6 +19,7 @@ Example:
 import asyncio
 import hmac
 import io
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -62,6 +63,11 @@ DRAIN_TIMEOUT_S = 30.0
 DRAIN_POLL_S = 0.2
 # After the directory cannot be reached (the session stopping, or restarting it), wait this long before asking again.
 _DIRECTORY_RETRY_S = 1.0
+# After following the directory failed otherwise (a fault of ours: logged), wait this long, doubled at each failure in
+# a row up to the most: the replica keeps trying to learn new versions, without filling its log with one error.
+_FOLLOW_RETRY_S, _FOLLOW_RETRY_MOST_S = 1.0, 30.0
+# Serve's logger: a replica's records go to its Serve log (logs/serve/replica_*.log), with the request's id.
+_log = logging.getLogger("ray.serve.rayudf")
 
 app = FastAPI(title="rayudf", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -79,6 +85,45 @@ def _status(err: BaseException) -> int:
     if isinstance(err, RayUDFError | ParseError):
         return 400
     return 500
+
+
+def error_answer(err: Exception, endpoint: str) -> JSONResponse:
+    """The answer to a request that raised: its own message for the caller's or the model's error; for a
+    fault of the server (500), one line with the error's type and an id, the traceback logged under that id."""
+    status = _status(err)
+    if status != 500:
+        return JSONResponse({"error": str(err) or type(err).__name__}, status_code=status)
+    incident = secrets.token_hex(4)
+    _log.error("%s answered 500 (error id %s)", endpoint, incident, exc_info=err)
+    said = f"internal error ({type(err).__name__}); the server's log has it as error id {incident}"
+    return JSONResponse({"error": said}, status_code=500)
+
+
+async def follow_directory(
+    ask: Callable[[int], Awaitable[tuple[int, Any] | None]], apply: Callable[[Any], Awaitable[None]], revision: int, who: str
+) -> None:
+    """A replica's follow of the directory, for its whole life: ``ask(revision)`` waits for news newer than
+    ``revision`` (None: none yet), ``apply(entries)`` takes them in. No error ends it: the directory out of
+    reach is asked again after _DIRECTORY_RETRY_S; any other error (taking news in included, which is then
+    asked for again) is logged with its traceback and followed by a pause that grows while it fails."""
+    import ray
+
+    pause = _FOLLOW_RETRY_S
+    while True:
+        try:
+            try:
+                news = await ask(revision)
+            except ray.exceptions.RayError:  # the session stopping, or restarting the directory: no fault, ask again
+                await asyncio.sleep(_DIRECTORY_RETRY_S)
+                continue
+            if news is not None:
+                await apply(news[1])
+                revision = news[0]
+            pause = _FOLLOW_RETRY_S
+        except Exception:  # noqa: BLE001 - a replica that stops following answers with old versions for ever: log, pause, go on
+            _log.exception("%s: following the directory failed (it asks again in %g s): it answers with the versions it has", who, pause)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _FOLLOW_RETRY_MOST_S)
 
 
 class _Refused(Exception):  # noqa: N818 - an answer, not a failure
@@ -213,8 +258,8 @@ class Ingress:
         self._id = secrets.token_hex(4)  # how this replica reports to the directory
         self._metrics = Metrics()
         self._functions: Functions | None = None  # once the directory first answered
-        self._revision = 0
         self._starting = asyncio.Lock()
+        self._following: asyncio.Task | None = None  # kept: the loop holds its tasks weakly, and its failure is logged
 
     # -- following the directory -----------------------------------------------------------
 
@@ -224,25 +269,18 @@ class Ingress:
                 functions = Functions(asyncio.get_running_loop(), self._metrics)
                 revision, entries = await self._directory.follow.remote(0, self._id, [], self._metrics.snapshot())
                 await asyncio.to_thread(functions.update, entries)
-                self._functions, self._revision = functions, revision
-                asyncio.get_running_loop().create_task(self._follow())
+                self._functions = functions
+                self._following = asyncio.get_running_loop().create_task(self._follow(functions, revision))
         return self._functions
 
-    async def _follow(self) -> None:
-        import ray
+    async def _follow(self, functions: Functions, revision: int) -> None:
+        async def ask(known: int) -> tuple[int, Any] | None:
+            return await self._directory.follow.remote(known, self._id, functions.in_use(), self._metrics.snapshot())
 
-        while True:
-            try:
-                news = await self._directory.follow.remote(
-                    self._revision, self._id, self._functions.in_use(), self._metrics.snapshot()
-                )
-            except ray.exceptions.RayError:
-                await asyncio.sleep(_DIRECTORY_RETRY_S)
-                continue
-            if news is not None:
-                revision, entries = news
-                await asyncio.to_thread(self._functions.update, entries)
-                self._revision = revision
+        async def apply(entries: Any) -> None:
+            await asyncio.to_thread(functions.update, entries)
+
+        await follow_directory(ask, apply, revision, f"replica {self._id}")
 
     # -- answering -------------------------------------------------------------------------
 
@@ -267,7 +305,7 @@ class Ingress:
         except _Refused as err:
             response = JSONResponse({"error": str(err)}, status_code=err.status)
         except Exception as err:  # noqa: BLE001 - every error is an answer: the server never dies of a request
-            response = JSONResponse({"error": str(err) or type(err).__name__}, status_code=_status(err))
+            response = error_answer(err, endpoint)
         finally:
             if pins is not None:
                 pins.release()
@@ -279,9 +317,11 @@ class Ingress:
     async def healthz(self, request: Request) -> Response:
         try:
             _check_origin(request, self._hosts, self._port)
+            functions = await self._ready()
         except _Refused as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
-        functions = await self._ready()
+        except Exception as err:  # noqa: BLE001 - an answer, logged, as every endpoint's
+            return error_answer(err, "healthz")
         return JSONResponse({"status": "ok", "functions": sorted(functions.by_name)})
 
     @app.get("/v1/functions")

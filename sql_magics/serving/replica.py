@@ -50,7 +50,7 @@ from sql_magics.serving.requests import (
     UnknownFunctionError,
 )
 from sql_magics.serving.select_list import query
-from udf_engine.actors.dispatcher import Dispatcher
+from udf_engine.actors.builder import RemoteUDF
 from udf_engine.actors.failures import Partial
 from udf_engine.errors import InputError, ModelError, RayUDFError, RowError
 
@@ -69,21 +69,15 @@ _local = threading.local()  # the Pins of the request a query thread runs
 
 
 class VersionClient:
-    """One version of a function as the replica calls it: the engine's dispatcher over its workers."""
+    """One version of a function as the replica calls it: the engine's UDF, attached to its master's workers."""
 
     def __init__(self, function: str, entry: VersionEntry) -> None:
-        import ray
-
-        workers, life = ray.get([entry.master.workers.remote(), entry.master.life.remote()])
         self.key, self.label, self.width = entry.key, entry.label, entry.width
-        self._batch_size = entry.conf.batch_size
-        self._dispatcher = Dispatcher(
-            entry.master, workers, entry.conf, model_refs=entry.model_refs, function=function, master_life=life
-        )
+        self._udf = RemoteUDF.attach(function, entry.master, entry.conf, entry.model_refs, {"input_width": entry.width})
 
     def map(self, matrix: Any) -> list[Any]:
-        """Score one feature matrix on the workers, in batch_size pieces (blocking: run it on a thread)."""
-        return self._dispatcher.map([matrix[i : i + self._batch_size] for i in range(0, len(matrix), self._batch_size)])
+        """Score one feature matrix on the workers (blocking: run it on a thread)."""
+        return self._udf.score(matrix)
 
 
 @dataclass

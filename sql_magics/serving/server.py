@@ -10,7 +10,7 @@ which lets the requests in flight finish, then stops Serve.
 
 Example:
     >>> serving = Serving(registry, session_id="ab12", run_script=lambda sql, owner: None)   # doctest: +SKIP
-    >>> serving.start(port=8000, token="s3cret").url                                        # doctest: +SKIP
+    >>> serving.start({"port": 8000, "token": "s3cret"}).url                                # doctest: +SKIP
     'http://127.0.0.1:8000'
     >>> serving.stop()                                                                      # doctest: +SKIP
 """
@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,16 +33,13 @@ import pyarrow as pa
 from sql_magics.errors import ExecutionError, ParseError
 from sql_magics.models.registry import FunctionRegistry
 from sql_magics.serving.directory import Directory, FunctionEntry, VersionEntry
+from sql_magics.serving.options import TOKEN_VARIABLE, read_serve_options
 from sql_magics.serving.requests import rows_json
 from udf_engine.errors import ConfigError, RayUDFError
 from udf_engine.ray_runtime import NAMESPACE, actor_name
+from udf_engine.settings import as_bool
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
-TOKEN_VARIABLE = "RAYUDF_TOKEN"  # where a server finds its token when none is given
 _TOKEN_SOURCES = f"(--token-file or {TOKEN_VARIABLE})"
-# Seconds Ray Serve's proxy lets a request run before it answers 408.
-REQUEST_TIMEOUT_S = 60.0
 # How long a server that is starting waits for /healthz to answer: Serve's controller, the proxy and
 # the replicas start in some seconds; a loaded machine may take several times that.
 READY_TIMEOUT_S = 120.0
@@ -56,7 +53,7 @@ _TEND_S = 0.25
 # The name of Serve's controller actor: one Serve per Ray cluster.
 _SERVE_CONTROLLER = "SERVE_CONTROLLER_ACTOR"
 _SERVE_NAMESPACE = "serve"
-_TRUE = ("true", "1", "yes")
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,7 +107,8 @@ class Serving:
         self._keys: dict[int, tuple[Any, str]] = {}  # id(Version) -> (version, key): the versions leased
         self._removed: dict[str, int] = {}  # keys of leased versions no longer published -> the revision that dropped them
         self._serial = 0  # numbers the version keys
-        self._lock = threading.Lock()  # guards _keys, _removed and _serial
+        self._unconfirmed: tuple[int, str] | None = None  # (revision, warning) while some replica has not confirmed it
+        self._lock = threading.Lock()  # guards _keys, _removed, _serial and _unconfirmed
         self._publishing = threading.Lock()  # one publish at a time, so revisions follow the registry's order
         self._stopping = threading.Event()
         self._tender: threading.Thread | None = None
@@ -121,16 +119,19 @@ class Serving:
         """The running server, if any."""
         return self._handle
 
-    def start(
-        self, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None, allow_scripts: bool = False,
-        replicas: int = 1, request_timeout_s: float = REQUEST_TIMEOUT_S,
-    ) -> ServerHandle:
-        """Serve the session's functions on ``host:port`` until :meth:`stop`."""
+    @property
+    def warning(self) -> str:
+        """Why the newest change of the served functions is not known to be served by every replica ("" when it is)."""
+        with self._lock:
+            return self._unconfirmed[1] if self._unconfirmed else ""
+
+    def start(self, options: Mapping[str, Any] | None = None) -> ServerHandle:
+        """Serve the session's functions until :meth:`stop`; ``options`` by the names of SERVE_OPTIONS (docs/serving.md)."""
+        settings = read_serve_options(options or {})
         if self._handle is not None:
             raise ConfigError(f"serve: this session already serves at {self._handle.url} (!serve stop, or handle.stop(), first)")
-        check_binding(host, token, allow_scripts)
-        if replicas < 1:
-            raise ConfigError(f"serve: replicas must be at least 1, got {replicas}")
+        host, port, token = settings.host, settings.port, settings.token
+        check_binding(host, token, settings.allow_scripts)
         self._registry.runtime.ensure()
         import ray
         from ray import serve
@@ -150,16 +151,16 @@ class Serving:
             self._publish()
             self._registry.watch(self._publish)
             self._serve_started = True
-            serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": float(request_timeout_s)})
+            serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s})
             serve.run(
-                Ingress.options(num_replicas=int(replicas)).bind(
-                    self._directory, token, bool(allow_scripts), host, int(port), float(request_timeout_s)
+                Ingress.options(num_replicas=settings.replicas).bind(
+                    self._directory, token, settings.allow_scripts, host, port, settings.request_timeout_s
                 ),
                 name=self._app, route_prefix="/", blocking=False,
             )
             self._tender = threading.Thread(target=self._tend, name="rayudf-serving", daemon=True)
             self._tender.start()
-            url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{int(port)}"
+            url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
             _wait_healthy(url)
         except BaseException:
             self._shutdown()
@@ -193,6 +194,7 @@ class Serving:
                 self._tender.join()
             with self._lock:
                 leased, self._keys, self._removed = [v for v, _ in self._keys.values()], {}, {}
+                self._unconfirmed = None
             for version in leased:
                 version.leave()
             if self._directory is not None:
@@ -229,14 +231,32 @@ class Serving:
         self._wait_heard(revision)
 
     def _wait_heard(self, revision: int) -> None:
-        """Return once every replica answers with ``revision`` (a registration is served when it returns)."""
+        """Return once every replica answers with ``revision`` (a registration is served when it returns);
+        after HEARD_TIMEOUT_S, say that some do not: a warning logged, and in ``!serve status`` until they do."""
         import ray
 
         deadline = time.monotonic() + HEARD_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if all(seen >= revision for seen, _ in ray.get(self._directory.reports.remote()).values()):
-                return
+        while True:
+            reports = ray.get(self._directory.reports.remote())
+            behind = sum(seen < revision for seen, _ in reports.values())
+            if not behind or time.monotonic() >= deadline:
+                break
             time.sleep(_HEARD_POLL_S)
+        warning = ""
+        if behind:
+            warning = (
+                f"serve: {behind} of {len(reports)} replicas did not confirm the newest change of the served functions (a "
+                f"registration, swap or removal) within {HEARD_TIMEOUT_S:g} s; until they do, they answer with what they had before"
+            )
+            _log.warning(warning)
+        with self._lock:
+            self._unconfirmed = (revision, warning) if warning else None
+
+    def _confirmed(self, reports: dict[str, tuple[int, frozenset[str]]]) -> None:
+        """Forget the warning of a change once every replica heard from recently runs on it (or a newer one)."""
+        with self._lock:
+            if self._unconfirmed and all(seen >= self._unconfirmed[0] for seen, _ in reports.values()):
+                self._unconfirmed = None
 
     def _entry(self, version: Any, share: float) -> VersionEntry:
         with self._lock:
@@ -264,6 +284,7 @@ class Serving:
             if job is not None:
                 threading.Thread(target=self._answer_script, args=job, name="rayudf-script", daemon=True).start()
             self._let_go(reports)
+            self._confirmed(reports)
 
     def _let_go(self, reports: dict[str, tuple[int, frozenset[str]]]) -> None:
         """End the leases of versions no replica can still use."""
@@ -296,17 +317,23 @@ def script_answer(request: dict, run: Callable[[str, str | None], pd.DataFrame |
     sql = str(request.get("sql") or "")
     if not sql.strip():
         return {"status": 400, "body": {"error": "/run/script: the sql parameter (the script) is required"}}
-    per_user = str(request.get("sessionPerUser", "false")).lower() in _TRUE
+    try:
+        per_user, with_schema = (as_bool(request.get(name) or False, name) for name in ("sessionPerUser", "includeSchema"))
+    except ConfigError as err:
+        return {"status": 400, "body": {"error": f"/run/script: {err}"}}
     owner = str(request.get("owner") or "admin") if per_user else None
     try:
         frame = run(sql, owner)
         table = pa.table({}) if frame is None else pa.Table.from_pandas(frame, preserve_index=False)
         rows = rows_json(table)
     except (ParseError, ExecutionError, RayUDFError) as err:
+        if not isinstance(err, ParseError):
+            _log.error("/run/script answers 500: the script failed", exc_info=err)
         return {"status": 400 if isinstance(err, ParseError) else 500, "body": {"error": str(err)}}
     except BaseException as err:  # noqa: BLE001 - SystemExit, a result Arrow cannot hold: still an answer, never a lost request
+        _log.error("/run/script answers 500: running the script raised", exc_info=err)
         return {"status": 500, "body": {"error": f"/run/script: {type(err).__name__}: {err}"}}
-    if str(request.get("includeSchema", "false")).lower() not in _TRUE:
+    if not with_schema:
         return {"status": 200, "body": rows}
     fields = [{"name": f.name, "type": str(f.type), "nullable": True} for f in table.schema]
     return {"status": 200, "body": {"schema": {"type": "struct", "fields": fields}, "data": rows}}

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -34,15 +35,15 @@ from sql_magics.streaming.checkpoint import Checkpoint
 from sql_magics.streaming.faults import reached, reading
 from sql_magics.streaming.read_errors import TransientReadError, transient
 from sql_magics.streaming.sinks import Sink, sink_for
-from sql_magics.streaming.sources import FileSource, Source
+from sql_magics.streaming.sources import Source
 from sql_magics.tables import formats
 from sql_magics.tables.catalog import replace_relation
 from sql_magics.tables.database import Database
+from udf_engine.errors import RayUDFError
+from udf_engine.settings import Option, read_options
 
 STREAM_NAME = "streamName"
 """The variable whose ``set`` makes a script a stream (Byzer's)."""
-STREAM_OPTIONS = ("duration", "checkpointLocation", "mode", "trigger", "on_bad_file")
-"""The options of a stream's ``save`` that are the stream's own; the others are the sink's."""
 APPEND, COMPLETE = "append", "complete"
 OUTPUT_MODES = (APPEND, COMPLETE)
 """Spark's output modes a stream runs: Append (each batch's rows are added) and Complete (each
@@ -50,6 +51,25 @@ batch's selects run over all the input so far, and the sink's content is replace
 Update is refused."""
 ONCE_TRIGGERS = ("once", "availableNow")
 BAD_FILE_CHOICES = ("fail", "skip")
+# The options of a stream's `save` that are the stream's own; the others are the sink's. docs/streaming.md
+# shows them row by row. They are text here: Trigger.of reads them, saying what each takes.
+STREAM_OPTIONS: tuple[Option, ...] = (
+    Option("checkpointLocation", None, str, "required: the stream's checkpoint directory (below); one per stream"),
+    Option(
+        "duration", "0", str, "seconds between the starts of two micro-batches; 0: the next as soon as the last commits (and, "
+        "with nothing new, a look every 0.05 s)",
+    ),
+    Option("trigger", None, str, "`once` (or `availableNow`): what is there, then return"),
+    Option(
+        "mode", "Append", str, "Spark's output mode: `Append` adds each batch's rows; `Complete` replaces the sink's content with "
+        "the selects over all the input so far (Output modes)",
+    ),
+    Option(
+        "on_bad_file", BAD_FILE_CHOICES[0], str, "`fail`: a malformed file stops the stream; `skip`: it is recorded and left out; "
+        "either way a read that fails for a reason that may pass is retried (Bad files)",
+    ),
+)
+STREAM_OPTION_NAMES = tuple(opt.name for opt in STREAM_OPTIONS)
 # With duration="0" and nothing new, how long to wait before looking again: a directory listing
 # or a Delta log poll costs well under a millisecond, and 50 ms is little next to a batch.
 IDLE_POLL_S = 0.05
@@ -67,6 +87,8 @@ NAMED_FILES = 3
 T = TypeVar("T")
 
 RUNNING, WAITING, STOPPED, FINISHED, FAILED = "running", "waiting", "stopped", "finished", "failed"
+
+_log = logging.getLogger(__name__)
 
 
 def _named(name: str) -> re.Pattern:
@@ -112,23 +134,24 @@ class Trigger:
     complete: bool  # mode="Complete": the selects run over all the input so far, the sink's content replaced
 
     @classmethod
-    def of(cls, options: Mapping[str, str], what: str) -> Trigger:
+    def of(cls, values: Mapping[str, str | None], what: str) -> Trigger:
+        """The trigger ``values`` say (a stream's options, read by :data:`STREAM_OPTIONS`)."""
         try:
-            duration = float(options.get("duration", "0"))
+            duration = float(values["duration"])
         except ValueError:
-            raise ExecutionError(f'{what}: duration must be seconds (duration="10"), not {options["duration"]!r}') from None
+            raise ExecutionError(f'{what}: duration must be seconds (duration="10"), not {values["duration"]!r}') from None
         if duration < 0:
             raise ExecutionError(f"{what}: duration must be 0 or more seconds, not {duration:g}")
-        trigger = options.get("trigger", "")
+        trigger = values["trigger"]
         if trigger and trigger.lower() not in (t.lower() for t in ONCE_TRIGGERS):
             raise ExecutionError(f'{what}: trigger {trigger!r} is not supported (trigger="once" runs what is there and returns)')
-        mode = options.get("mode", "Append")
+        mode = values["mode"]
         if mode.lower() not in OUTPUT_MODES:
             raise ExecutionError(
                 f'{what}: mode={mode!r} is not supported; mode="Append" adds each batch\'s rows, mode="Complete" '
                 "replaces the sink's content with the selects over all the input so far"
             )
-        bad = options.get("on_bad_file", "fail").lower()
+        bad = values["on_bad_file"].lower()
         if bad not in BAD_FILE_CHOICES:
             raise ExecutionError(f"{what}: on_bad_file must be one of {', '.join(BAD_FILE_CHOICES)}, not {bad!r}")
         return cls(duration, bool(trigger), bad == "skip", mode.lower() == COMPLETE)
@@ -158,9 +181,8 @@ class StreamQuery:
         identity = {"name": self.name, "source": self.source.description(), "sink": sink.description()}
         self.checkpoint = Checkpoint.open(checkpoint, identity)  # its lock held until the run ends (or release())
         try:
-            if isinstance(self.source, FileSource):
-                self.source.skip_bad = trigger.skip_bad
-                self.source.schema = self.checkpoint.metadata.get("schema")  # where checkpoints before 2026-12 kept it
+            self.source.skip_bad = trigger.skip_bad
+            self.source.schema = self.checkpoint.metadata.get("schema")  # where checkpoints before 2026-12 kept it
             self.source.resume(self.checkpoint.offsets())
         except BaseException:
             self.checkpoint.release()
@@ -193,8 +215,12 @@ class StreamQuery:
     def _background(self) -> None:
         try:
             self.run()
-        except Exception:  # noqa: BLE001 - recorded in state and last_error for !streams
-            pass
+        except Exception as err:  # noqa: BLE001 - state and last_error hold it for !streams (one line); the log, whole
+            # An error raised on purpose (a bad file, a model error) is the user's, said in one line by !streams, the
+            # CLI and the notebook, so its traceback is logged below WARNING, which Python's last-resort handler would
+            # print beside that line; any other is a bug, logged as an error.
+            level = logging.INFO if isinstance(err, RayUDFError) else logging.ERROR
+            _log.log(level, "stream %s failed: %s", self.name, self.last_error, exc_info=True)
 
     def run(self) -> None:
         """The loop: a pending batch first (a restart), then new input every ``duration`` seconds until stopped."""
@@ -291,11 +317,11 @@ class StreamQuery:
         """The batch's rows of the saved table, written to ``staged``: how many, and the batch's input. A
         malformed file that fails the batch is named (and with on_bad_file="skip", recorded and left out
         of a second try); a read that failed for a reason that may pass raises TransientReadError."""
-        if isinstance(self.source, FileSource) and (left := self.source.gone(offsets)) is not offsets:
+        if (left := self.source.gone(offsets)) is not offsets:
             offsets = left
             self.checkpoint.write_offsets(batch, offsets)  # nothing of the batch is committed: its input may change
         selected = self._input(batch, offsets)
-        if isinstance(self.source, FileSource) and not selected.get("files"):
+        if self.source.reads_nothing(selected):
             return 0, offsets  # every file was bad and skipped
         try:
             with reading("stage"):
@@ -303,18 +329,14 @@ class StreamQuery:
         except Exception as err:
             # each file read alone says which is malformed; one that fails to read for a reason that may pass
             # raises TransientReadError, and a file read whole by it cannot be blamed
-            bad = self.source.culprit(self.db.con, offsets) if isinstance(self.source, FileSource) else None
+            bad = self.source.culprit(self.db.con, offsets)
             if bad is None:
                 if transient(err):
                     raise TransientReadError(_batch_input(batch, offsets), err) from err
                 raise
             if not self.trigger.skip_bad:
                 raise bad from None
-            offsets = {
-                **offsets,
-                "files": [f for f in offsets["files"] if f != bad.path],
-                "skipped": [*offsets.get("skipped", []), {"file": bad.path, "reason": bad.reason}],
-            }
+            offsets = self.source.skip(offsets, bad)
             self.checkpoint.write_offsets(batch, offsets)  # nothing of the batch is committed: its input may change
             return self._stage(batch, offsets, staged)
         return pq.ParquetFile(staged).metadata.num_rows, offsets
@@ -366,10 +388,11 @@ def start_stream(
 ) -> StreamQuery:
     """The stream a ``save append <output> as <fmt>.`<path>` options ...`` starts (not yet running)."""
     what = f"stream {draft.name}: save {output} as {fmt}"
-    if "checkpointLocation" not in options:
+    values = read_options({k: v for k, v in options.items() if k in STREAM_OPTION_NAMES}, STREAM_OPTIONS, what)
+    if values["checkpointLocation"] is None:
         raise ExecutionError(f'{what}: a stream needs checkpointLocation="/dir", where it records what each batch read')
-    trigger = Trigger.of(options, what)
-    sink_options = {k: v for k, v in options.items() if k not in STREAM_OPTIONS}
+    trigger = Trigger.of(values, what)
+    sink_options = {k: v for k, v in options.items() if k not in STREAM_OPTION_NAMES}
     sink = sink_for(fmt, path, sink_options, partition_by, lake_root=lake_root, echo=echo, complete=trigger.complete)
     draft.started = True
-    return StreamQuery(draft, output, sink, trigger, options["checkpointLocation"], db, registry, on_batch=on_batch)
+    return StreamQuery(draft, output, sink, trigger, values["checkpointLocation"], db, registry, on_batch=on_batch)

@@ -12,7 +12,8 @@ on the worker path where it may); the sink then commits that file:
 - ``console``: prints the rows (at least once: a re-run batch prints again).
 
 With mode="Complete" a commit replaces what the sink holds (a Delta overwrite, the table
-replaced); file sinks take Append only, as in Spark.
+replaced); file sinks take Append only, as in Spark. Each sink declares its options in a table
+(``OPTIONS``) that docs/streaming.md shows row by row; a file sink's options are DuckDB's.
 
 Example:
     >>> sink_for("rate", "/tmp/lake/t", {"idCols": "id"}, [], lake_root=None).description()
@@ -39,6 +40,7 @@ from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import relation_kind
 from sql_magics.tables.database import Database
 from udf_engine.durable import sync_file
+from udf_engine.settings import Option, read_options
 
 DELTA_FORMATS = (formats.LAKE_FORMAT, "rate")  # Byzer calls its streaming Delta sink `rate`
 CONSOLE_FORMAT = "console"
@@ -82,27 +84,20 @@ def sink_for(
     if lowered == CONSOLE_FORMAT:
         return ConsoleSink(options, echo)
     if lowered in formats.TABLE_FORMATS:
-        return TableSink(path, complete=complete)
+        return TableSink(path, options, complete=complete)
     raise ExecutionError(f"save {fmt}: not a stream sink here (supported: {', '.join(SINK_FORMATS)})")
 
 
-def _refuse(options: Mapping[str, str], known: tuple[str, ...], what: str) -> None:
-    unknown = [k for k in options if k not in known]
-    if unknown:
-        raise ExecutionError(f"{what}: option {unknown[0]!r} is not supported here (supported: {', '.join(known) or 'none'})")
-
-
 class DeltaSink:
-    OPTIONS = ("idCols", "mergeSchema", "overwriteSchema")
+    OPTIONS = lake.WRITE_OPTIONS  # a batch's commit is a Delta save's (mode is the stream's own: Append, Complete)
 
     def __init__(
         self, path: str, options: Mapping[str, str], partition_by: list[str], *, root: str | None, complete: bool = False
     ) -> None:
-        _refuse(options, self.OPTIONS, "save rate/delta (stream)")
-        if complete and lake.id_columns(options):
+        self.values = read_options(options, self.OPTIONS, "save rate/delta (stream)")
+        if complete and lake.id_columns(self.values):
             raise ExecutionError('save rate/delta (stream): mode="Complete" replaces the table each batch, so idCols has nothing to merge')
         self.location = lake.locate(path, root=root)
-        self.options = dict(options)
         self.partition_by = partition_by
         self.mode = lake.OVERWRITE if complete else lake.APPEND
 
@@ -118,7 +113,7 @@ class DeltaSink:
             return  # committed before a crash stopped the stream from recording it
         rows = ds.dataset(str(staged)).to_table()
         lake.write(
-            self.location, rows, self.mode, self.options, self.partition_by, exists=self.location.exists(),
+            self.location, rows, self.mode, self.values, self.partition_by, exists=self.location.exists(),
             transaction=(query_id, batch),
         )
 
@@ -127,7 +122,9 @@ class FileSink:
     def __init__(self, fmt: str, path: str, options: Mapping[str, str], partition_by: list[str]) -> None:
         self.fmt = fmt
         self.path = Path(path).expanduser().resolve()
-        self.options = dict(options)  # DuckDB's COPY options (header, delimiter, compression, ...)
+        # DuckDB's COPY options (header, delimiter, compression, ...), passed through as a batch save passes
+        # them: DuckDB's to check, so no table of ours names them.
+        self.options = dict(options)
         self.partition_by = partition_by
         if self.path.is_file():
             raise ExecutionError(f"save {fmt}: {self.path} is a file; a stream writes part files into a directory")
@@ -180,7 +177,10 @@ def _move(made: Path, target: Path) -> None:
 
 
 class TableSink:
-    def __init__(self, name: str, *, complete: bool = False) -> None:
+    OPTIONS: tuple[Option, ...] = ()
+
+    def __init__(self, name: str, options: Mapping[str, str], *, complete: bool = False) -> None:
+        read_options(options, self.OPTIONS, "save table (stream)")  # none: refused, not silently dropped
         self.name = name
         self.complete = complete  # each batch's rows replace the table's
 
@@ -215,12 +215,17 @@ class TableSink:
 
 
 class ConsoleSink:
-    OPTIONS = ("numRows", "truncate")
+    OPTIONS: tuple[Option, ...] = (
+        Option("numRows", CONSOLE_ROWS, int, "rows of each batch printed"),
+        Option("truncate", True, bool, "show 20 characters of each value at most"),
+    )
 
     def __init__(self, options: Mapping[str, str], echo: Callable[[str], None]) -> None:
-        _refuse(options, self.OPTIONS, "save console")
-        self.rows = int(options.get("numRows", CONSOLE_ROWS))
-        self.truncate = options.get("truncate", "true").lower() != "false"
+        values = read_options(options, self.OPTIONS, "save console")
+        self.rows = values["numRows"]
+        if self.rows < 0:
+            raise ExecutionError(f"save console: numRows must not be negative, not {self.rows}")
+        self.truncate = values["truncate"]
         self.echo = echo
 
     def description(self) -> str:

@@ -4,6 +4,9 @@ Each source answers three questions: what the next micro-batch reads (:meth:`nex
 JSON-able record the checkpoint keeps before the batch runs), how to make the stream's table
 hold those rows (:meth:`bind`, the same rows again when a restart re-runs the batch), and how
 much input waits (:meth:`lag`). :meth:`resume` replays the records of the batches before.
+Each answers the whole :class:`Source` protocol, so the stream's loop never asks which kind it
+has: a source without files of its own (Delta versions, mock rows) has no bad, gone or skipped
+input. Each declares its options in a table (``OPTIONS``) that docs/streaming.md shows row by row.
 
 Example:
     >>> import duckdb, tempfile, pathlib
@@ -41,9 +44,12 @@ from sql_magics.streaming.faults import reading
 from sql_magics.streaming.read_errors import BadFileError, TransientReadError, read_failure
 from sql_magics.tables import formats, lake
 from sql_magics.tables.catalog import loaded_table, replace_relation, table_from_arrow
+from udf_engine.settings import Option, read_options
 
 MOCK_FORMAT = "mockStream"
 KAFKA_FORMATS = ("kafka", "kafka8", "kafka9")
+STREAM_ONLY_FORMATS = (MOCK_FORMAT.lower(), *KAFKA_FORMATS)
+"""Formats only a stream loads: a batch script's load of one is refused, saying how to make a stream."""
 # Python's Kafka clients; with none installed a Kafka source is refused naming them.
 _KAFKA_CLIENTS = ("confluent_kafka", "kafka")
 # At most this many new files go in one micro-batch unless maxFilesPerTrigger says otherwise
@@ -62,6 +68,8 @@ MOCK_VALUE_COLUMN = "kafkaValue"
 
 class Source(Protocol):
     table: str  # the table the stream's selects read
+    skip_bad: bool  # on_bad_file="skip": a malformed input is recorded in its batch's offsets and left out
+    schema: list[list[str]] | None  # [[column, type], ...] of the stream's input, where the checkpoint keeps it (files)
 
     def description(self) -> str:
         """What the source reads, as the checkpoint's identity of it: ``parquet:/data/in``."""
@@ -99,38 +107,58 @@ class Source(Protocol):
         producer that keeps adding, or a mock that recycles, does not keep the run going."""
         ...
 
+    def gone(self, offsets: dict) -> dict:
+        """``offsets`` without the input removed since they were recorded (each recorded as skipped), for a
+        batch that never committed; ``offsets`` itself (the same object) when none is gone."""
+        ...
+
+    def culprit(self, con: duckdb.DuckDBPyConnection, offsets: dict) -> BadFileError | None:
+        """After a batch failed reading ``offsets``: the first malformed input, if one is to blame. Raises
+        :class:`TransientReadError` if reading one failed for a reason that may pass (it is not to blame)."""
+        ...
+
+    def skip(self, offsets: dict, bad: BadFileError) -> dict:
+        """``offsets`` without the input ``bad`` names, recorded as skipped (on_bad_file="skip")."""
+        ...
+
+    def reads_nothing(self, offsets: dict) -> bool:
+        """Whether a batch of ``offsets`` has no input left to read (every file of it bad and skipped)."""
+        ...
+
+
+def is_source(fmt: str, path: str, options: Mapping[str, str]) -> bool:
+    """Whether a stream script's ``load`` of ``fmt.`path``` is the stream's source; else it is of a fixed table
+    (a single file, a Delta ``version``), which loads as in a batch script."""
+    lowered = fmt.lower()
+    if lowered in STREAM_ONLY_FORMATS:
+        return True
+    if lowered == formats.LAKE_FORMAT:
+        return not any(name in options for name in (lake.VERSION_OPTION.name, *lake.VERSION_OPTION.aliases))
+    return lowered in formats.FILE_FORMATS and not Path(path).is_file()
+
 
 def source_for(
     con: duckdb.DuckDBPyConnection, fmt: str, path: str, options: Mapping[str, str], table: str, *, lake_root: str | None
-) -> Source | None:
-    """The stream source a stream script's ``load`` names, or None when the load is of a fixed table (a
-    single file, a Delta ``version``), which loads as in a batch script."""
+) -> Source:
+    """The stream source a stream script's ``load`` names (one :func:`is_source` says is a source)."""
     lowered = fmt.lower()
     if lowered in KAFKA_FORMATS:
         raise _no_kafka(fmt, path)
     if lowered == MOCK_FORMAT.lower():
         return MockSource(con, path, options, table)
     if lowered == formats.LAKE_FORMAT:
-        if {"version", "versionAsOf"} & set(options):
-            return None
         return DeltaSource(path, options, table, root=lake_root)
-    if lowered in formats.FILE_FORMATS:
-        if Path(path).is_file():
-            return None
-        return FileSource(lowered, path, options, table)
-    return None
+    return FileSource(lowered, path, options, table)
 
 
-def batch_load_error(fmt: str, path: str) -> ExecutionError | None:
-    """Why a script that is not a stream cannot load ``fmt``, if it is a format only a stream reads."""
+def batch_load_error(fmt: str, path: str) -> ExecutionError:
+    """Why a script that is not a stream cannot load ``fmt``, a format only a stream reads (:data:`STREAM_ONLY_FORMATS`)."""
     if fmt.lower() in KAFKA_FORMATS:
         return _no_kafka(fmt, path)
-    if fmt.lower() == MOCK_FORMAT.lower():
-        return ExecutionError(
-            f'load {fmt}.`{path}`: {MOCK_FORMAT} is a stream source; a stream script starts with set streamName="name" '
-            "(docs/streaming.md)"
-        )
-    return None
+    return ExecutionError(
+        f'load {fmt}.`{path}`: {MOCK_FORMAT} is a stream source; a stream script starts with set streamName="name" '
+        "(docs/streaming.md)"
+    )
 
 
 def _no_kafka(fmt: str, path: str) -> ExecutionError:
@@ -150,13 +178,23 @@ def _hidden(name: str) -> bool:
 class FileSource:
     """New files under a directory (and its sub-directories) or matching a glob: each file is read once."""
 
+    # Its own options. Every other option of the load is the reader's (read_parquet's, read_csv's,
+    # read_json's: header, delimiter, ...), passed to DuckDB as a batch load passes them: DuckDB's
+    # to check, so no table of ours names them.
+    OPTIONS: tuple[Option, ...] = (
+        Option("maxFilesPerTrigger", MAX_FILES_PER_TRIGGER, int, "at most this many new files a batch"),
+    )
+
     def __init__(self, fmt: str, path: str, options: Mapping[str, str], table: str) -> None:
         self.table = table
         self.fmt = fmt
         self.path = path
-        reader = dict(options)
-        self.max_files = _positive(reader.pop("maxFilesPerTrigger", str(MAX_FILES_PER_TRIGGER)), "maxFilesPerTrigger")
-        self.options = reader  # the reader's own options (header, delimiter, ...)
+        own = {opt.name for opt in self.OPTIONS}
+        values = read_options({k: v for k, v in options.items() if k in own}, self.OPTIONS, f"load {fmt} (stream)")
+        self.max_files = values["maxFilesPerTrigger"]
+        if self.max_files < 1:
+            raise ExecutionError(f"load {fmt} (stream): maxFilesPerTrigger must be at least 1, not {self.max_files}")
+        self.options = {k: v for k, v in options.items() if k not in own}  # the reader's own options (header, delimiter, ...)
         self.seen: set[str] = set()  # every file a batch read (or skipped), absolute
         self.schema: list[list[str]] | None = None  # [[column, type], ...] of the stream's files, from the first file read
         self._waiting = 0  # new files the last listing found beyond those taken
@@ -335,11 +373,42 @@ class FileSource:
         missing = [f for f in offsets.get("files", []) if not os.path.exists(f)]
         if not missing:
             return offsets
-        return {
-            **offsets,
-            "files": [f for f in offsets["files"] if f not in missing],
-            "skipped": [*offsets.get("skipped", []), *({"file": f, "reason": "removed before its batch committed"} for f in missing)],
-        }
+        return _without(offsets, {f: "removed before its batch committed" for f in missing})
+
+    def skip(self, offsets: dict, bad: BadFileError) -> dict:
+        return _without(offsets, {bad.path: bad.reason})
+
+    def reads_nothing(self, offsets: dict) -> bool:
+        return not offsets.get("files")
+
+
+def _without(offsets: dict, reasons: dict[str, str]) -> dict:
+    """A file source's ``offsets`` without the files ``reasons`` names, each recorded as skipped for its reason."""
+    return {
+        **offsets,
+        "files": [f for f in offsets["files"] if f not in reasons],
+        "skipped": [*offsets.get("skipped", []), *({"file": f, "reason": why} for f, why in reasons.items())],
+    }
+
+
+class _NoFiles:
+    """The protocol's answers for a source that reads no files of its own (Delta versions, mock rows):
+    none of its input is malformed, gone or skipped, and the checkpoint keeps no columns of it."""
+
+    skip_bad = False  # nothing to skip
+    schema: list[list[str]] | None = None
+
+    def gone(self, offsets: dict) -> dict:
+        return offsets
+
+    def culprit(self, con: duckdb.DuckDBPyConnection, offsets: dict) -> BadFileError | None:
+        return None  # a failed batch is the error's own, or a read that may pass
+
+    def skip(self, offsets: dict, bad: BadFileError) -> dict:
+        raise AssertionError(f"{type(self).__name__} blames no input, so skips none")  # culprit() is always None
+
+    def reads_nothing(self, offsets: dict) -> bool:
+        return False
 
 
 def _fixed_part(pattern: str) -> str:
@@ -352,7 +421,7 @@ def _fixed_part(pattern: str) -> str:
     return os.path.join(*parts) if parts else "."
 
 
-class DeltaSource:
+class DeltaSource(_NoFiles):
     """The rows a Delta table's new versions append, as Spark's Delta source reads them.
 
     Without ``startingVersion`` the first batch is the table as it is, then each batch the
@@ -362,18 +431,26 @@ class DeltaSource:
     files it adds again (so rows may come twice, as in Spark).
     """
 
-    OPTIONS = ("startingVersion", "ignoreChanges", "mode")
+    OPTIONS: tuple[Option, ...] = (
+        Option(
+            "startingVersion", None, str, "a version number (its rows first) or `latest` (only what comes next); none: the table "
+            "as it is, then the rows each new version appends",
+        ),
+        Option(
+            "ignoreChanges", False, bool, "a version that removes or rewrites rows (a delete, an overwrite, a merge) is read for "
+            "the files it adds, so rows may come again, instead of stopping the stream",
+        ),
+        lake.PATH_OPTION,
+    )
 
     def __init__(self, path: str, options: Mapping[str, str], table: str, *, root: str | None) -> None:
-        unknown = [k for k in options if k not in self.OPTIONS]
-        if unknown:
-            raise ExecutionError(f"load delta (stream): option {unknown[0]!r} is not supported (supported: {', '.join(self.OPTIONS)})")
+        values = read_options(options, self.OPTIONS, "load delta (stream)")
         self.table = table
-        self.location = lake.locate(path, root=root, as_path="mode" in options)
+        self.location = lake.locate_as(path, values, root=root, what="load delta")
         if not self.location.exists():
             raise ExecutionError(f"load delta: no Delta table at {self.location.path} (a stream reads a table that exists)")
-        self.starting = options.get("startingVersion")
-        self.ignore_changes = options.get("ignoreChanges", "false").lower() == "true"
+        self.starting = values["startingVersion"]
+        self.ignore_changes = values["ignoreChanges"]
         self.next_version: int | None = None  # the first version not read yet (None: not started)
         self._table = DeltaTable(str(self.location.path))  # brought up to date at each poll
         self._until: int | None = None  # trigger="once": the latest version when it started
@@ -455,7 +532,7 @@ class DeltaSource:
         return True  # asked when next_input found nothing: no version waits
 
 
-class MockSource:
+class MockSource(_NoFiles):
     """Byzer's mockStream: each trigger sends the next a-b rows (``stepSizeRange="a-b"``, drawn at random) of a table.
 
     ``recycle="true"`` starts over at the end (the stream never runs dry); ``valueFormat="csv"``
@@ -463,24 +540,32 @@ class MockSource:
     those columns, the row's other columns going in a :data:`MOCK_VALUE_COLUMN` struct.
     """
 
-    OPTIONS = ("stepSizeRange", "recycle", "valueFormat", "valueSchema")
+    OPTIONS: tuple[Option, ...] = (
+        Option("stepSizeRange", "0-3", str, "`a-b`: each batch sends the next a to b rows, drawn at random, until the table is all sent"),
+        Option("recycle", False, bool, "start over at the end: the stream never runs dry"),
+        Option(
+            "valueFormat", None, str, f"`csv` or `json`: the `value` column parsed into the valueSchema columns, the other "
+            f"columns in one struct column `{MOCK_VALUE_COLUMN}` (as Byzer does)",
+        ),
+        Option("valueSchema", None, str, "the columns valueFormat parses `value` into: `st(field(a,string),...)`"),
+    )
 
     def __init__(self, con: duckdb.DuckDBPyConnection, name: str, options: Mapping[str, str], table: str) -> None:
-        unknown = [k for k in options if k not in self.OPTIONS]
-        if unknown:
-            raise ExecutionError(f"load {MOCK_FORMAT}: option {unknown[0]!r} is not supported (supported: {', '.join(self.OPTIONS)})")
+        values = read_options(options, self.OPTIONS, f"load {MOCK_FORMAT}")
         rows = loaded_table(con, name)
         if rows is None:
             raise ExecutionError(f"load {MOCK_FORMAT}.`{name}`: no table {name} (load it first, e.g. load jsonStr.`data` as {name})")
         self.table = table
         self.name = name
         self.rows = rows  # the table as the stream started: the stream's rows, in order
-        self.low, self.high = _step_range(options.get("stepSizeRange", "0-3"))
-        self.recycle = options.get("recycle", "false").lower() == "true"
-        self.value_format = options.get("valueFormat", "").lower()
+        self.low, self.high = _step_range(values["stepSizeRange"])
+        self.recycle = values["recycle"]
+        self.value_format = (values["valueFormat"] or "").lower()
         if self.value_format not in ("", "csv", "json"):
             raise ExecutionError(f'load {MOCK_FORMAT}: valueFormat {self.value_format!r} is not supported (supported: csv, json)')
-        self.value_schema = parse_schema(options["valueSchema"]) if self.value_format else None
+        if self.value_format and values["valueSchema"] is None:
+            raise ExecutionError(f'load {MOCK_FORMAT}: valueFormat parses value into the columns of valueSchema="st(field(a,string),...)"')
+        self.value_schema = parse_schema(values["valueSchema"]) if self.value_format else None
         if self.value_format and "value" not in rows.column_names:
             raise ExecutionError(f"load {MOCK_FORMAT}: valueFormat parses a value column, and {name} has none")
         self.position = 0  # rows sent so far
@@ -545,12 +630,6 @@ class MockSource:
 
     def lag(self) -> int:
         return 0 if self.recycle else max(0, self.rows.num_rows - self.position)
-
-
-def _positive(value: str, name: str) -> int:
-    if not value.strip().isdigit() or int(value) < 1:
-        raise ExecutionError(f"load: {name} must be a whole number of at least 1, not {value!r}")
-    return int(value)
 
 
 def _step_range(text: str) -> tuple[int, int]:

@@ -24,7 +24,8 @@ added. Unlike Byzer, ``startingVersion="0"`` means version 0 (Byzer reads the la
 Options other than those in :data:`LOAD_OPTIONS` and :data:`SAVE_OPTIONS` are refused,
 naming the ones there are: Byzer's streaming options (``duration``, ``checkpointLocation``) belong to
 stream scripts (``set streamName``, :mod:`sql_magics.streaming`), and a misspelt ``idCols`` must not
-silently turn a merge into an append.
+silently turn a merge into an append. A stream's Delta source and sink take some of the same
+(:data:`PATH_OPTION`, :data:`WRITE_OPTIONS`).
 
 Example:
     >>> import duckdb, tempfile
@@ -60,14 +61,31 @@ from sql_magics.tables.catalog import replace_relation
 from sql_magics.tables.formats import writes
 from udf_engine.errors import UnsafePathError
 from udf_engine.paths import inside
+from udf_engine.settings import Option, read_options
 
 ROOT_VARIABLE = "lake.root"
 DEFAULT_ROOT = "lake"
 """The lake root when ``lake.root`` is not set, relative to the working directory."""
 DEFAULT_DATABASE = "default"
 VERSION_COLUMN = "__delta_version__"
-LOAD_OPTIONS = ("version", "versionAsOf", "startingVersion", "endingVersion", "mode")
-SAVE_OPTIONS = ("idCols", "mergeSchema", "overwriteSchema", "mode")
+# The options of `load delta` and `save ... as delta`, which docs/statements.md (Delta lake) shows row by row.
+# Versions are text here: _as_version reads them, saying what a version is.
+PATH_OPTION = Option("mode", None, str, "`path`: the name is a path even without `/` (the only mode)")
+VERSION_OPTION = Option("version", None, str, "the version to load; none: the latest", ("versionAsOf",))
+LOAD_OPTIONS: tuple[Option, ...] = (
+    VERSION_OPTION,
+    Option("startingVersion", None, str, f"with endingVersion: each version from this one on, whole, tagged with `{VERSION_COLUMN}`"),
+    Option("endingVersion", None, str, "with startingVersion: the first version not loaded (exclusive)"),
+    PATH_OPTION,
+)
+WRITE_OPTIONS: tuple[Option, ...] = (
+    Option("idCols", None, str, '`idCols="a,b"`: merge (upsert) on those columns: rows of a key the table has update it, the others '
+           "are inserted (save append)"),
+    Option("mergeSchema", False, bool, "add the saved rows' new columns to the table's schema (append, merge)"),
+    Option("overwriteSchema", False, bool, "replace the table's schema with the saved rows' (overwrite)"),
+)
+"""What one Delta commit reads: a save's, and a stream's Delta sink's."""
+SAVE_OPTIONS: tuple[Option, ...] = (*WRITE_OPTIONS, PATH_OPTION)
 TABLE_COLUMNS = ["database", "table", "path"]
 HISTORY_COLUMNS = ["version", "timestamp", "operation", "operationParameters", "operationMetrics", "engineInfo"]
 SUBCOMMANDS = ("show tables", "info <table>", "history <table>")
@@ -127,15 +145,16 @@ def load(con: duckdb.DuckDBPyConnection, table: str, target: str, options: Mappi
     ``table`` becomes a DuckDB table holding that version (the latest by default), or the
     versions ``[a, b)`` tagged with :data:`VERSION_COLUMN`.
     """
-    location = _location(target, _checked(options, LOAD_OPTIONS, "load"), root)
+    values = read_options(options, LOAD_OPTIONS, "load delta")
+    location = locate_as(target, values, root=root, what="load delta")
     if not location.exists():
         raise ExecutionError(f"load delta: no Delta table {_described(location)}")
     registered: list[str] = []
     try:
         with _failing(f"load delta: {location.name}"):
             versions = _versions(location)
-            tagged = _has_range(options)
-            wanted = _range(location, options, versions) if tagged else [_version(location, options, versions)]
+            tagged = values["startingVersion"] is not None or values["endingVersion"] is not None
+            wanted = _range(location, values, versions) if tagged else [_version(location, values, versions)]
             selects = []
             for version in wanted:
                 name = f"__rayudf_delta_{table}_{version}"
@@ -163,38 +182,48 @@ def save(
 
     ``mode`` is overwrite, append, errorIfExists or ignore; ``append`` with ``idCols`` merges.
     """
-    location = _location(target, _checked(options, SAVE_OPTIONS, "save"), root)
+    values = read_options(options, SAVE_OPTIONS, "save delta")
+    location = locate_as(target, values, root=root, what="save delta")
     exists = location.exists()
     if not writes(mode, exists, what=f"save delta: {location.name}", where=f" at {location.path}"):
         return
-    id_cols = id_columns(options)
-    if id_cols and mode != APPEND:
+    if id_columns(values) and mode != APPEND:
         raise ExecutionError(f'save delta: idCols merges rows into the table, so it needs save append (not {mode})')
     with _failing(f"save delta: {location.name}"):
         before = DeltaTable(str(location.path)).version() if exists else None
     with _failing(f"save delta: {location.name}", f"; {_unchanged(location, before)}"), con.cursor() as cursor:
         # its own connection: the stream holds it until delta-rs has read every row
         rows = cursor.sql(f"SELECT * FROM {quote_identifier(table)}").to_arrow_reader()
-        write(location, rows, mode, options, partition_by, exists=exists)
+        write(location, rows, mode, values, partition_by, exists=exists)
 
 
-def id_columns(options: Mapping[str, str]) -> list[str]:
-    """The columns of ``idCols="a,b"``: a save append on them merges."""
-    return [c.strip() for c in options.get("idCols", "").split(",") if c.strip()]
+def locate_as(target: str, values: Mapping[str, object], *, root: str | None, what: str) -> Location:
+    """The table ``target`` names, read as a path where ``values`` (read by a table holding
+    :data:`PATH_OPTION`) say mode="path"."""
+    mode = values["mode"]
+    if mode is not None and mode.lower() != "path":
+        raise ExecutionError(f'{what}: mode={mode!r} is not supported (only mode="path", for a path without \'/\')')
+    return locate(target, root=root, as_path=mode is not None)
+
+
+def id_columns(values: Mapping[str, object]) -> list[str]:
+    """The columns of ``idCols="a,b"`` (``values`` read by :data:`WRITE_OPTIONS`): a save append on them merges."""
+    return [c.strip() for c in (values["idCols"] or "").split(",") if c.strip()]
 
 
 def write(
-    location: Location, rows, mode: str, options: Mapping[str, str], partition_by: list[str], *, exists: bool,
+    location: Location, rows, mode: str, values: Mapping[str, object], partition_by: list[str], *, exists: bool,
     transaction: tuple[str, int] | None = None,
 ) -> None:
     """One Delta commit of ``rows`` (Arrow) under ``mode``: a merge on ``idCols`` into a table that exists.
-    ``transaction`` is (app id, version) recorded in the commit, as Spark's streaming Delta sink does."""
-    id_cols = id_columns(options)
+    ``values`` are the options read by :data:`WRITE_OPTIONS`; ``transaction`` is (app id, version)
+    recorded in the commit, as Spark's streaming Delta sink does."""
+    id_cols = id_columns(values)
     commit = CommitProperties(app_transactions=[Transaction(*transaction)]) if transaction else None
     if exists and id_cols:
-        _merge(location, rows, id_cols, options, commit)
+        _merge(location, rows, id_cols, values, commit)
     else:
-        write_mode, schema_mode = _WRITE_MODES[mode], _schema_mode(options)
+        write_mode, schema_mode = _WRITE_MODES[mode], _schema_mode(values)
         write_deltalake(
             str(location.path), rows, mode=write_mode, partition_by=partition_by or None, schema_mode=schema_mode,
             commit_properties=commit,
@@ -255,19 +284,6 @@ def command(args: list[str], *, root: str | None = None) -> pd.DataFrame:
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _checked(options: Mapping[str, str], known: tuple[str, ...], verb: str) -> Mapping[str, str]:
-    unknown = [k for k in options if k not in known]
-    if unknown:
-        raise ExecutionError(f"{verb} delta: option {unknown[0]!r} is not supported (supported: {', '.join(known)})")
-    if options.get("mode", "path").lower() != "path":
-        raise ExecutionError(f'{verb} delta: mode={options["mode"]!r} is not supported (only mode="path", for a path without \'/\')')
-    return options
-
-
-def _location(target: str, options: Mapping[str, str], root: str | None) -> Location:
-    return locate(target, root=root, as_path="mode" in options)
-
-
 def _described(location: Location) -> str:
     if not location.in_lake:
         return f"at {location.path}"
@@ -285,26 +301,19 @@ def _as_version(key: str, value: str) -> int:
     return int(value)
 
 
-def _has_range(options: Mapping[str, str]) -> bool:
-    return "startingVersion" in options or "endingVersion" in options
-
-
-def _version(location: Location, options: Mapping[str, str], versions: list[int]) -> int:
-    given = [k for k in ("version", "versionAsOf") if k in options]
-    if len(given) > 1:
-        raise ExecutionError("load delta: give version or versionAsOf, not both")
-    if not given:
+def _version(location: Location, values: Mapping[str, str | None], versions: list[int]) -> int:
+    if values["version"] is None:
         return versions[-1]
-    version = _as_version(given[0], options[given[0]])
+    version = _as_version("version", values["version"])
     if version not in versions:
         raise ExecutionError(f"load delta: {location.name} has no version {version} (versions: {_spans(versions)})")
     return version
 
 
-def _range(location: Location, options: Mapping[str, str], versions: list[int]) -> list[int]:
-    if "startingVersion" not in options or "endingVersion" not in options or "version" in options or "versionAsOf" in options:
+def _range(location: Location, values: Mapping[str, str | None], versions: list[int]) -> list[int]:
+    if values["startingVersion"] is None or values["endingVersion"] is None or values["version"] is not None:
         raise ExecutionError("load delta: startingVersion and endingVersion go together, and without version")
-    start, end = _as_version("startingVersion", options["startingVersion"]), _as_version("endingVersion", options["endingVersion"])
+    start, end = _as_version("startingVersion", values["startingVersion"]), _as_version("endingVersion", values["endingVersion"])
     if end <= start:
         raise ExecutionError(f"load delta: endingVersion ({end}) is exclusive, so it must be greater than startingVersion ({start})")
     missing = [v for v in range(start, end) if v not in versions]
@@ -324,13 +333,13 @@ def _spans(versions: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def _schema_mode(options: Mapping[str, str]) -> str | None:
-    if options.get("overwriteSchema", "").lower() == "true":
+def _schema_mode(values: Mapping[str, object]) -> str | None:
+    if values["overwriteSchema"]:
         return "overwrite"
-    return "merge" if options.get("mergeSchema", "").lower() == "true" else None
+    return "merge" if values["mergeSchema"] else None
 
 
-def _merge(location: Location, rows, id_cols: list[str], options: Mapping[str, str], commit: CommitProperties | None) -> None:
+def _merge(location: Location, rows, id_cols: list[str], values: Mapping[str, object], commit: CommitProperties | None) -> None:
     missing = [c for c in id_cols if c not in rows.schema.names]
     if missing:
         columns = ", ".join(rows.schema.names)
@@ -338,7 +347,7 @@ def _merge(location: Location, rows, id_cols: list[str], options: Mapping[str, s
     predicate = " AND ".join(f"target.{quote_identifier(c)} = source.{quote_identifier(c)}" for c in id_cols)
     table = DeltaTable(str(location.path))
     merger = table.merge(
-        rows, predicate, source_alias="source", target_alias="target", merge_schema=_schema_mode(options) == "merge",
+        rows, predicate, source_alias="source", target_alias="target", merge_schema=_schema_mode(values) == "merge",
         commit_properties=commit,
     )
     merger.when_matched_update_all().when_not_matched_insert_all().execute()

@@ -3,7 +3,7 @@
 Example:
     >>> ctx = RayContext("digits", {"workers": 2}, model_refs=put_model(rows))    # doctest: +SKIP
     >>> udf = UDFBuilder.build(ctx, UDFBuildInFunc.init_tf, UDFBuildInFunc.predict)  # doctest: +SKIP
-    >>> udf.map([np.zeros((3, 64))])[0].shape                                       # doctest: +SKIP
+    >>> udf.score(np.zeros((3, 64)))[0].shape                                       # doctest: +SKIP
     (3, 10)
     >>> udf.shutdown()                                                               # doctest: +SKIP
 """
@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import ray
 
+from udf_engine.actors.batching import cut
 from udf_engine.actors.dispatcher import Dispatcher
 from udf_engine.actors.failures import user_error
 from udf_engine.actors.master import UDFMaster
@@ -50,7 +51,8 @@ class BuildContext(Protocol):
     and the ``udf`` it leaves there."""
 
     function: str  # the SQL name
-    conf: dict  # the registration's options
+    conf: dict  # the registration's options, as MLSQL code reads them
+    settings: UDFConf | None  # the same typed, when the registration was read (None: typed here)
     model_refs: list  # the model's rows in the object store
     actor_prefix: str  # the master is named f"{actor_prefix}.master", its workers f"{actor_prefix}.w<slot>.<token>"
     runtime: RayRuntime | None  # the Ray to start first, if any
@@ -149,7 +151,11 @@ def _await_start(function: str, start: ray.ObjectRef, settings: UDFConf, growing
 
 @dataclass
 class RemoteUDF:
-    """A built UDF: its master (control plane) and a dispatcher (data plane)."""
+    """A built UDF: its master (control plane) and a dispatcher (data plane).
+
+    :meth:`score` is the one way rows reach the workers from a caller: the session's SQL calls and a
+    Serve replica's requests (:meth:`attach`) alike. Worker scans read and score on the workers (:meth:`scan`).
+    """
 
     function: str
     master: Any
@@ -159,9 +165,19 @@ class RemoteUDF:
     model_refs: list = field(default_factory=list)  # the model's rows in the object store (a master restarting needs them)
     readable: set = field(default_factory=set)  # (worker ids, files) every one of those workers could read (can_read)
 
-    def map(self, batches: Sequence[Any]) -> list[Any]:
-        """Score batches on the workers; results in input order."""
-        return self.dispatcher.map(batches)
+    @classmethod
+    def attach(cls, function: str, master: Any, settings: UDFConf, model_refs: Sequence[Any], info: dict | None = None) -> RemoteUDF:
+        """The UDF a process that did not build it (a Serve replica) scores with: its own dispatcher over the
+        master's workers, each of which holds at most MAX_IN_FLIGHT_PER_WORKER batches whoever sends them."""
+        workers, life = ray.get([master.workers.remote(), master.life.remote()])
+        dispatcher = Dispatcher(master, workers, settings, model_refs=model_refs, function=function, master_life=life)
+        return cls(function, master, dispatcher, settings, dict(info or {}), list(model_refs))
+
+    def score(self, matrix: Any) -> list[Any]:
+        """Score a feature matrix (rows of model input) on the workers, in ``batch_size`` pieces:
+        each piece's output, in order (a :class:`~udf_engine.actors.failures.Partial` where the
+        model failed on some rows under on_error="null")."""
+        return self.dispatcher.map(cut(matrix, self.conf.batch_size))
 
     def scan(self, tasks: Sequence[Any]) -> Iterator[Any]:
         """Run tasks that read and score their own rows on the workers (``worker.scan``); results in task order."""
@@ -213,12 +229,15 @@ class UDFBuilder:
     ) -> RemoteUDF:
         """Start the workers (each runs ``init_func`` once) and return the ready UDF.
 
-        Options come from ``ray_context.conf`` overlaid with ``conf``. Fails with
+        The settings are ``ray_context.settings`` (typed when the registration was read), else
+        ``ray_context.conf`` overlaid with ``conf`` (MLSQL code's own call). Fails with
         ModelError/WorkerError, leaving no actor behind, if any worker cannot load the model.
         """
         if ray_context.runtime is not None:
             ray_context.runtime.ensure()
-        settings = UDFConf.from_options({**ray_context.conf, **(conf or {})})
+        settings = ray_context.settings
+        if settings is None or conf:
+            settings = UDFConf.from_options({**ray_context.conf, **(conf or {})})
         if ray_context.row_wise and not isinstance(apply_func, RowWiseApply):
             apply_func = RowWiseApply(apply_func)
         name = _master_name(ray_context)

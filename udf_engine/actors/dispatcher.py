@@ -4,7 +4,10 @@ Many threads (DuckDB calls a function from several at once) share one
 Dispatcher. Each ``map`` call sends its batches to the least-loaded workers,
 never more than ``max_in_flight`` per worker, retries a batch whose worker died
 on another worker (while the master replaces the dead one) and returns the
-results in input order. The master is only contacted when a worker dies.
+results in input order. The master is only contacted when a worker dies. Other
+processes' dispatchers (Serve replicas) send to the same workers: a worker that
+holds its bound of batches answers BUSY, and the batch goes to another worker, or
+to the same one a moment later.
 
 What the model raises is never retried as a worker death. ``on_error="raise"``
 fails the call naming the first row the model fails on (found by splitting the
@@ -27,19 +30,18 @@ from typing import Any
 
 import ray
 
+from udf_engine.actors.batching import BUSY, MAX_IN_FLIGHT_PER_WORKER
 from udf_engine.actors.failures import Failed, resolve, user_error
 from udf_engine.actors.worker import CONTROL_TIMEOUT_S
 from udf_engine.errors import BatchTimeoutError, WorkerError, remote_cause
 from udf_engine.settings import UDFConf
 
-# One batch running and one queued behind it: the worker starts the next batch the
-# moment it finishes one, without waiting a round trip for it, while a slow worker
-# never hoards more than one batch that a faster worker could have taken.
-MAX_IN_FLIGHT_PER_WORKER = 2
-
 # How long a thread with nothing in flight sleeps before it checks again for a
 # free worker or a finished replacement (it is also woken as soon as either happens).
 _WAIT_TICK_S = 0.5
+# How long a worker that answered BUSY (other callers' batches fill it) gets no batch from this
+# dispatcher: about a small batch's time, so a freed worker is not left idle for long.
+_BUSY_PAUSE_S = 0.01
 # How long a worker Ray cannot reach (its node gone silent) gets no batches. It is not
 # dead until Ray says so, which for a lost node takes the GCS's missed heartbeats (~15 s);
 # meanwhile the other workers take its batches, and it is tried again after this pause.
@@ -165,7 +167,7 @@ class Dispatcher:
                     try:
                         outcome = ray.get(ref)
                     except ray.exceptions.ActorUnavailableError:
-                        self._pause(worker_id)  # not dead (Ray has not said so), only unreachable for now
+                        self._pause(worker_id, _UNREACHABLE_PAUSE_S)  # not dead (Ray has not said so), only unreachable for now
                         unreachable[index] += 1
                         if unreachable[index] > _MAX_UNREACHABLE:
                             raise WorkerError(
@@ -192,6 +194,10 @@ class Dispatcher:
                     except ray.exceptions.RayTaskError as err:
                         self._release(worker_id, finished=True)
                         yield index, Failed(user_error(err, self._function))
+                        continue
+                    if outcome is BUSY:  # its other callers' batches fill it: elsewhere, or here in a moment
+                        self._pause(worker_id, _BUSY_PAUSE_S)
+                        todo.appendleft(index)
                         continue
                     self._release(worker_id, finished=True)
                     yield index, outcome
@@ -252,9 +258,9 @@ class Dispatcher:
         now = time.monotonic()
         return [w for w in self._in_flight if self._paused.get(w, 0.0) <= now]
 
-    def _pause(self, worker_id: str) -> None:
+    def _pause(self, worker_id: str, pause_s: float) -> None:
         with self._cond:
-            self._paused[worker_id] = time.monotonic() + _UNREACHABLE_PAUSE_S
+            self._paused[worker_id] = max(self._paused.get(worker_id, 0.0), time.monotonic() + pause_s)
         self._release(worker_id)
 
     def _wait_for_free(self) -> None:
@@ -266,7 +272,9 @@ class Dispatcher:
                         f"function {self._function}: every worker died and none could be replaced"
                         + (f": {self._replace_error}" if self._replace_error else "")
                     )
-                self._cond.wait(_WAIT_TICK_S)
+                now = time.monotonic()
+                ends = [until - now for until in self._paused.values() if until > now]
+                self._cond.wait(min([_WAIT_TICK_S, *ends]))
 
     def _worker_died(self, worker_id: str, *, sweep: bool = True) -> None:
         """Drop a dead worker from the pool and ask the master for a replacement (once).

@@ -100,7 +100,7 @@ class UDFMaster:
     async def _new_worker(self, index: int) -> _Slot:
         """A worker loading the model: a warm spare if the pool has one, else a new process."""
         worker_id = f"{self._prefix}.w{index}.{secrets.token_hex(3)}"
-        args = (worker_id, self._init_func, self._apply_func, self._model_refs, self._conf.as_conf())
+        args = (worker_id, self._init_func, self._apply_func, self._model_refs, self._conf)
         spare = None
         if self._pool is not None:
             try:
@@ -232,7 +232,10 @@ class UDFMaster:
     def _row(self, index: int, worker_id: str | None, **known: Any) -> dict:
         """A stats row with every field, before the worker's own counters fill it in."""
         row = {"function": self._function, "slot": index, "worker": worker_id, "replaced": 0, "alive": True, "last_error": ""}
-        row.update(node=None, pid=None, gpu_ids=[], threads=None, batches=0, scans=0, rows=0, busy_s=0.0, errors=0, batch_running_s=None)
+        row.update(
+            node=None, pid=None, gpu_ids=[], threads=None, batches=0, scans=0, rows=0, busy_s=0.0, errors=0, batch_running_s=None,
+            most_held=0, bounced=0,
+        )
         row.update(known)
         return row
 

@@ -1,11 +1,13 @@
 """UDFWorker: the Ray actor that loads a model once and scores batches with it.
 
 Its control calls (``ready``, ``stats``) run in a concurrency group of their own, so they
-are answered while a batch runs: a busy worker is never mistaken for a dead one.
+are answered while a batch runs: a busy worker is never mistaken for a dead one. Batches run in
+another: one at a time on the model, at most ``MAX_IN_FLIGHT_PER_WORKER`` held (running or waiting
+to), whoever sent them; one more is answered ``BUSY`` at once (udf_engine.actors.batching).
 
 Example:
     >>> Worker = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(UDFWorker)  # doctest: +SKIP
-    >>> w = Worker.remote("w0", init, apply, model_refs, conf)               # doctest: +SKIP
+    >>> w = Worker.remote("w0", init, apply, model_refs, UDFConf(workers=1))  # doctest: +SKIP
     >>> ray.get(w.ready.remote())["input_width"]                # doctest: +SKIP
     64
     >>> ray.get(w.apply.remote(np.zeros((4, 64)))).shape        # doctest: +SKIP
@@ -26,13 +28,16 @@ from typing import Any
 import ray
 from threadpoolctl import threadpool_limits
 
+from udf_engine.actors.batching import BUSY, CALLS_SEEN, MAX_IN_FLIGHT_PER_WORKER, cut
 from udf_engine.actors.failures import Failed, resolve, user_error
 from udf_engine.models.loaders import MATH_THREADS, RowWiseApply, input_width, load_info
 from udf_engine.settings import UDFConf
 
-# Control calls get one thread of their own beside the one that runs batches.
+# Control calls get one thread of their own; batches (apply, scan, probe) threads enough to see every
+# call that comes (each waits for the model, or is answered BUSY); the rest (load, unload) the default one.
 CONTROL = "control"
-CONCURRENCY_GROUPS = {CONTROL: 1}
+BATCHES = "batches"
+CONCURRENCY_GROUPS = {CONTROL: 1, BATCHES: CALLS_SEEN}
 # How long to wait for a worker's answer to a control call (stats, can_read). A live worker answers
 # at once, as the call runs beside any batch; a worker just killed gets Ray's verdict (an actor
 # error) within a second or two, more on a loaded machine, and that verdict is what tells a death
@@ -149,12 +154,17 @@ class UDFWorker:
         init_func: Callable[[Sequence[Any], dict], Any] | None = None,
         apply_func: Callable[[Any, Any], Any] | None = None,
         model_refs: Sequence[Any] = (),
-        conf: dict | None = None,
+        settings: UDFConf | None = None,
         *,
         imports: Sequence[str] = (),
     ) -> None:
         self._batch_started: float | None = None  # when the batch now running began (None: idle)
         self._threads: int | None = None  # the math threads a model runs with (set as it loads)
+        self._model_lock = threading.Lock()  # one batch at a time on the model (batches arrive on several threads)
+        self._holding_lock = threading.Lock()  # guards _holding, _most_held and _bounced
+        self._holding = 0  # batches held now: running, or waiting for the model
+        self._most_held = 0  # the most ever held at once (at most MAX_IN_FLIGHT_PER_WORKER)
+        self._bounced = 0  # batches answered BUSY: sent while the worker held its bound
         self._forget()
         self._id, self._apply_func = worker_id, apply_func
         self._imports: IdleImports | None = None  # a spare's framework, importing
@@ -167,7 +177,7 @@ class UDFWorker:
         self._node = ctx.get_node_id()
         self._gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         if init_func is not None:
-            self._load(worker_id, init_func, apply_func, model_refs, conf or {})
+            self._load(worker_id, init_func, apply_func, model_refs, settings or UDFConf())
 
     def _forget(self) -> None:
         """No model, no function, no counts: a worker's state before its first model."""
@@ -180,33 +190,35 @@ class UDFWorker:
         self._model: Any = None
         self._id, self._apply_func, self._load_s = "", None, 0.0
         self._on_error = UDFConf().on_error  # what scan() does with rows the model raises on
+        self._batch_size = UDFConf().batch_size  # rows per piece when scan() scores a share's rows
 
     def unload(self) -> int:
         """Drop the model and what its function counted, so the process, its framework imported, is
         a spare again for the next function of its kind (udf_engine.actors.warm_pool); answers the pid.
-        Queued behind the batches it holds, as any call but the control ones."""
-        self._forget()
+        Waits for the batch it runs."""
+        with self._model_lock:
+            self._forget()
         gc.collect()
         return os.getpid()
 
-    def load(self, worker_id: str, init_func: Callable, apply_func: Callable, model_refs: Sequence[Any], conf: dict) -> dict:
+    def load(self, worker_id: str, init_func: Callable, apply_func: Callable, model_refs: Sequence[Any], settings: UDFConf) -> dict:
         """Give a warm spare its model; answers as ``ready`` does."""
-        self._load(worker_id, init_func, apply_func, model_refs, conf)
+        self._load(worker_id, init_func, apply_func, model_refs, settings)
         return self.ready()
 
-    def _load(self, worker_id: str, init_func: Callable, apply_func: Callable, model_refs: Sequence[Any], conf: dict) -> None:
+    def _load(self, worker_id: str, init_func: Callable, apply_func: Callable, model_refs: Sequence[Any], settings: UDFConf) -> None:
         self._id = worker_id  # stable name of this worker in stats and errors
         self._apply_func = apply_func
-        settings = UDFConf.from_options(conf)
         self._threads = math_threads(settings.num_cpus, settings.workers, len(os.sched_getaffinity(0)))
         limit_math_threads(self._threads)
         self._on_error = settings.on_error
+        self._batch_size = settings.batch_size
         started = time.perf_counter()
         try:
             if self._imports is not None:
                 self._imports.finish()  # a spare taken while it still imports its framework
                 started = time.perf_counter()  # load_s: the model's own
-            self._model = init_func(model_refs, {**conf, MATH_THREADS: self._threads})
+            self._model = init_func(model_refs, {**settings.as_conf(), MATH_THREADS: self._threads})
         except BaseException as err:  # noqa: BLE001 - reported by ready(), so the master sees the real cause
             self._init_error = err
         self._load_s = time.perf_counter() - started
@@ -221,22 +233,46 @@ class UDFWorker:
         width = None if isinstance(self._apply_func, RowWiseApply) else input_width(self._model)
         return {"worker": self._id, "input_width": width, "load_s": self._load_s, "model": load_info(self._model)}
 
+    @ray.method(concurrency_group=BATCHES)
     def apply(self, batch: Any) -> Any:
-        """Score one batch and count it."""
+        """Score one batch and count it (BUSY, at once, when the worker holds its bound of batches)."""
+        return self._admitted(self._apply, batch)
+
+    def _apply(self, batch: Any) -> Any:
         result = self._busy(self._apply_func, self._model, batch)
         self._batches += 1
         self._rows += len(batch)
         return result
 
+    @ray.method(concurrency_group=BATCHES)
     def scan(self, task: Any) -> Any:
         """Read and score one share of a query's file source in this process: ``task.run(score, threads)``,
-        where ``score(batches)`` gives each batch's output as ``apply`` does, with rows the model
-        raises on handled by ``on_error`` here (see arrow_bridge.share_scan), and ``threads`` are
-        this worker's math threads."""
-        result = self._busy(task.run, lambda batches: self._score(batches, task.function), self._threads)
+        where ``score(matrix)`` gives the outputs of the matrix's ``batch_size`` pieces as ``apply``
+        does, with rows the model raises on handled by ``on_error`` here (see arrow_bridge.share_scan),
+        and ``threads`` are this worker's math threads. BUSY, at once, as for ``apply``."""
+        return self._admitted(self._scan, task)
+
+    def _scan(self, task: Any) -> Any:
+        result = self._busy(task.run, lambda matrix: self._score(cut(matrix, self._batch_size), task.function), self._threads)
         self._scans += 1
         self._rows += result.rows
         return result
+
+    def _admitted(self, work: Callable, *args: Any) -> Any:
+        """``work(*args)`` as one of the batches this worker holds, on the model alone, or BUSY when it
+        holds MAX_IN_FLIGHT_PER_WORKER already (sent by other callers: each keeps to that bound itself)."""
+        with self._holding_lock:
+            if self._holding >= MAX_IN_FLIGHT_PER_WORKER:
+                self._bounced += 1
+                return BUSY
+            self._holding += 1
+            self._most_held = max(self._most_held, self._holding)
+        try:
+            with self._model_lock:
+                return work(*args)
+        finally:
+            with self._holding_lock:
+                self._holding -= 1
 
     def _busy(self, work: Callable, *args: Any) -> Any:
         """``work(*args)``, timed as the running batch (``batch_running_s``, ``busy_s``), counted if it raises."""
@@ -272,9 +308,11 @@ class UDFWorker:
         except OSError:
             return False
 
+    @ray.method(concurrency_group=BATCHES)
     def probe(self, batch: Any) -> Any:
         """Score a sample batch without counting it (used to infer the return type)."""
-        return self._apply_func(self._model, batch)
+        with self._model_lock:
+            return self._apply_func(self._model, batch)
 
     @ray.method(concurrency_group=CONTROL)
     def stats(self) -> dict:
@@ -292,6 +330,8 @@ class UDFWorker:
             "busy_s": self._busy_s,
             "batch_running_s": None if started is None else time.perf_counter() - started,
             "errors": self._errors,
+            "most_held": self._most_held,  # batches held at once, at most (MAX_IN_FLIGHT_PER_WORKER)
+            "bounced": self._bounced,  # batches answered BUSY: another caller's held the bound
             "load_s": self._load_s,
             "imported": self._imports is None or self._imports.done,  # a spare's framework, imported
         }

@@ -81,6 +81,7 @@ class RayContext:
 
     function: str
     conf: dict = field(default_factory=dict)
+    settings: UDFConf | None = None  # the engine's settings, typed when the registration was read (None: read from conf)
     model_refs: list = field(default_factory=list)
     actor_prefix: str = ""
     runtime: RayRuntime | None = None

@@ -25,7 +25,7 @@ import numpy as np
 
 from udf_engine.errors import ModelError
 from udf_engine.models.store import unpack
-from udf_engine.settings import DEFAULT_METHOD
+from udf_engine.settings import DEFAULT_METHOD, Option
 
 # The conf key under which UDFWorker hands init_func the threads its math libraries get.
 MATH_THREADS = "math_threads"
@@ -205,6 +205,33 @@ WARM_IMPORTS: dict[Callable, tuple[str, ...]] = {
 WARM_FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "keras": WARM_IMPORTS[UDFBuildInFunc.init_tf], "onnx": WARM_IMPORTS[UDFBuildInFunc.init_onnx],
 }
+# The options of a model's own, beside the engine's (udf_engine.settings.OPTIONS): every format's,
+# and each format's own. Typed once where the registration is read; the loaders get the values.
+MODEL_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "method", DEFAULT_METHOD, str, "the model method to call: `predict_proba` for pickled models and for xgboost/lightgbm classifiers"
+    ),
+)
+FORMAT_OPTIONS: dict[str, tuple[Option, ...]] = {
+    "onnx": (
+        Option("inputs", None, str, 'ONNX: the graph inputs the function\'s arguments feed, in argument order (`inputs="a,b,c"`); '
+               "none: the graph's order"),
+        Option("output", None, str, 'ONNX: the graph output the function returns (`output="probabilities"`); none: the first output'),
+    ),
+}
+
+
+def options_of(fmt: str | None) -> tuple[Option, ...]:
+    """The options a model of format ``fmt`` takes beside the engine's (every format's when None: not known yet).
+
+    Example:
+        >>> [o.name for o in options_of("onnx")], [o.name for o in options_of("pickle")]
+        (['method', 'inputs', 'output'], ['method'])
+    """
+    formats = FORMAT_OPTIONS.values() if fmt is None else [FORMAT_OPTIONS.get(fmt, ())]
+    return (*MODEL_OPTIONS, *(opt for options in formats for opt in options))
+
+
 # The model kinds a user may name, and the format a file of that kind is read as when its
 # suffix does not tell. A kind accepts any model its format's loader loads (keras: SavedModels too).
 MODEL_KINDS: dict[str, str] = {
