@@ -16,10 +16,16 @@ setup: $(STAMP)
 # rfc3987-syntax (pulled in by Jupyter through jsonschema[format-nongpl]) compiles ~35 Earley
 # parsers when imported, and every Ray worker imports it through ray.runtime_env: 1.2 s more
 # per worker start (python-jsonschema/jsonschema#1428). Nothing here validates IRIs, so it goes.
+# The text extra (torch, transformers, sentence-transformers) is installed too, torch first as a
+# CPU-only build: PyPI's Linux torch is a CUDA build of several GB. torch 2.13.0's CPU wheel lies
+# on this machine's disk, where pip takes it; elsewhere set
+# TORCH="torch --index-url https://download.pytorch.org/whl/cpu" (or a CUDA build, on a GPU machine).
+TORCH ?= torch==2.13.0
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,mlflow,serve]'
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev,mlflow,serve,text]'
 	$(BIN)/pip uninstall --quiet --yes rfc3987-syntax
 	touch $(STAMP)
 

@@ -207,7 +207,7 @@ def infer_return_type(name: str, udf: Any, width: int | None, sample: Sequence[A
         valid = valid_rows(sample)  # rows with a NULL argument never reach the model
         kept = sample if valid is None else [column.filter(pa.array(valid)) for column in sample]
         return duckdb_type_of(udf.probe(features(kept, function=name, width=width)))
-    if width is None:
+    if not isinstance(width, int):
         raise ConfigError(
             f"function {name}: cannot infer the return type because the model does not say how many "
             'inputs a row has; declare it (returns="DOUBLE[10]") or give rows to try it on (sample="select text from t limit 5")'
@@ -230,7 +230,9 @@ def keep_workers_busy(con: duckdb.DuckDBPyConnection, udf: Any) -> None:
 
 
 def return_type_of(name: str, udf: Any, returns: str | None = None, sample: Sequence[Any] | None = None) -> str:
-    """The DuckDB type ``name(...)`` returns: ``returns`` if given (checked), else what a probe of the model gives."""
+    """The DuckDB type ``name(...)`` returns: ``returns`` if given (checked), else what the model says it
+    returns (a text model's head), else what a probe of the model gives."""
+    returns = returns or (None if sample is not None else udf.info.get("returns"))
     if returns:
         arrow_type(returns)  # a ConfigError now, not at the first query, for a type DuckDB does not know
         return returns

@@ -28,6 +28,7 @@ import pyarrow.types as pat
 from arrow_bridge.types import sql_type_name
 from udf_engine.actors.failures import Partial
 from udf_engine.errors import InputError, ModelError
+from udf_engine.models.loaders import TEXT_INPUT
 
 _LIST_TYPES = (pat.is_fixed_size_list, pat.is_list, pat.is_large_list)
 _TEXT_TYPES = (pat.is_string, pat.is_large_string, pat.is_string_view)
@@ -88,17 +89,23 @@ def _list_tensor(col: pa.Array, function: str, width: int | None, column_type: p
     return _numeric(child, function, "argument 1", column_type).reshape(n, got)
 
 
-def check_arguments(function: str, width: int | None, given: int) -> None:
-    """Refuse ``given`` number arguments a row to a model that takes ``width`` input values."""
+def check_arguments(function: str, width: int | str | None, given: int) -> None:
+    """Refuse ``given`` number arguments a row to a model that takes ``width`` input values (TEXT_INPUT: one text)."""
+    if width == TEXT_INPUT:
+        raise InputError(f"function {function}: a text model takes one VARCHAR argument, got {given} number argument(s)")
     if width is not None and given != width:
         raise InputError(f"function {function}: expected {width} input values per row, got {given} arguments")
 
 
-def features(cols: Sequence[Any], *, function: str, width: int | None = None) -> np.ndarray:
-    """The model input for one call: an ``(n, width)`` matrix, or ``(n,)`` strings or bytes."""
+def features(cols: Sequence[Any], *, function: str, width: int | str | None = None) -> np.ndarray:
+    """The model input for one call: an ``(n, width)`` matrix, or ``(n,)`` strings or bytes (a text
+    model, whose ``width`` is TEXT_INPUT, takes one VARCHAR argument and nothing else)."""
     arrays = [_as_array(c) for c in cols]
     if not arrays:
         raise InputError(f"function {function}: needs at least one argument")
+    if width == TEXT_INPUT and (len(arrays) != 1 or not any(check(arrays[0].type) for check in _TEXT_TYPES)):
+        given = ", ".join(sql_type_name(a.type) for a in arrays)
+        raise InputError(f"function {function}: a text model takes one VARCHAR argument, got ({given})")
     if len(arrays) == 1:
         col = arrays[0]
         if _is_list(col.type):

@@ -35,10 +35,10 @@ from sql_magics.tables import lake
 from sql_magics.tables.database import Database
 
 WORKER_COLUMNS = [
-    "function", "version", "worker", "node", "gpu_ids", "batches", "scans", "rows", "mean_ms_per_batch", "errors", "replaced", "alive",
-    "batch_running_s", "most_held", "bounced", "last_error",
+    "function", "version", "worker", "node", "gpu_ids", "device", "batches", "scans", "rows", "mean_ms_per_batch", "errors", "replaced",
+    "alive", "batch_running_s", "most_held", "bounced", "truncated", "last_error",
 ]
-MODEL_COLUMNS = ["function", "kind", "path", "version", "since", "workers", "batch_size", "returns", "nulled_rows", "traffic"]
+MODEL_COLUMNS = ["function", "kind", "path", "version", "since", "workers", "batch_size", "returns", "model", "nulled_rows", "traffic"]
 # Ray node ids are 56 hex digits; the first 12 tell the nodes of a cluster apart.
 _NODE_ID_CHARS = 12
 
@@ -111,12 +111,26 @@ def models_frame(context: Context, args: list[str]) -> pd.DataFrame:
             "workers": r.udf.conf.workers if r.udf else 0,
             "batch_size": r.udf.conf.batch_size if r.udf else None,
             "returns": r.returns,
+            "model": described(r.udf.info.get("model") or {}) if r.udf else "",
             "nulled_rows": r.model_function.nulled.value if r.model_function else 0,
             "traffic": traffic(r.model_function.live_versions()) if r.model_function else "",
         }
         for name, r in context.registry.functions.items()
     ]
     return pd.DataFrame(rows, columns=MODEL_COLUMNS)
+
+
+def described(loaded: dict) -> str:
+    """What a model's loader recorded, in one line (a text model's task says where it was read).
+
+    Example:
+        >>> described({"task": "text-classification", "task_from": "config.json: BertForSequenceClassification", "device": "cpu"})
+        'task=text-classification (config.json: BertForSequenceClassification), device=cpu'
+    """
+    shown = {k: v for k, v in loaded.items() if k != "task_from"}
+    if "task_from" in loaded and "task" in shown:
+        shown["task"] = f"{shown['task']} ({loaded['task_from']})"
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def traffic(versions: list) -> str:

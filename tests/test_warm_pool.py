@@ -158,8 +158,8 @@ def test_warm_names_a_framework_or_none():
     from sql_magics import Session
     from udf_engine import ConfigError
 
-    with pytest.raises(ConfigError, match=r"warm='torch': give one of keras, onnx or none \(\$RAYUDF_WARM takes the same\)"):
-        Session(warm="torch")
+    with pytest.raises(ConfigError, match=r"warm='jax': give one of keras, onnx, torch or none \(\$RAYUDF_WARM takes the same\)"):
+        Session(warm="jax")
 
 
 def test_set_warm_starts_spares_of_a_framework_and_none_stops_them(ray_cluster):
@@ -171,8 +171,8 @@ def test_set_warm_starts_spares_of_a_framework_and_none_stops_them(ray_cluster):
         spares = spare_pids(fresh, 2)  # a default registration's workers
         fresh.sql('set warm = "none"')
         assert all(gone(pid) for pid in spares)
-        with pytest.raises(ExecutionError, match=r"line 1: set warm = 'torch': give one of keras, onnx or none"):
-            fresh.sql('set warm = "torch"')
+        with pytest.raises(ExecutionError, match=r"line 1: set warm = 'jax': give one of keras, onnx, torch or none"):
+            fresh.sql('set warm = "jax"')
 
 
 def test_a_script_starts_the_workers_of_a_later_registration_while_earlier_statements_run(ray_cluster, keras_model, digits):

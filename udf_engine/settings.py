@@ -22,13 +22,14 @@ from udf_engine.errors import ConfigError
 
 @dataclass(frozen=True)
 class Option:
-    """One engine option: its name, default, type, help text and accepted aliases."""
+    """One option: its name, default, type, help text, accepted aliases and, for a word, the words it may be."""
 
     name: str
     default: Any
     type: type
     help: str
     aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()  # the values a str option takes (any case, kept lowercase); none: any
 
 
 # What a model error on some rows does: fail the query (the default), or leave those rows NULL.
@@ -149,7 +150,10 @@ def _coerce(opt: Option, value: Any) -> Any:
             raise ConfigError(f"option {opt.name}: expected a JSON object, got {value!r}")
         return parsed
     if opt.type is str:
-        return str(value).strip()
+        word = str(value).strip()
+        if opt.choices and word.lower() not in opt.choices:
+            raise ConfigError(f"option {opt.name}: {word!r} is not one of {', '.join(opt.choices)}")
+        return word.lower() if opt.choices else word
     try:
         if opt.type is int and isinstance(value, str):
             return int(float(value)) if float(value).is_integer() else int(value)

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from udf_engine.errors import ConfigError
@@ -88,12 +88,15 @@ class RegisterOptions:
         return cls(settings, **own, given=dict(given))
 
     def checked_for(self, fmt: str, what: str) -> RegisterOptions:
-        """These options, for a model whose format is known now (``register model.``): an option of another format's is refused."""
+        """These options, for a model whose format is known now (``register model.``): an option of another
+        format's is refused, and the format's own are typed again by its table (``output`` is ONNX's or a
+        text classifier's)."""
         takes = {opt.name for opt in options_of(fmt)}
         for name in self.settings.extra:
             if name not in takes:
                 raise ConfigError(f"{what}: option {name!r} is not one a {fmt} model takes (it takes: {', '.join(sorted(takes))})")
-        return self
+        extra = _typed(self.settings.extra, options_of(fmt), what)
+        return replace(self, settings=replace(self.settings, extra=extra))
 
 
 def script_options(given: Mapping[str, Any], what: str) -> dict[str, Any]:

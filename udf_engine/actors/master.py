@@ -234,7 +234,7 @@ class UDFMaster:
         row = {"function": self._function, "slot": index, "worker": worker_id, "replaced": 0, "alive": True, "last_error": ""}
         row.update(
             node=None, pid=None, gpu_ids=[], threads=None, batches=0, scans=0, rows=0, busy_s=0.0, errors=0, batch_running_s=None,
-            most_held=0, bounced=0,
+            most_held=0, bounced=0, device=None, truncated=0, tokens=0, padded_tokens=0,
         )
         row.update(known)
         return row

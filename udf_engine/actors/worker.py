@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from udf_engine.actors.batching import BUSY, CALLS_SEEN, MAX_IN_FLIGHT_PER_WORKER, cut
 from udf_engine.actors.failures import Failed, resolve, user_error
-from udf_engine.models.loaders import MATH_THREADS, RowWiseApply, input_width, load_info
+from udf_engine.models.loaders import MATH_THREADS, RowWiseApply, declared_returns, input_width, load_info, model_counts
 from udf_engine.settings import UDFConf
 
 # Control calls get one thread of their own; batches (apply, scan, probe) threads enough to see every
@@ -231,7 +231,10 @@ class UDFWorker:
             raise self._init_error
         # a row-wise function takes whatever one row holds, so no width is promised
         width = None if isinstance(self._apply_func, RowWiseApply) else input_width(self._model)
-        return {"worker": self._id, "input_width": width, "load_s": self._load_s, "model": load_info(self._model)}
+        return {
+            "worker": self._id, "input_width": width, "load_s": self._load_s, "model": load_info(self._model),
+            "returns": declared_returns(self._model),
+        }
 
     @ray.method(concurrency_group=BATCHES)
     def apply(self, batch: Any) -> Any:
@@ -334,4 +337,6 @@ class UDFWorker:
             "bounced": self._bounced,  # batches answered BUSY: another caller's held the bound
             "load_s": self._load_s,
             "imported": self._imports is None or self._imports.done,  # a spare's framework, imported
+            "device": load_info(self._model).get("device"),  # where the model runs, when its loader says
+            **model_counts(self._model),  # a text model's truncated texts and tokens
         }

@@ -42,3 +42,16 @@ def xgboost_device(num_gpus: float, environ: Mapping[str, str], *, cuda_built: b
     """XGBoost's ``device`` for a worker: "cuda" (the first visible GPU) when it has a GPU and
     this xgboost build has CUDA (``xgboost-cpu`` has not), else "cpu"."""
     return "cuda" if cuda_built and gpu_visible(num_gpus, environ) else "cpu"
+
+
+def torch_device(num_gpus: float, environ: Mapping[str, str], *, cuda_available: bool) -> str:
+    """PyTorch's device for a worker: "cuda:0" (the first GPU Ray made visible to it, whichever card
+    that is; workers with fractional GPUs on one card share it) when it has a GPU and torch sees
+    CUDA, else "cpu".
+
+    Example:
+        >>> gpu = {"CUDA_VISIBLE_DEVICES": "1"}
+        >>> [torch_device(n, gpu, cuda_available=cuda) for n, cuda in [(0.5, True), (1, False), (0, True)]]
+        ['cuda:0', 'cpu', 'cpu']
+    """
+    return "cuda:0" if cuda_available and gpu_visible(num_gpus, environ) else "cpu"

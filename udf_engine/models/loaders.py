@@ -25,10 +25,14 @@ import numpy as np
 
 from udf_engine.errors import ModelError
 from udf_engine.models.store import unpack
+from udf_engine.models.text import SENTENCE_TRANSFORMERS_OPTIONS, TRANSFORMERS_OPTIONS
+from udf_engine.models.torch_models import TORCH_OPTIONS
 from udf_engine.settings import DEFAULT_METHOD, Option
 
 # The conf key under which UDFWorker hands init_func the threads its math libraries get.
 MATH_THREADS = "math_threads"
+# A text model's input width: one VARCHAR argument a row (udf_engine.models.text).
+TEXT_INPUT = "text"
 
 
 def fetch_rows(model_refs: Sequence[Any]) -> list[dict]:
@@ -78,6 +82,16 @@ def _with_model_files(model_refs: Sequence[Any], load: Callable[[Path, dict], An
     if keep_in is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return model
+
+
+def _with_format_options(model_refs: Sequence[Any], conf: dict, fmt: str, load: Callable[..., Any]) -> Any:
+    """``load(path, name, options, threads=, num_gpus=)`` on the model's files, ``options`` being format
+    ``fmt``'s own from conf (typed where the registration was read), each missing one at its default."""
+    engine = _engine_options(conf)
+    options = {opt.name: conf.get(opt.name, opt.default) for opt in FORMAT_OPTIONS[fmt]}
+    return _with_model_files(
+        model_refs, lambda path, meta: load(path, str(meta.get("name")), options, threads=engine["threads"], num_gpus=engine["num_gpus"])
+    )
 
 
 def _engine_options(conf: dict) -> dict:
@@ -168,6 +182,27 @@ class UDFBuildInFunc:
         return _with_model_files(model_refs, lambda path, meta: load_mlflow(path, str(meta.get("name")), home=home), keep_in=home)
 
     @staticmethod
+    def init_torch(model_refs: Sequence[Any], conf: dict) -> Any:
+        """Load a PyTorch model: a ``torch.export`` program, TorchScript, or a cloudpickled ``nn.Module`` (``rayudf[text]``)."""
+        from udf_engine.models.torch_models import load_torch
+
+        return _with_format_options(model_refs, conf, "torch", load_torch)
+
+    @staticmethod
+    def init_transformers(model_refs: Sequence[Any], conf: dict) -> Any:
+        """Load a Hugging Face ``save_pretrained`` directory for its task (``rayudf[text]``)."""
+        from udf_engine.models.text import load_transformers
+
+        return _with_format_options(model_refs, conf, "transformers", load_transformers)
+
+    @staticmethod
+    def init_sentence_transformers(model_refs: Sequence[Any], conf: dict) -> Any:
+        """Load a sentence-transformers model directory (``rayudf[text]``)."""
+        from udf_engine.models.text import load_sentence_transformer
+
+        return _with_format_options(model_refs, conf, "sentence_transformers", load_sentence_transformer)
+
+    @staticmethod
     def predict(model: Any, batch: np.ndarray) -> Any:
         """Score a batch the fastest way the model offers (Keras ``predict_on_batch``)."""
         scorer = getattr(model, "predict_on_batch", None) or model.predict
@@ -194,16 +229,23 @@ LOADERS: dict[str, Callable[[Sequence[Any], dict], Any]] = {
     "xgboost": UDFBuildInFunc.init_xgboost,
     "lightgbm": UDFBuildInFunc.init_lightgbm,
     "mlflow": UDFBuildInFunc.init_mlflow,
+    "torch": UDFBuildInFunc.init_torch,
+    "transformers": UDFBuildInFunc.init_transformers,
+    "sentence_transformers": UDFBuildInFunc.init_sentence_transformers,
 }
 # What a warm spare of a loader's workers imports while it waits (udf_engine.actors.warm_pool): the
 # frameworks whose import costs seconds. Loaders not named here start workers as they are needed.
 WARM_IMPORTS: dict[Callable, tuple[str, ...]] = {
     UDFBuildInFunc.init_tf: ("tensorflow", "keras"),
     UDFBuildInFunc.init_onnx: ("onnxruntime",),
+    UDFBuildInFunc.init_torch: ("torch",),
+    UDFBuildInFunc.init_transformers: ("torch", "transformers"),
+    UDFBuildInFunc.init_sentence_transformers: ("torch", "transformers", "sentence_transformers"),
 }
 # The frameworks a session may warm before its first registration (Session(warm=...)), by name.
 WARM_FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "keras": WARM_IMPORTS[UDFBuildInFunc.init_tf], "onnx": WARM_IMPORTS[UDFBuildInFunc.init_onnx],
+    "torch": WARM_IMPORTS[UDFBuildInFunc.init_transformers],
 }
 # The options of a model's own, beside the engine's (udf_engine.settings.OPTIONS): every format's,
 # and each format's own. Typed once where the registration is read; the loaders get the values.
@@ -218,18 +260,31 @@ FORMAT_OPTIONS: dict[str, tuple[Option, ...]] = {
                "none: the graph's order"),
         Option("output", None, str, 'ONNX: the graph output the function returns (`output="probabilities"`); none: the first output'),
     ),
+    "torch": TORCH_OPTIONS,
+    "transformers": TRANSFORMERS_OPTIONS,
+    "sentence_transformers": SENTENCE_TRANSFORMERS_OPTIONS,
 }
 
 
 def options_of(fmt: str | None) -> tuple[Option, ...]:
-    """The options a model of format ``fmt`` takes beside the engine's (every format's when None: not known yet).
+    """The options a model of format ``fmt`` takes beside the engine's. When the format is not known
+    yet (None), every format's: a name two formats give different meanings (``output``) is read as
+    plain text then, and typed by its format's table once the model is read.
 
     Example:
         >>> [o.name for o in options_of("onnx")], [o.name for o in options_of("pickle")]
         (['method', 'inputs', 'output'], ['method'])
+        >>> [o.choices for o in options_of(None) if o.name == "output"]
+        [()]
     """
-    formats = FORMAT_OPTIONS.values() if fmt is None else [FORMAT_OPTIONS.get(fmt, ())]
-    return (*MODEL_OPTIONS, *(opt for options in formats for opt in options))
+    if fmt is not None:
+        return (*MODEL_OPTIONS, *FORMAT_OPTIONS.get(fmt, ()))
+    merged: dict[str, Option] = {opt.name: opt for opt in MODEL_OPTIONS}
+    for opt in (opt for options in FORMAT_OPTIONS.values() for opt in options):
+        same = merged.setdefault(opt.name, opt)
+        if same != opt:
+            merged[opt.name] = Option(opt.name, None, str, f"{same.help}; {opt.help}")
+    return tuple(merged.values())
 
 
 # The model kinds a user may name, and the format a file of that kind is read as when its
@@ -237,7 +292,10 @@ def options_of(fmt: str | None) -> tuple[Option, ...]:
 MODEL_KINDS: dict[str, str] = {
     "keras": "keras", "tf": "keras", "savedmodel": "savedmodel", "sklearn": "pickle", "pickle": "pickle",
     "onnx": "onnx", "xgboost": "xgboost", "lightgbm": "lightgbm", "mlflow": "mlflow",
+    "torch": "torch", "pytorch": "torch", "transformers": "transformers", "sentence_transformers": "sentence_transformers",
 }
+# Kinds whose files any suffix may name (`register torch.`m.pkl``: a pickled nn.Module, not a scikit-learn pickle).
+ANY_SUFFIX_KINDS = ("torch", "pytorch")
 
 
 class RowWiseApply:
@@ -263,8 +321,10 @@ class RowWiseApply:
         return values
 
 
-def input_width(model: Any) -> int | None:
-    """How many features one row of the model's input has, when the model says so."""
+def input_width(model: Any) -> int | str | None:
+    """How many features one row of the model's input has, when the model says so (TEXT_INPUT: one text)."""
+    if getattr(model, "takes_text", False):
+        return TEXT_INPUT
     shape = getattr(model, "input_shape", None)
     if isinstance(shape, list):  # a multi-input Keras model: no single width
         return None
@@ -272,6 +332,18 @@ def input_width(model: Any) -> int | None:
         return shape[-1]
     width = getattr(model, "n_features_in_", None)
     return int(width) if width is not None else None
+
+
+def declared_returns(model: Any) -> str | None:
+    """The DuckDB type a loaded model says it returns (a text model knows its head), if it says."""
+    returns = getattr(model, "returns", None)
+    return returns if isinstance(returns, str) else None
+
+
+def model_counts(model: Any) -> dict:
+    """What a model counts of its own work (a text model: its device, texts truncated, tokens), for !workers."""
+    counts = getattr(model, "counts", None)
+    return dict(counts()) if callable(counts) else {}
 
 
 def load_info(model: Any) -> dict:

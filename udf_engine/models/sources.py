@@ -27,7 +27,7 @@ import pyarrow as pa
 from udf_engine import durable
 from udf_engine.errors import ModelError
 from udf_engine.models import mlflow
-from udf_engine.models.loaders import LOADERS, MODEL_KINDS
+from udf_engine.models.loaders import ANY_SUFFIX_KINDS, LOADERS, MODEL_KINDS
 from udf_engine.models.store import DEFAULT_VERSION, detect_format, model_meta, model_rows, read_model_rows, rows_from_table
 
 
@@ -54,7 +54,7 @@ def from_path(source: str, *, kind: str | None = None, version: str = DEFAULT_VE
     if not path.exists():
         raise ModelError(f"model path not found: {source}")
     try:
-        model_format = detect_format(path)
+        model_format = MODEL_KINDS[kind] if kind in ANY_SUFFIX_KINDS and path.is_file() else detect_format(path)
     except ModelError as err:
         if kind is None:
             raise ModelError(f"{err}; register it with its kind ({', '.join(MODEL_KINDS)})") from None

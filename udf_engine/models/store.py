@@ -61,22 +61,33 @@ _FORMAT_BY_SUFFIX = {
     ".joblib": "pickle",
     ".onnx": "onnx",
     ".ubj": "xgboost",  # xgboost's own binary format; its .json and LightGBM's .txt need the kind named
+    ".pt2": "torch",  # torch.export
+    ".pt": "torch",  # TorchScript (or a pickled nn.Module: `register torch.` reads any suffix)
+    ".pth": "torch",
 }
+# What a directory holds that tells its format, first match wins: sentence-transformers saves a
+# Transformers config too, so its modules.json comes before config.json.
+_DIRECTORY_MARKERS = (
+    ("saved_model.pb", "savedmodel"), (MLMODEL, "mlflow"), ("modules.json", "sentence_transformers"), ("config.json", "transformers"),
+)
 
 
 def detect_format(src: str | os.PathLike) -> str:
     """Name the format of a model file or directory: one that ``loaders.LOADERS`` loads, or "table".
 
     A directory holding ``saved_model.pb`` is a TF SavedModel, one holding ``MLmodel`` an MLflow
-    model; a directory of Parquet files (or a ``.parquet`` file) is a model table written by
-    :func:`save_model`. A file is told by its suffix; xgboost's ``.json`` and LightGBM's ``.txt``
-    boosters are not (the caller names their format).
+    model, ``modules.json`` a sentence-transformers model, ``config.json`` a Transformers one; a
+    directory of Parquet files (or a ``.parquet`` file) is a model table written by :func:`save_model`.
+    A file is told by its suffix; xgboost's ``.json`` and LightGBM's ``.txt`` boosters are not (the
+    caller names their format).
     """
     path = Path(src)
     is_dir = path.is_dir()
     fmt = _format_of([p.name for p in path.iterdir()] if is_dir else [path.name], is_dir=is_dir)
     if fmt is None and is_dir:
-        raise ModelError(f"{path}: directory is neither a SavedModel, an MLflow model nor a model table")
+        raise ModelError(
+            f"{path}: directory is neither a SavedModel, an MLflow model, a Transformers or sentence-transformers model nor a model table"
+        )
     if fmt is None:
         known = ", ".join(sorted(_FORMAT_BY_SUFFIX))
         raise ModelError(f"{path}: cannot tell the model format from the suffix (known: {known}); give the model kind explicitly")
@@ -86,7 +97,7 @@ def detect_format(src: str | os.PathLike) -> str:
 def _format_of(names: list[str], *, is_dir: bool) -> str | None:
     """The format of a directory holding ``names`` (its top-level entries), or of the one file ``names[0]``."""
     if is_dir:
-        found = [fmt for marker, fmt in (("saved_model.pb", "savedmodel"), (MLMODEL, "mlflow")) if marker in names]
+        found = [fmt for marker, fmt in _DIRECTORY_MARKERS if marker in names]
         return found[0] if found else ("table" if any(n.endswith(".parquet") for n in names) else None)
     suffix = Path(names[0]).suffix.lower()
     return "table" if suffix == ".parquet" else _FORMAT_BY_SUFFIX.get(suffix)

@@ -1,0 +1,115 @@
+"""Text models and texts made on this machine, for the tests, the benchmark and the text-model demo:
+nothing is downloaded.
+
+The texts are the docstrings of Python's own standard library, which every Python installation
+ships. The tokenizer is a WordPiece vocabulary trained on them with ``tokenizers``; the models are
+BERT-shaped, built from a config with random weights (their speed depends on their shape alone)
+and saved with ``save_pretrained``, as a user's fine-tuned model would be (needs ``rayudf[text]``).
+
+Example:
+    >>> paths = save_text_models(Path("models"), TINY)                 # doctest: +SKIP
+    >>> sorted(paths)                                                  # doctest: +SKIP
+    ['classifier', 'encoder', 'tagger']
+    >>> save_sentence_transformer(paths["encoder"], Path("models"), TINY)  # doctest: +SKIP
+    PosixPath('models/sentences')
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LABELS = ("negative", "positive", "neutral")
+TAGS = ("O", "B-NAME", "I-NAME")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A BERT's shape: what its speed depends on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_length: int  # tokens a text may have
+    vocab: int
+
+
+TINY = Shape(hidden=32, layers=2, heads=2, intermediate=64, max_length=48, vocab=600)  # the tests': texts past 48 tokens are cut
+MINILM_L6 = Shape(hidden=384, layers=6, heads=12, intermediate=1536, max_length=512, vocab=8000)  # all-MiniLM-L6-v2's shape
+
+
+def stdlib_texts() -> list[str]:
+    """Lines of the docstrings of some standard-library modules and their members: a few thousand lines of English."""
+    import collections
+    import json
+    import pathlib
+    import string
+    import textwrap
+
+    texts = []
+    for module in (collections, json, pathlib, string, textwrap):
+        texts.append(inspect.getdoc(module) or "")
+        texts += [inspect.getdoc(getattr(module, name)) or "" for name in dir(module) if not name.startswith("_")]
+    return [line for text in texts for line in text.splitlines() if line.strip()]
+
+
+def tokenizer(shape: Shape) -> Any:
+    """A BERT-style WordPiece tokenizer trained on :func:`stdlib_texts`, as Transformers' fast tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(stdlib_texts(), trainers.WordPieceTrainer(vocab_size=shape.vocab, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        model_max_length=shape.max_length,
+    )
+
+
+def bert_config(shape: Shape, labels: tuple[str, ...] = ()) -> Any:
+    from transformers import BertConfig
+
+    named = {"id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in enumerate(labels)}} if labels else {}
+    return BertConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        intermediate_size=shape.intermediate, max_position_embeddings=shape.max_length, initializer_range=0.5, **named,
+    )
+
+
+def save_text_models(root: Path, shape: Shape, *, seed: int = 7) -> dict[str, Path]:
+    """A text classifier (LABELS), a token classifier (TAGS) and an encoder of ``shape``, each a
+    ``save_pretrained`` directory (model, config, tokenizer) under ``root``."""
+    import torch
+    from transformers import BertForSequenceClassification, BertForTokenClassification, BertModel
+
+    tok = tokenizer(shape)
+    made = {}
+    for name, cls, labels in (
+        ("classifier", BertForSequenceClassification, LABELS), ("tagger", BertForTokenClassification, TAGS), ("encoder", BertModel, ()),
+    ):
+        torch.manual_seed(seed)
+        made[name] = root / name
+        cls(bert_config(shape, labels)).eval().save_pretrained(made[name])
+        tok.save_pretrained(made[name])
+    return made
+
+
+def save_sentence_transformer(encoder: Path, root: Path, shape: Shape) -> Path:
+    """``encoder`` as a sentence-transformers model (mean pooling, then normalized), saved under ``root``."""
+    from sentence_transformers import SentenceTransformer, models
+
+    words = models.Transformer(str(encoder), max_seq_length=shape.max_length)
+    model = SentenceTransformer(modules=[words, models.Pooling(shape.hidden, pooling_mode="mean"), models.Normalize()], device="cpu")
+    path = root / "sentences"
+    model.save(str(path))
+    return path
