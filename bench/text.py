@@ -237,7 +237,7 @@ def report(args: argparse.Namespace, results: dict, rows: int, tokens: int) -> s
 
     lines = [
         "# Text-model benchmark", "",
-        f"Command: `python -m bench.text --rows {args.rows} --rounds {args.rounds}`  ",
+        f"Command: `python -m bench.text --rows {args.rows} --rounds {args.rounds} --models {args.models}`  ",
         f"Machine: {platform.platform()}, {os.cpu_count()} cores; Python {platform.python_version()}, ray {ray.__version__}  ",
         f"{rows:,} texts of 3 to 400 words (long-tailed), {tokens:,} tokens after truncation at 512; MiniLM-L6-shaped models "
         f"(6 layers, 384 wide, random weights). Medians of {args.rounds} interleaved round(s); rayudf's model registered before "
