@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from bench.data import start_ray
 from bench.memory import PeakRSS
+from udf_engine.models.token_batches import padding_share
 
 BATCH = 32  # texts a batch, for every contender that batches by rows
 TARGETS = {"in-process": 1.3, "length-sorted": 0.95, "Ray Data": 1.2}  # rayudf's speed over each, at least (classifier)
@@ -88,12 +89,6 @@ def token_counts(texts: list[str], model_dir: Path) -> np.ndarray:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return np.array([len(ids) for ids in tokenizer(texts, truncation=True, max_length=512)["input_ids"]])
-
-
-def padding(lengths: np.ndarray, groups: list[np.ndarray]) -> float:
-    from udf_engine.models.token_batches import padding_share
-
-    return padding_share(lengths, groups)
 
 
 # -- the contenders -------------------------------------------------------------------------------
@@ -222,13 +217,11 @@ def bench_model(kind: str, model: Path, data: Path, texts: list[str], lengths: n
     order = np.arange(rows)
     by_length = np.argsort(lengths, kind="stable")
     shares = {
-        "in-process": padding(lengths, [order[i : i + BATCH] for i in range(0, rows, BATCH)]),
-        "length-sorted": padding(lengths, [by_length[i : i + BATCH] for i in range(0, rows, BATCH)]),
-        "Ray Data": padding(lengths, [order[i : i + BATCH] for i in range(0, rows, BATCH)]),
+        "in-process": padding_share(lengths, [order[i : i + BATCH] for i in range(0, rows, BATCH)]),
+        "length-sorted": padding_share(lengths, [by_length[i : i + BATCH] for i in range(0, rows, BATCH)]),
+        "Ray Data": padding_share(lengths, [order[i : i + BATCH] for i in range(0, rows, BATCH)]),
         "rayudf": round(padded / tokens - 1, 6) if tokens else float("nan"),
     }
-    if kind == "embedder":  # encode sorts each call's texts by length itself
-        shares["in-process"] = padding(lengths, [order[i : i + BATCH][np.argsort(lengths[i : i + BATCH])] for i in range(0, rows, BATCH)])
     return {"seconds": seconds, "shares": shares, "peak_mb": peak, "first_row_s": first_row_after_register(kind, model)}
 
 

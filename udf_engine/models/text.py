@@ -19,7 +19,8 @@ Tasks of the ``transformers`` kind (``task=``, else read from the config's archi
   tokens, or ``cls``) and, with ``normalize=true``, of length 1.
 
 Example (inside a worker, or in-process for a test):
-    >>> model = load_transformers(Path("clf"), "clf", TRANSFORMERS_DEFAULTS, threads=1, num_gpus=0)  # doctest: +SKIP
+    >>> defaults = {opt.name: opt.default for opt in TRANSFORMERS_OPTIONS}
+    >>> model = load_transformers(Path("clf"), "clf", defaults, threads=1, num_gpus=0)              # doctest: +SKIP
     >>> model.returns, model.predict(np.array(["good", "bad"], dtype=object))["label"]        # doctest: +SKIP
     ('STRUCT(label VARCHAR, score FLOAT)', array(['pos', 'neg'], dtype=object))
 """
@@ -70,7 +71,6 @@ TRANSFORMERS_OPTIONS: tuple[Option, ...] = (
     *_COMMON,
 )
 SENTENCE_TRANSFORMERS_OPTIONS: tuple[Option, ...] = _COMMON
-TRANSFORMERS_DEFAULTS = {opt.name: opt.default for opt in TRANSFORMERS_OPTIONS}
 
 
 def offline() -> None:
@@ -93,8 +93,12 @@ class TextModel:
 
     takes_text = True  # the worker reports TEXT_INPUT as the width: one VARCHAR argument
 
-    def __init__(self, tokenizer: Any, *, max_length: int, max_batch_tokens: int, truncation: str, returns: str, info: dict) -> None:
+    def __init__(
+        self, tokenizer: Any, *, device: Any, max_length: int, max_batch_tokens: int, truncation: str, returns: str, info: dict
+    ) -> None:
         self.tokenizer, self.max_length, self.max_batch_tokens, self.truncation = tokenizer, max_length, max_batch_tokens, truncation
+        self.device = device
+        self._inputs = [name for name in tokenizer.model_input_names if name in ("input_ids", "attention_mask", "token_type_ids")]
         self.returns = returns  # the DuckDB type of what predict gives: a probe is not needed
         self.load_info = {**info, "max_length": max_length, "max_batch_tokens": max_batch_tokens}
         self._counts_lock = threading.Lock()
@@ -105,7 +109,7 @@ class TextModel:
     def counts(self) -> dict:
         """What !workers shows of this model's work."""
         with self._counts_lock:
-            return {"device": self.load_info["device"], "truncated": self.truncated, "tokens": self.tokens, "padded_tokens": self.padded}
+            return {"truncated": self.truncated, "tokens": self.tokens, "padded_tokens": self.padded}
 
     def encode(self, texts: list[str], **extra: Any) -> dict:
         """The texts' token ids (special tokens in), each at most max_length long: an overlong one truncated
@@ -132,7 +136,7 @@ class TextModel:
         padded = 0
         for group in token_batches(lengths, self.max_batch_tokens):
             padded += len(group) * max(lengths[i] for i in group)
-            for i, out in zip(group, self._score(group, encoded, texts), strict=True):
+            for i, out in zip(group, self._score(group, encoded), strict=True):
                 rows[i] = out
         with self._counts_lock:
             self.tokens += sum(lengths)
@@ -142,7 +146,12 @@ class TextModel:
     def _encode_extra(self) -> dict:
         return {}
 
-    def _score(self, group: np.ndarray, encoded: Mapping[str, list], texts: list[str]) -> list:
+    def _padded(self, group: np.ndarray, encoded: Mapping[str, list]) -> dict:
+        """The group's model inputs as tensors on the model's device, padded to the group's longest text."""
+        padded = self.tokenizer.pad([{k: encoded[k][i] for k in self._inputs} for i in group], return_tensors="pt")
+        return {k: v.to(self.device) for k, v in padded.items()}
+
+    def _score(self, group: np.ndarray, encoded: Mapping[str, list]) -> list:
         raise NotImplementedError
 
     def _joined(self, rows: list) -> Any:
@@ -154,14 +163,13 @@ class TransformersModel(TextModel):
 
     def __init__(self, model: Any, tokenizer: Any, task: str, options: Mapping[str, Any], *, device: Any, info: dict) -> None:
         config = model.config
-        self.model, self.task, self.device, self.options = model, task, device, options
+        self.model, self.task, self.options = model, task, options
         self.labels = [config.id2label[i] for i in range(config.num_labels)] if task != FEATURE_EXTRACTION else []
         self._sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
         super().__init__(
-            tokenizer, max_length=_max_length(tokenizer, config, options.get("max_length")), max_batch_tokens=options["max_batch_tokens"],
-            truncation=options["truncation"], returns=self._returns(config), info=info,
+            tokenizer, device=device, max_length=_max_length(tokenizer, config, options.get("max_length")),
+            max_batch_tokens=options["max_batch_tokens"], truncation=options["truncation"], returns=self._returns(config), info=info,
         )
-        self._inputs = [name for name in tokenizer.model_input_names if name in ("input_ids", "attention_mask", "token_type_ids")]
 
     def _returns(self, config: Any) -> str:
         if self.task == TEXT_CLASSIFICATION:
@@ -175,14 +183,14 @@ class TransformersModel(TextModel):
             return {"return_offsets_mapping": True, "return_special_tokens_mask": True}
         return {}
 
-    def _score(self, group: np.ndarray, encoded: Mapping[str, list], texts: list[str]) -> list:
+    def _score(self, group: np.ndarray, encoded: Mapping[str, list]) -> list:
         import torch
 
-        padded = self.tokenizer.pad([{k: encoded[k][i] for k in self._inputs} for i in group], return_tensors="pt")
+        padded = self._padded(group, encoded)
         with torch.inference_mode():
-            out = self.model(**{k: v.to(self.device) for k, v in padded.items()})
+            out = self.model(**padded)
         if self.task == FEATURE_EXTRACTION:
-            return list(self._pooled(out.last_hidden_state, padded["attention_mask"].to(self.device)).float().cpu().numpy())
+            return list(self._pooled(out.last_hidden_state, padded["attention_mask"]).float().cpu().numpy())
         logits = out.logits.float().cpu()
         if self.task == TEXT_CLASSIFICATION:
             scores = (logits.sigmoid() if self._sigmoid else logits.softmax(-1)).numpy()
@@ -232,14 +240,17 @@ class SentenceEmbedder(TextModel):
     def __init__(self, model: Any, options: Mapping[str, Any], *, info: dict) -> None:
         self.model = model
         super().__init__(
-            model.tokenizer, max_length=int(model.max_seq_length), max_batch_tokens=options["max_batch_tokens"],
+            model.tokenizer, device=model.device, max_length=int(model.max_seq_length), max_batch_tokens=options["max_batch_tokens"],
             truncation=options["truncation"], returns=f"FLOAT[{_dimension(model)}]", info=info,
         )
 
-    def _score(self, group: np.ndarray, encoded: Mapping[str, list], texts: list[str]) -> list:
-        # encode() tokenizes again (truncating at max_seq_length, as counted here) and pads the group as one batch
-        vectors = self.model.encode([texts[i] for i in group], batch_size=len(group), convert_to_numpy=True, show_progress_bar=False)
-        return list(vectors)
+    def _score(self, group: np.ndarray, encoded: Mapping[str, list]) -> list:
+        import torch
+
+        # the modules encode() runs (the transformer, its pooling, its normalization), on the texts tokenized once here
+        with torch.inference_mode():
+            vectors = self.model(self._padded(group, encoded))["sentence_embedding"]
+        return list(vectors.float().cpu().numpy())
 
 
 def _dimension(model: Any) -> int:
