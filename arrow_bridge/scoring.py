@@ -21,6 +21,7 @@ import pyarrow as pa
 from arrow_bridge.tensors import check_arguments, features, to_arrow
 from udf_engine.actors.failures import Partial
 from udf_engine.errors import RowError
+from udf_engine.models.loaders import TEXT_INPUT
 
 
 @dataclass
@@ -37,19 +38,28 @@ class Scored:
 @dataclass
 class Call:
     """One call's argument columns made ready for the model: the rows with no NULL argument as one
-    feature matrix (``matrix`` None when there are none), and where they stand among the call's rows."""
+    feature matrix (``matrix`` None when there are none), and where they stand among the call's rows.
+
+    A text model's rows go to it longest first (``order``), so the engine's pieces each hold texts of
+    about one length and pad little (udf_engine.actors.batching.cut); the result is put back in row order.
+    """
 
     rows: int
     valid: np.ndarray | None  # which rows the model sees (None: all)
     matrix: Any
+    order: np.ndarray | None = None  # the matrix's rows, by their place among the valid rows (None: as they are)
 
     @classmethod
-    def of(cls, cols: Sequence[Any], *, function: str, width: int | None) -> Call:
+    def of(cls, cols: Sequence[Any], *, function: str, width: int | str | None) -> Call:
         rows = len(cols[0]) if cols else 0
         valid = valid_rows(cols) if rows else None
         kept = [c.filter(pa.array(valid)) for c in cols] if valid is not None else cols
         count = rows if valid is None else int(valid.sum())
-        return cls(rows, valid, features(kept, function=function, width=width) if count else None)
+        matrix = features(kept, function=function, width=width) if count else None
+        if width != TEXT_INPUT or matrix is None:
+            return cls(rows, valid, matrix)
+        order = np.argsort(-np.fromiter((len(text) for text in matrix), np.int64, len(matrix)), kind="stable")
+        return cls(rows, valid, matrix[order], order)
 
     @classmethod
     def of_matrix(cls, matrix: np.ndarray, *, function: str, width: int | None) -> Call:
@@ -59,12 +69,15 @@ class Call:
 
     def placed(self, err: RowError) -> RowError:
         """A RowError placed among the rows scored, placed among the call's rows."""
-        return err if self.valid is None else err.at(int(np.flatnonzero(self.valid)[err.row]), self.rows)
+        row = err.row if self.order is None else int(self.order[err.row])
+        return err.at(row, self.rows) if self.valid is None else err.at(int(np.flatnonzero(self.valid)[row]), self.rows)
 
     def scored(self, outputs: Sequence[Any], arrow_type: pa.DataType) -> Scored:
         """The model's outputs (per batch, in order) as the call's result, NULL for the rows it did not see."""
         count = 0 if self.matrix is None else len(self.matrix)
         array = to_arrow(outputs, arrow_type, count) if count else pa.array([], type=arrow_type)
+        if self.order is not None:
+            array = array.take(pa.array(np.argsort(self.order)))  # back in row order
         scored = Scored(array if self.valid is None else with_null_rows(array, self.valid), count)
         for output in outputs:
             if isinstance(output, Partial) and output.nulled:

@@ -51,7 +51,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.text", description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=20_000, help="texts to score")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of each contender")
-    p.add_argument("--models", default="classifier,embedder", help="which models: classifier, embedder or both")
+    p.add_argument("--models", default="classifier,embedder", help="which models, comma-separated: classifier,embedder")
     p.add_argument("--workdir", type=Path, default=Path("bench_data") / "text", help="where the texts and models go")
     p.add_argument("--out", type=Path, default=Path("bench/TEXT.md"), help="the report")
     return p.parse_args(argv)

@@ -179,6 +179,21 @@ def test_interrupt_cancels_the_query_and_the_next_one_works(ip, magic, slow_mode
     assert error is None and result.df["y"].tolist() == [5.0]
 
 
+def test_an_interrupt_before_duckdb_runs_the_query_still_stops_it(ip, magic, slow_model):
+    # Ctrl-C while the cell's first statement loads a model: DuckDB drops an interrupt of an idle
+    # connection, so the magic interrupts again until the cell's work ends, the select included
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    cell = (f'%%sql\nregister model.`{slow_model}` as slow3 where workers="1" and num_cpus="{WORKER_CPUS}" and batch_size="128";\n'
+            "select sum(slow3(range::DOUBLE, 1.0)) from range(1000000)")
+    _, error = run(ip, cell)
+    timer.join()
+    assert isinstance(error, UsageError) and "interrupted" in str(error)
+    assert time.monotonic() - started < 30  # the select alone would take over two minutes
+
+
 def test_close_stops_the_workers(ip, sklearn_model):
     _, path = sklearn_model
     magic = ip.magics_manager.registry["SqlMagic"]

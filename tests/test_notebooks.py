@@ -32,6 +32,7 @@ FUNCTIONS = {
     "03_byzer_style.ipynb": ["clf_predict"],
     "04_byzer_python.ipynb": ["model_predict"],
     "05_streaming.ipynb": ["lr_stream"],
+    "06_text_models.ipynb": ["topic", "embed"],
 }
 
 
@@ -136,6 +137,14 @@ def test_notebook_runs_top_to_bottom(name, kernel_env, tmp_path):
         assert "table mnist_model created" in cell_output_text(nb, "#%python")
         assert "match the model run in-process on 100 rows" in cell_output_text(nb, "assert_array_equal")
         assert "WRITE" in cell_output_text(nb, "!delta info")  # the lake's history of the model table
+    elif name.startswith("06"):
+        held_out = re.search(r"accuracy on (\d+) held-out lines: ([\d.]+)", cell_output_text(nb, "assert accuracy > "))
+        assert held_out and int(held_out[1]) > 200 and float(held_out[2]) > 0.7, held_out
+        assert "the SQL answers match the model in-process on" in cell_output_text(nb, "assert_allclose")
+        said = cell_output_text(nb, "nearest neighbour from the same module")
+        same = re.search(r"nearest neighbour from the same module for (\d+)%", said)
+        assert same and int(same[1]) > 40, same  # four modules: a guess is 25%
+        assert "cpu" in cell_output_text(nb, "%sql !workers")
     else:
         assert "stream arrivals started" in cell_output_text(nb, "set streamName")  # the cell returned, the stream runs on
         assert "arrivals" in cell_output_text(nb, "%sql !streams")

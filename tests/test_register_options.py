@@ -74,3 +74,16 @@ def test_session_register_model_types_its_keyword_options_the_same_way(sklearn_m
 
     with Session(warm=False) as s, pytest.raises(ConfigError, match="register_model.*option batch_size: expected int, got 'lots'"):
         s.register_model("f", sklearn_model[1], batch_size="lots")
+
+
+def test_a_text_format_has_its_own_batch_size_default_which_a_given_one_beats():
+    what = "register transformers.`m` as f"
+    assert RegisterOptions.of({}, what, fmt="transformers").settings.batch_size == 256
+    assert RegisterOptions.of({"batchSize": "64"}, what, fmt="transformers").settings.batch_size == 64
+    assert RegisterOptions.of({}, "register onnx.`m.onnx` as f", fmt="onnx").settings.batch_size == 2048
+    # `register model.`: the format is known once the model is read
+    unknown = RegisterOptions.of({"pooling": "cls"}, "register model.`m` as f")
+    assert unknown.settings.batch_size == 2048
+    assert unknown.checked_for("transformers", what).settings.batch_size == 256
+    assert RegisterOptions.of({}, what).checked_for("transformers", what).settings.batch_size == 256
+    assert RegisterOptions.of({"batch_size": "8"}, what).checked_for("transformers", what).settings.batch_size == 8

@@ -146,3 +146,31 @@ def test_logical_gpus_reach_the_workers(register, sklearn_model):
     _, path = sklearn_model
     stats = register("on_gpu", path, workers=2, num_gpus=0.5).udf.stats()
     assert all(len(s["gpu_ids"]) == 1 for s in stats), stats
+
+
+def test_a_text_call_goes_to_the_model_longest_first_and_comes_back_in_row_order():
+    import pyarrow as pa
+
+    from arrow_bridge.scoring import score_columns
+    from udf_engine.actors.batching import cut
+    from udf_engine.errors import RowError
+    from udf_engine.models.loaders import TEXT_INPUT
+
+    texts = ["bb", None, "a" * 5000, "", "ccc" * 900, "d"]
+    seen: list[list[str]] = []
+
+    def score(matrix):  # the engine's score: pieces cut as the engine cuts them, each piece's outputs
+        pieces = cut(matrix, 2)
+        seen.extend(list(piece) for piece in pieces)
+        return [np.array([len(t) for t in piece], dtype=np.int64) for piece in pieces]
+
+    scored = score_columns([pa.array(texts)], function="f", width=TEXT_INPUT, arrow_type=pa.int64(), score=score)
+    assert scored.array.to_pylist() == [2, None, 5000, 0, 2700, 1]  # row order, NULL where the text is NULL
+    assert [t for piece in seen for t in piece] == ["a" * 5000, "ccc" * 900, "bb", "d", ""]  # longest first
+    assert [len(piece) for piece in seen] == [1, 2, 2]  # the long text alone: it is most of the characters
+
+    def fails_on_d(matrix):
+        raise RowError("function f: the model raised ValueError: no d", row=list(matrix).index("d"), rows=len(matrix), values="'d'")
+
+    with pytest.raises(RowError, match=r"row 6 of the 6 rows of this call"):  # "d" is the call's sixth row
+        score_columns([pa.array(texts)], function="f", width=TEXT_INPUT, arrow_type=pa.int64(), score=fails_on_d)

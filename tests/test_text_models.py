@@ -284,3 +284,122 @@ def test_warm_torch_spares_take_a_text_model(ray_cluster, made):
         (want,) = transformers.pipeline("text-classification", model=str(made["classifier"]), device="cpu")(["a new path"])
         assert answer["label"] == want["label"] and abs(answer["score"] - want["score"]) < TOLERANCE
     assert all(gone(pid) for pid in spares)
+
+
+@pytest.fixture(scope="module")
+def mlflow_models(tmp_path_factory, made, torch_files):
+    """The classifier logged with mlflow.transformers to a real tracking store (registered as 'feelings'),
+    the embedder saved with mlflow.sentence_transformers and Net with mlflow.pytorch (torch.export)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    pytest.importorskip("mlflow")
+    import mlflow
+    import mlflow.pytorch
+    import mlflow.sentence_transformers
+    import mlflow.transformers
+    from sentence_transformers import SentenceTransformer
+
+    root = tmp_path_factory.mktemp("mlflow_text")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.create_experiment("text", artifact_location=(root / "artifacts").as_uri())
+        mlflow.set_experiment("text")
+        parts = {"model": transformers.AutoModelForSequenceClassification.from_pretrained(made["classifier"]),
+                 "tokenizer": transformers.AutoTokenizer.from_pretrained(made["classifier"])}
+        with mlflow.start_run():  # pip_requirements given: MLflow would otherwise look for torchvision's version
+            mlflow.transformers.log_model(parts, name="model", task="text-classification", registered_model_name="feelings",
+                                          pip_requirements=["transformers", "torch"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    mlflow.sentence_transformers.save_model(SentenceTransformer(str(made["sentences"]), device="cpu"), str(root / "st"),
+                                            pip_requirements=["sentence-transformers"])
+    net, _ = torch_files
+    mlflow.pytorch.save_model(net, str(root / "pt"), input_example=np.zeros((2, 4), np.float32), pip_requirements=["torch"])
+    return {"uri": uri, "st": root / "st", "pt": root / "pt"}
+
+
+def test_mlflow_s_torch_flavors_run_as_the_text_and_torch_kinds(session, made, texts, text_table, mlflow_models, torch_files):
+    from sentence_transformers import SentenceTransformer
+
+    register = f"register mlflow.`models:/feelings/1` as feelings where tracking_uri='{mlflow_models['uri']}' and {ONE}"
+    with registered(session, register, "feelings"):
+        got = scored(session, "feelings")
+        pipe = transformers.pipeline("text-classification", model=str(made["classifier"]), device="cpu")
+        kept = [t for t in texts if t is not None]
+        want = pipe(kept, truncation=True)
+        answers = [a for t, a in zip(texts, got, strict=True) if t is not None]
+        assert [a["label"] for a in answers] == [w["label"] for w in want] and None in got
+        np.testing.assert_allclose([a["score"] for a in answers], [w["score"] for w in want], atol=TOLERANCE, rtol=0)
+        model = session.sql("!models").set_index("function").loc["feelings"]
+        assert model["returns"] == "STRUCT(label VARCHAR, score FLOAT)" and "MLflow transformers" in model["model"]
+    with registered(session, f"register mlflow.`{mlflow_models['st']}` as st_embed where {ONE}", "st_embed"):
+        got = scored(session, "st_embed")
+        encoder = SentenceTransformer(str(made["sentences"]), device="cpu")
+        np.testing.assert_allclose(np.stack([g for g in got if g is not None]), encoder.encode(kept), atol=TOLERANCE, rtol=0)
+    net, _ = torch_files
+    with registered(session, f"register mlflow.`{mlflow_models['pt']}` as mlflow_net where {ONE}", "mlflow_net"):
+        frame = session.sql("select a, b, mlflow_net(a, b, 0.5, 1.0) as p from (select range / 7.0 as a, 1 - range / 9.0 as b "
+                            "from range(100)) order by a")
+        rows = np.column_stack([frame["a"], frame["b"], np.full(len(frame), 0.5), np.ones(len(frame))])
+        with torch.inference_mode():
+            np.testing.assert_allclose(np.stack(frame["p"]), net(torch.tensor(rows, dtype=torch.float32)).numpy(), atol=TOLERANCE, rtol=0)
+        assert "saved_as=MLflow pytorch" in session.sql("!models").set_index("function").loc["mlflow_net", "model"]
+
+
+def test_registering_a_text_model_again_during_a_query_is_a_rolling_swap(session, made, texts, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    second = save_text_models(tmp_path, TINY, seed=8)["classifier"]  # the same shape, other weights: other answers
+    two = f'workers="2" and num_cpus="{WORKER_CPUS}" and batch_size="16"'
+    kept = [t for t in texts if t is not None]
+    repeats = 300  # a query of some seconds, long enough to register again while it runs
+    session.con.register("roll_arrow", pa.table({"i": list(range(len(kept) * repeats)), "t": kept * repeats}))
+    session.con.execute("create or replace table roll_texts as select * from roll_arrow")
+    pipes = [transformers.pipeline("text-classification", model=str(path), device="cpu") for path in (made["classifier"], second)]
+    want = [pipe(kept, truncation=True) * repeats for pipe in pipes]
+    with registered(session, f"register transformers.`{made['classifier']}` as rolled where {two}", "rolled"):
+        first = session.functions["rolled"].udf
+        with ThreadPoolExecutor(1) as pool:
+            # a statement runs on the version it began with (session.sql pins it; the bare connection does not)
+            query = pool.submit(lambda: session.sql("select i, rolled(t) as y from roll_texts order by i")["y"].tolist())
+            while sum(s["batches"] for s in first.stats()) < 3 and not query.done():
+                time.sleep(0.02)
+            session.sql(f"register transformers.`{second}` as rolled where {ONE}")
+            assert not query.done(), "register waited for the query; it should only start the new workers and switch"
+            during = query.result(timeout=300)
+        after = scored(session, "rolled", "roll_texts")
+        for got, expected in ((during, want[0]), (after, want[1])):  # every row from one version: the one running when it began
+            assert [g["label"] for g in got] == [w["label"] for w in expected]
+            np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in expected], atol=TOLERANCE, rtol=0)
+        assert session.sql("!models").set_index("function").loc["rolled", "version"] == "2"
+
+
+def test_a_text_function_answers_http_as_the_model_in_process(session, made, texts):
+    import httpx
+
+    from conftest import free_port
+
+    token = "text-token"
+    with registered(session, f"register transformers.`{made['classifier']}` as served_sentiment where {ONE}", "served_sentiment"):
+        url = session.sql(f"!serve port={free_port()} token={token}")["url"][0]
+        try:
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
+                rows = [t for t in texts[:20] if t is not None] + ["", None]
+                answer = client.post("/v1/functions/served_sentiment", json={"inputs": [[t] for t in rows]})
+                assert answer.status_code == 200, answer.text
+                outputs = answer.json()["outputs"]
+                pipe = transformers.pipeline("text-classification", model=str(made["classifier"]), device="cpu")
+                want = pipe(rows[:-1], truncation=True)
+                assert [o["label"] for o in outputs[:-1]] == [w["label"] for w in want] and outputs[-1] is None
+                np.testing.assert_allclose([o["score"] for o in outputs[:-1]], [w["score"] for w in want], atol=TOLERANCE, rtol=0)
+                described = {f["name"]: f for f in client.get("/v1/functions").json()}["served_sentiment"]
+                assert described["returns"] == "STRUCT(label VARCHAR, score FLOAT)" and described["inputs"] == {"width": "text"}
+                # what a careless or hostile caller sends: numbers, two arguments; each a 400 naming the function
+                for inputs in ([[1.5], [2.5]], [["a", "b"]]):
+                    refused = client.post("/v1/functions/served_sentiment", json={"inputs": inputs})
+                    assert refused.status_code == 400 and "served_sentiment: a text model takes one VARCHAR argument" in refused.text
+                byzer = {"dataType": "string", "data": rows[:3], "sql": "select served_sentiment(feature).label as label"}
+                predicted = client.post("/model/predict", json=byzer)
+                assert predicted.status_code == 200 and predicted.json() == [{"label": w["label"]} for w in want[:3]], predicted.text
+        finally:
+            session.sql("!serve stop")

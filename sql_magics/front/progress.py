@@ -64,10 +64,6 @@ def run_with_progress(
         finally:
             done.set()
 
-    def wait_serving() -> None:
-        while not done.wait(_TICK_S):
-            handoff.serve()
-
     started, rows_at_start = time.monotonic(), rows_scored()
     threading.Thread(target=target, name="rayudf-query", daemon=True).start()
     bar = None
@@ -92,8 +88,13 @@ def run_with_progress(
         if bar is not None and "error" not in outcome:
             draw(100.0)  # finished: a full bar (a notebook widget left short turns red)
     except KeyboardInterrupt:
-        con.interrupt()
-        wait_serving()  # a call handed over meanwhile still runs, or the query thread would wait forever
+        # DuckDB drops an interrupt that lands before its query starts (a statement still being planned, a
+        # model still loading): interrupt again each tick until the work ends. A call handed over meanwhile
+        # still runs, or the query thread would wait forever.
+        while not done.is_set():
+            con.interrupt()
+            handoff.serve()
+            done.wait(_TICK_S)
         raise QueryInterrupted("query interrupted; the session and its workers are ready for the next one") from None
     finally:
         handoff.close()  # should this thread leave early (a second Ctrl-C), the query must not wait for it

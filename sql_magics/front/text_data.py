@@ -56,8 +56,38 @@ def stdlib_texts() -> list[str]:
     return [line for text in texts for line in text.splitlines() if line.strip()]
 
 
-def tokenizer(shape: Shape) -> Any:
-    """A BERT-style WordPiece tokenizer trained on :func:`stdlib_texts`, as Transformers' fast tokenizer."""
+# Standard-library modules whose docstrings the demo classifier learns to tell apart, one label each.
+TOPICS = ("tarfile", "socket", "statistics", "logging")
+
+
+def module_lines(modules: tuple[str, ...] = TOPICS, *, min_words: int = 4) -> list[tuple[str, str]]:
+    """(line, module) for each docstring line of ``modules`` (the module's, its members' and their
+    methods'), of at least ``min_words`` words: a labelled text set. A line found in two modules is left out.
+
+    Example:
+        >>> rows = module_lines(("json", "textwrap"))
+        >>> sorted({module for _, module in rows}), all(len(line.split()) >= 4 for line, _ in rows)
+        (['json', 'textwrap'], True)
+    """
+    import importlib
+    from collections import Counter
+
+    found: dict[str, list[str]] = {}
+    for name in modules:
+        module = importlib.import_module(name)
+        docs = [inspect.getdoc(module) or ""]
+        for member in (getattr(module, attr) for attr in dir(module) if not attr.startswith("_")):
+            docs.append(inspect.getdoc(member) or "")
+            if inspect.isclass(member):
+                docs += [inspect.getdoc(value) or "" for attr, value in vars(member).items() if not attr.startswith("_")]
+        lines = (line.strip() for doc in docs for line in doc.splitlines())
+        found[name] = list(dict.fromkeys(line for line in lines if len(line.split()) >= min_words))
+    seen = Counter(line for lines in found.values() for line in lines)
+    return [(line, name) for name, lines in found.items() for line in lines if seen[line] == 1]
+
+
+def tokenizer(shape: Shape, texts: list[str] | None = None) -> Any:
+    """A BERT-style WordPiece tokenizer trained on ``texts`` (else :func:`stdlib_texts`), as Transformers' fast tokenizer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,7 +95,7 @@ def tokenizer(shape: Shape) -> Any:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(stdlib_texts(), trainers.WordPieceTrainer(vocab_size=shape.vocab, special_tokens=specials))
+    tok.train_from_iterator(texts or stdlib_texts(), trainers.WordPieceTrainer(vocab_size=shape.vocab, special_tokens=specials))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -76,13 +106,16 @@ def tokenizer(shape: Shape) -> Any:
     )
 
 
-def bert_config(shape: Shape, labels: tuple[str, ...] = ()) -> Any:
+def bert_config(shape: Shape, labels: tuple[str, ...] = (), *, for_training: bool = False) -> Any:
+    """A BERT config of ``shape`` (a classifier's when ``labels`` are given). Its random weights are
+    drawn wide, so an untrained model's outputs differ from row to row; ``for_training``: as BERT draws them."""
     from transformers import BertConfig
 
     named = {"id2label": dict(enumerate(labels)), "label2id": {v: i for i, v in enumerate(labels)}} if labels else {}
     return BertConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        intermediate_size=shape.intermediate, max_position_embeddings=shape.max_length, initializer_range=0.5, **named,
+        intermediate_size=shape.intermediate, max_position_embeddings=shape.max_length, initializer_range=0.02 if for_training else 0.5,
+        **named,
     )
 
 

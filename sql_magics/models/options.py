@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from udf_engine.errors import ConfigError
-from udf_engine.models.loaders import options_of
+from udf_engine.models.loaders import ENGINE_DEFAULTS, options_of
 from udf_engine.settings import OPTIONS, Option, UDFConf, read_options
 
 # The register option naming the MLflow tracking server (`set mlflow.tracking_uri` fills it).
@@ -75,10 +75,11 @@ class RegisterOptions:
     @classmethod
     def of(cls, given: Mapping[str, Any], what: str, *, fmt: str | None = None) -> RegisterOptions:
         """``given`` (strings, as a statement writes them, or Python values) typed by the engine's table,
-        the registration's and format ``fmt``'s (every format's when it is not known yet: see :meth:`checked_for`)."""
+        the registration's and format ``fmt``'s (every format's when it is not known yet: see :meth:`checked_for`);
+        an engine option not given takes the format's default where it has one (a text model's ``batch_size``)."""
         model = options_of(fmt)
         values = _typed(given, (*OPTIONS, *REGISTER_OPTIONS, *model), what)
-        engine = {opt.name: values[opt.name] for opt in OPTIONS if opt.name in values}
+        engine = {**ENGINE_DEFAULTS.get(fmt or "", {}), **{opt.name: values[opt.name] for opt in OPTIONS if opt.name in values}}
         extra = {opt.name: values[opt.name] for opt in model if opt.name in values}
         try:
             settings = UDFConf(**engine, extra=extra)
@@ -89,14 +90,16 @@ class RegisterOptions:
 
     def checked_for(self, fmt: str, what: str) -> RegisterOptions:
         """These options, for a model whose format is known now (``register model.``): an option of another
-        format's is refused, and the format's own are typed again by its table (``output`` is ONNX's or a
-        text classifier's)."""
+        format's is refused, the format's own are typed again by its table (``output`` is ONNX's or a
+        text classifier's), and engine options not given take the format's defaults."""
         takes = {opt.name for opt in options_of(fmt)}
         for name in self.settings.extra:
             if name not in takes:
                 raise ConfigError(f"{what}: option {name!r} is not one a {fmt} model takes (it takes: {', '.join(sorted(takes))})")
         extra = _typed(self.settings.extra, options_of(fmt), what)
-        return replace(self, settings=replace(self.settings, extra=extra))
+        given = set(_typed(self.given, OPTIONS, what, only_known=True))
+        defaults = {name: value for name, value in ENGINE_DEFAULTS.get(fmt, {}).items() if name not in given}
+        return replace(self, settings=replace(self.settings, **defaults, extra=extra))
 
 
 def script_options(given: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -104,8 +107,13 @@ def script_options(given: Mapping[str, Any], what: str) -> dict[str, Any]:
     return _typed(given, SCRIPT_OPTIONS, what, defaults=True)
 
 
-def _typed(given: Mapping[str, Any], table: Sequence[Option], what: str, *, defaults: bool = False) -> dict[str, Any]:
-    """The options given (``defaults``: every option of ``table``), typed, by option name."""
+def _typed(
+    given: Mapping[str, Any], table: Sequence[Option], what: str, *, defaults: bool = False, only_known: bool = False
+) -> dict[str, Any]:
+    """The options given (``defaults``: every option of ``table``; ``only_known``: those ``table`` names), typed, by option name."""
+    if only_known:
+        names = {alias for opt in table for alias in (opt.name, *opt.aliases)}
+        given = {key: value for key, value in given.items() if key in names}
     try:
         values = read_options(given, table, what)
     except ConfigError as err:

@@ -15,6 +15,7 @@ Example (inside a worker, or in-process for a test):
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from udf_engine.errors import ModelError
+from udf_engine.models.mlflow_flavors import MLFLOW_TEXT_OPTIONS
 from udf_engine.models.store import unpack
 from udf_engine.models.text import SENTENCE_TRANSFORMERS_OPTIONS, TRANSFORMERS_OPTIONS
 from udf_engine.models.torch_models import TORCH_OPTIONS
@@ -175,11 +177,19 @@ class UDFBuildInFunc:
 
     @staticmethod
     def init_mlflow(model_refs: Sequence[Any], conf: dict) -> Any:
-        """Load an MLflow model directory with ``mlflow.pyfunc.load_model`` (needs ``rayudf[mlflow]``)."""
+        """Load an MLflow model directory (needs ``rayudf[mlflow]``): its torch flavors as the torch and text
+        kinds run them, any other with ``mlflow.pyfunc.load_model``."""
         from udf_engine.models.mlflow import load_mlflow, model_home
 
         home = model_home()
-        return _with_model_files(model_refs, lambda path, meta: load_mlflow(path, str(meta.get("name")), home=home), keep_in=home)
+        engine = _engine_options(conf)
+        options = {opt.name: conf.get(opt.name, opt.default) for opt in FORMAT_OPTIONS["mlflow"]}
+        return _with_model_files(
+            model_refs,
+            lambda path, meta: load_mlflow(path, str(meta.get("name")), home=home, options=options, threads=engine["threads"],
+                                           num_gpus=engine["num_gpus"]),
+            keep_in=home,
+        )
 
     @staticmethod
     def init_torch(model_refs: Sequence[Any], conf: dict) -> Any:
@@ -233,19 +243,31 @@ LOADERS: dict[str, Callable[[Sequence[Any], dict], Any]] = {
     "transformers": UDFBuildInFunc.init_transformers,
     "sentence_transformers": UDFBuildInFunc.init_sentence_transformers,
 }
+# A text model's spare imports the Auto model classes and their modeling code (~2.7 s of the ~5 s), after which
+# a model's own architecture costs ~0.05 s; and sentence-transformers (~1.5 s more) where it is installed, which
+# a `transformers` user need not have. One spare serves either text kind.
+TEXT_IMPORTS = ("torch", "transformers", "transformers.models.auto.modeling_auto", "transformers.modeling_utils") + (
+    ("sentence_transformers",) if importlib.util.find_spec("sentence_transformers") else ()
+)
 # What a warm spare of a loader's workers imports while it waits (udf_engine.actors.warm_pool): the
 # frameworks whose import costs seconds. Loaders not named here start workers as they are needed.
 WARM_IMPORTS: dict[Callable, tuple[str, ...]] = {
     UDFBuildInFunc.init_tf: ("tensorflow", "keras"),
     UDFBuildInFunc.init_onnx: ("onnxruntime",),
     UDFBuildInFunc.init_torch: ("torch",),
-    UDFBuildInFunc.init_transformers: ("torch", "transformers"),
-    UDFBuildInFunc.init_sentence_transformers: ("torch", "transformers", "sentence_transformers"),
+    UDFBuildInFunc.init_transformers: TEXT_IMPORTS,
+    UDFBuildInFunc.init_sentence_transformers: TEXT_IMPORTS,
 }
 # The frameworks a session may warm before its first registration (Session(warm=...)), by name.
 WARM_FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "keras": WARM_IMPORTS[UDFBuildInFunc.init_tf], "onnx": WARM_IMPORTS[UDFBuildInFunc.init_onnx],
     "torch": WARM_IMPORTS[UDFBuildInFunc.init_transformers],
+}
+# Engine options (udf_engine.settings.OPTIONS) whose default differs for a format. A text model's batch of
+# 2,048 rows is seconds of work: a DuckDB chunk of texts, longest first, cut in pieces of at most 256 rows
+# (and udf_engine.actors.batching.TEXT_PIECES' share of its characters) keeps every worker busy.
+ENGINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "transformers": {"batch_size": 256}, "sentence_transformers": {"batch_size": 256},
 }
 # The options of a model's own, beside the engine's (udf_engine.settings.OPTIONS): every format's,
 # and each format's own. Typed once where the registration is read; the loaders get the values.
@@ -263,6 +285,7 @@ FORMAT_OPTIONS: dict[str, tuple[Option, ...]] = {
     "torch": TORCH_OPTIONS,
     "transformers": TRANSFORMERS_OPTIONS,
     "sentence_transformers": SENTENCE_TRANSFORMERS_OPTIONS,
+    "mlflow": MLFLOW_TEXT_OPTIONS,  # for its transformers, sentence_transformers and pytorch flavors
 }
 
 

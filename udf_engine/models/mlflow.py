@@ -4,7 +4,9 @@
 ``models:/<name>@<alias>`` or ``runs:/<run>/<path>`` into a local directory (downloaded
 with the tracking URI given, else ``MLFLOW_TRACKING_URI``) and the version and run it is.
 The directory then travels to the workers through the model store, so workers need no
-access to the tracking server; each loads it with ``mlflow.pyfunc.load_model``.
+access to the tracking server; each loads it with ``mlflow.pyfunc.load_model``, or a model of
+MLflow's ``transformers``, ``sentence_transformers`` or ``pytorch`` flavor with that flavor's
+loader, run as rayudf's text and torch kinds run it (:mod:`udf_engine.models.mlflow_flavors`).
 
 MLflow is an extra (``pip install 'rayudf[mlflow]'``); without it, a clear error says so.
 
@@ -24,6 +26,7 @@ import re
 import shutil
 import tempfile
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,12 +216,25 @@ def model_home() -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{_KEPT_PREFIX}{os.getpid()}-"))
 
 
-def load_mlflow(path: Path, name: str, *, home: Path | None = None) -> MlflowPredictor:
-    """Load an MLflow model directory with ``mlflow.pyfunc.load_model``; ``home`` (from
-    :func:`model_home`, holding ``path``) is deleted when the model is, or this process ends normally."""
+def load_mlflow(
+    path: Path, name: str, *, home: Path | None = None, options: Mapping[str, Any] | None = None, threads: int = 0, num_gpus: float = 0
+) -> Any:
+    """Load an MLflow model directory: a torch flavor as the torch and text kinds run it
+    (:mod:`udf_engine.models.mlflow_flavors`, ``options``: its text options' values), any other
+    with ``mlflow.pyfunc.load_model``. ``home`` (from :func:`model_home`, holding ``path``) is
+    deleted when the model is, or this process ends normally."""
+    from udf_engine.models.mlflow_flavors import MLFLOW_TEXT_OPTIONS, flavor_of, load_flavor
+
     mlflow = _mlflow()
     try:
-        model = MlflowPredictor(mlflow.pyfunc.load_model(str(path)), name)
+        flavor = flavor_of(path)
+        if flavor is not None:
+            given = {opt.name: opt.default for opt in MLFLOW_TEXT_OPTIONS} | dict(options or {})
+            model = load_flavor(path, flavor, name, given, threads=threads, num_gpus=num_gpus)
+        else:
+            model = MlflowPredictor(mlflow.pyfunc.load_model(str(path)), name)
+    except ModelError:
+        raise
     except Exception as err:  # noqa: BLE001 - the flavor's loader may raise anything
         raise ModelError(f"cannot load MLflow model {name!r}: {type(err).__name__}: {err}") from None
     if home is not None:

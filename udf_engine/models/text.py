@@ -304,9 +304,16 @@ def load_transformers(path: Path, name: str, options: Mapping[str, Any], *, thre
         raise
     except Exception as err:  # noqa: BLE001 - any loader failure is a model problem for the user
         raise ModelError(f"cannot load transformers model {name!r}: {err}") from None
+    return transformers_model(model, tokenizer, task, options, name=name, task_from=source, device=device)
+
+
+def transformers_model(
+    model: Any, tokenizer: Any, task: str, options: Mapping[str, Any], *, name: str, task_from: str, device: Any
+) -> TransformersModel:
+    """A loaded model and tokenizer (on ``device``, in ``eval()``) run for ``task``: ``task_from`` says where the task was read."""
     if task == TOKEN_CLASSIFICATION and not tokenizer.is_fast:
         raise ModelError(f"transformers model {name!r}: token-classification needs a fast tokenizer (tokenizer.json) for offsets")
-    info = {"task": task, "task_from": source, "device": str(device), "dtype": options["dtype"]}
+    info = {"task": task, "task_from": task_from, "device": str(device), "dtype": options["dtype"]}
     return TransformersModel(model, tokenizer, task, options, device=device, info=info)
 
 
@@ -317,10 +324,16 @@ def load_sentence_transformer(path: Path, name: str, options: Mapping[str, Any],
     try:
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(str(path), device=str(device), local_files_only=True).eval()
-        if options["dtype"] != "float32":
-            model = model.to(dtype)
+        model = SentenceTransformer(str(path), device=str(device), local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any loader failure is a model problem for the user
         raise ModelError(f"cannot load sentence-transformers model {name!r}: {err}") from None
-    info = {"task": FEATURE_EXTRACTION, "task_from": "sentence-transformers", "device": str(device), "dtype": options["dtype"]}
+    return sentence_embedder(model, options, device=device, dtype=dtype, task_from="sentence-transformers")
+
+
+def sentence_embedder(model: Any, options: Mapping[str, Any], *, device: Any, dtype: Any, task_from: str) -> SentenceEmbedder:
+    """A loaded ``SentenceTransformer`` moved to ``device`` in ``dtype`` and run as an embedder."""
+    model = model.to(device).eval()
+    if options["dtype"] != "float32":
+        model = model.to(dtype)
+    info = {"task": FEATURE_EXTRACTION, "task_from": task_from, "device": str(device), "dtype": options["dtype"]}
     return SentenceEmbedder(model, options, info=info)

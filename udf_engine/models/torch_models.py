@@ -92,22 +92,31 @@ def load_torch(path: Path, name: str, options: Mapping[str, Any], *, threads: in
             module, saved_as, width = program.module(), "torch.export", _exported_width(program)
         elif _is_torchscript(path):
             module, saved_as = torch.jit.load(str(path), map_location="cpu"), "TorchScript"
-            width = _linear_width(module)
+            width = linear_width(module)
         else:
             import cloudpickle
 
             module, saved_as = cloudpickle.loads(path.read_bytes()), "pickled nn.Module"
             if not isinstance(module, torch.nn.Module):
                 raise ModelError(f"torch model {name!r} is a pickled {type(module).__name__}, not a torch.nn.Module")
-            width = _linear_width(module)
-        if saved_as != "torch.export":
-            module.eval()  # an exported program is traced in the mode it was exported in
-        module = module.to(device) if torch_dtype == torch.float32 else module.to(device, torch_dtype)
+            width = linear_width(module)
+        return torch_model(module, device=device, dtype=torch_dtype, width=width, saved_as=saved_as)
     except ModelError:
         raise
     except Exception as err:  # noqa: BLE001 - any loader failure is a model problem for the user
         raise ModelError(f"cannot load torch model {name!r}: {err}") from None
-    return TorchModel(module, device=device, dtype=torch_dtype, width=width, saved_as=saved_as)
+
+
+def torch_model(module: Any, *, device: Any, dtype: Any, width: int | None, saved_as: str) -> TorchModel:
+    """A loaded module in ``eval()`` mode, on ``device`` in ``dtype``, behind ``predict``."""
+    import torch
+
+    try:
+        module.eval()
+    except NotImplementedError:  # a torch.export program's module: traced in the mode it was exported in
+        pass
+    module = module.to(device) if dtype == torch.float32 else module.to(device, dtype)
+    return TorchModel(module, device=device, dtype=dtype, width=width, saved_as=saved_as)
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -119,7 +128,7 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-def _linear_width(module: Any) -> int | None:
+def linear_width(module: Any) -> int | None:
     """The inputs a row has, when the model's first layer is a Linear one that says so."""
     for sub in module.modules():
         width = getattr(sub, "in_features", None)
