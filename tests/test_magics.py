@@ -27,6 +27,22 @@ def ip(ray_cluster):
     shell.run_cell("%sql --close")
 
 
+def interrupt_when(ready) -> threading.Thread:
+    """Ctrl-C to the main thread once ``ready()`` says the cell is where the test wants it (within 60 s): a
+    fixed delay raced the cell's start on a loaded machine, and an interrupt before the cell runs is IPython's."""
+    main = threading.main_thread().ident
+
+    def fire() -> None:
+        deadline = time.monotonic() + 60
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    thread = threading.Thread(target=fire, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.fixture
 def magic(ip):
     magic = ip.magics_manager.registry["SqlMagic"]
@@ -167,10 +183,10 @@ def test_workers_table_and_progress_bar_for_a_long_query(ip, magic, slow_model, 
 
 def test_interrupt_cancels_the_query_and_the_next_one_works(ip, magic, slow_model):
     run(ip, f'%sql register model.`{slow_model}` as slow2 where workers="1" and num_cpus="{WORKER_CPUS}" and batch_size="128"')
-    main = threading.main_thread().ident
-    timer = threading.Timer(1.5, lambda: signal.pthread_kill(main, signal.SIGINT))
+    udf = magic.session.functions["slow2"].udf
+    scored_before = sum(s["rows"] for s in udf.stats())
     started = time.monotonic()
-    timer.start()
+    timer = interrupt_when(lambda: sum(s["rows"] for s in udf.stats()) > scored_before)  # the query runs
     _, error = run(ip, "%sql select sum(slow2(range::DOUBLE, 1.0)) from range(1000000)")
     timer.join()
     assert isinstance(error, UsageError) and "interrupted" in str(error)
@@ -180,12 +196,10 @@ def test_interrupt_cancels_the_query_and_the_next_one_works(ip, magic, slow_mode
 
 
 def test_an_interrupt_before_duckdb_runs_the_query_still_stops_it(ip, magic, slow_model):
-    # Ctrl-C while the cell's first statement loads a model: DuckDB drops an interrupt of an idle
-    # connection, so the magic interrupts again until the cell's work ends, the select included
-    main = threading.main_thread().ident
-    timer = threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT))
+    # Ctrl-C while the cell's first statement starts a model's worker: DuckDB drops an interrupt of an
+    # idle connection, so the magic interrupts again until the cell's work ends, the select included
     started = time.monotonic()
-    timer.start()
+    timer = interrupt_when(lambda: any(".slow3." in name for name in named_actors("rayudf.", timeout_s=0)))
     cell = (f'%%sql\nregister model.`{slow_model}` as slow3 where workers="1" and num_cpus="{WORKER_CPUS}" and batch_size="128";\n'
             "select sum(slow3(range::DOUBLE, 1.0)) from range(1000000)")
     _, error = run(ip, cell)
