@@ -55,7 +55,8 @@ test: setup chromium lint
 # serving (docs/serving.md), about 4 minutes, writes bench/SERVING.md; interactive speed (a new
 # session's first registrations), about 6 minutes, writes bench/INTERACTIVE.md; streaming
 # (docs/streaming.md), about 3 minutes, writes bench/STREAMING.md; text models, about 12 minutes for
-# 1,000 texts (MiniLM-shaped models on 2 cores score tens of texts a second), writes bench/TEXT.md.
+# 1,000 texts (MiniLM-shaped models on 2 cores score tens of texts a second), writes bench/TEXT.md;
+# LLMs (generation in SQL and over OpenAI's API), writes bench/LLM.md.
 # BENCH_ARGS="--rows 20000" and SERVING_ARGS="--rounds 1 --requests 100" for a quick look.
 TEXT_ARGS ?= --rows 1000
 bench: setup
@@ -64,6 +65,7 @@ bench: setup
 	$(BIN)/python -m bench.interactive $(INTERACTIVE_ARGS)
 	$(BIN)/python -m bench.streaming $(STREAMING_ARGS)
 	$(BIN)/python -m bench.text $(TEXT_ARGS)
+	$(BIN)/python -m bench.llm $(LLM_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_data out bench_data .pytest_cache

@@ -21,7 +21,7 @@ import pyarrow as pa
 from arrow_bridge.tensors import check_arguments, features, to_arrow
 from udf_engine.actors.failures import Partial
 from udf_engine.errors import RowError
-from udf_engine.models.loaders import TEXT_INPUT
+from udf_engine.models.loaders import PROMPT_INPUT, TEXT_INPUT
 
 
 @dataclass
@@ -52,7 +52,8 @@ class Call:
     @classmethod
     def of(cls, cols: Sequence[Any], *, function: str, width: int | str | None) -> Call:
         rows = len(cols[0]) if cols else 0
-        valid = valid_rows(cols) if rows else None
+        # a generation row's parameters may be NULL (none given): only its prompt's NULL makes the answer NULL
+        valid = valid_rows(cols[:1] if width == PROMPT_INPUT else cols) if rows else None
         kept = [c.filter(pa.array(valid)) for c in cols] if valid is not None else cols
         count = rows if valid is None else int(valid.sum())
         matrix = features(kept, function=function, width=width) if count else None

@@ -28,7 +28,7 @@ import pyarrow.types as pat
 from arrow_bridge.types import sql_type_name
 from udf_engine.actors.failures import Partial
 from udf_engine.errors import InputError, ModelError
-from udf_engine.models.loaders import TEXT_INPUT
+from udf_engine.models.loaders import PROMPT_INPUT, TEXT_INPUT
 
 _LIST_TYPES = (pat.is_fixed_size_list, pat.is_list, pat.is_large_list)
 _TEXT_TYPES = (pat.is_string, pat.is_large_string, pat.is_string_view)
@@ -99,10 +99,13 @@ def check_arguments(function: str, width: int | str | None, given: int) -> None:
 
 def features(cols: Sequence[Any], *, function: str, width: int | str | None = None) -> np.ndarray:
     """The model input for one call: an ``(n, width)`` matrix, or ``(n,)`` strings or bytes (a text
-    model, whose ``width`` is TEXT_INPUT, takes one VARCHAR argument and nothing else)."""
+    model, whose ``width`` is TEXT_INPUT, takes one VARCHAR argument and nothing else), or a
+    generation model's ``(n, 3)`` prompt rows (:func:`prompt_rows`)."""
     arrays = [_as_array(c) for c in cols]
     if not arrays:
         raise InputError(f"function {function}: needs at least one argument")
+    if width == PROMPT_INPUT:
+        return prompt_rows(arrays, function=function)
     if width == TEXT_INPUT and (len(arrays) != 1 or not any(check(arrays[0].type) for check in _TEXT_TYPES)):
         given = ", ".join(sql_type_name(a.type) for a in arrays)
         raise InputError(f"function {function}: a text model takes one VARCHAR argument, got ({given})")
@@ -117,6 +120,37 @@ def features(cols: Sequence[Any], *, function: str, width: int | str | None = No
             raise InputError(f"function {function}: argument {i} is {sql_type_name(col.type)}, an array; pass one array or only scalars")
     check_arguments(function, width, len(arrays))
     return np.column_stack([_numeric(c, function, f"argument {i}", c.type) for i, c in enumerate(arrays, 1)])
+
+
+def prompt_rows(arrays: Sequence[pa.Array], *, function: str) -> np.ndarray:
+    """A generation model's rows, ``(prompt, parameters, occurrence)``: the prompt is a VARCHAR or a
+    list of ``STRUCT(role, content)`` messages; the optional second argument, the row's parameters, a
+    JSON object's VARCHAR, a STRUCT or a MAP (NULL: none); ``occurrence`` counts the equal rows before
+    it in the call, so equal prompts are seeded apart (udf_engine.models.generation.row_seed).
+
+    Example:
+        >>> prompt_rows([pa.array(["hi", "hi", "yo"])], function="chat")[:, 2].tolist()
+        [0, 1, 0]
+    """
+    prompt = arrays[0]
+    messages = _is_list(prompt.type) and pat.is_struct(prompt.type.value_type)
+    if len(arrays) > 2 or not (messages or any(check(prompt.type) for check in _TEXT_TYPES)) or (
+        len(arrays) == 2 and not any(check(arrays[1].type) for check in (*_TEXT_TYPES, pat.is_struct, pat.is_map))
+    ):
+        given = ", ".join(sql_type_name(a.type) for a in arrays)
+        raise InputError(
+            f"function {function}: a generation model takes a prompt (VARCHAR, or a list of STRUCT(role, content) messages) and "
+            f"optionally its parameters (a JSON VARCHAR, a STRUCT or a MAP), got ({given})"
+        )
+    prompts = prompt.to_pylist()
+    params = arrays[1].to_pylist() if len(arrays) == 2 else [None] * len(prompts)
+    seen: dict[str, int] = {}
+    rows = np.empty((len(prompts), 3), dtype=object)
+    for i, (text, given) in enumerate(zip(prompts, params, strict=True)):
+        key = repr((text, given))
+        rows[i] = (text, given, seen.get(key, 0))
+        seen[key] = rows[i, 2] + 1
+    return rows
 
 
 def join_outputs(results: Sequence[Any]) -> Any:

@@ -36,7 +36,7 @@ from sql_magics.tables.database import Database
 
 WORKER_COLUMNS = [
     "function", "version", "worker", "node", "gpu_ids", "device", "batches", "scans", "rows", "mean_ms_per_batch", "errors", "replaced",
-    "alive", "batch_running_s", "most_held", "bounced", "truncated", "last_error",
+    "alive", "batch_running_s", "most_held", "bounced", "truncated", "generated_tokens", "occupancy", "last_error",
 ]
 MODEL_COLUMNS = ["function", "kind", "path", "version", "since", "workers", "batch_size", "returns", "model", "nulled_rows", "traffic"]
 # Ray node ids are 56 hex digits; the first 12 tell the nodes of a cluster apart.

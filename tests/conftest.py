@@ -165,6 +165,24 @@ def register(session):
             session.unregister(name)
 
 
+@contextmanager
+def registered(session, statement: str, name: str):
+    """The function ``statement`` registers, for the block; unregistered after it."""
+    session.sql(statement)
+    try:
+        yield
+    finally:
+        session.unregister(name)
+
+
+def numbered_table(session, name: str, column: str, values: list) -> str:
+    """A DuckDB table ``name`` of ``(i, column)``: each value with its row number."""
+    session.con.register(f"{name}_arrow", pa.table({"i": list(range(len(values))), column: values}))
+    session.con.execute(f"create or replace table {name} as select * from {name}_arrow")
+    session.con.unregister(f"{name}_arrow")
+    return name
+
+
 def write_kernelspec(jupyter_path: Path) -> Path:
     """A ``python3`` kernelspec running this interpreter under ``jupyter_path``; put that first
     on JUPYTER_PATH so a kernelspec installed elsewhere (~/.local/share/jupyter) is never used."""

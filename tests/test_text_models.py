@@ -11,11 +11,9 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import cloudpickle
 import numpy as np
-import pyarrow as pa
 import pytest
 
 pytest.importorskip("transformers")
@@ -28,7 +26,7 @@ from sql_magics import ExecutionError
 from sql_magics.front.text_data import LABELS, TINY, save_sentence_transformer, save_text_models, stdlib_texts
 from udf_engine.models.token_batches import padding_share, token_batches
 
-from conftest import WORKER_CPUS
+from conftest import WORKER_CPUS, numbered_table, registered
 
 TOLERANCE = 1e-5
 ONE = f'workers="1" and num_cpus="{WORKER_CPUS}"'  # one small worker
@@ -53,20 +51,7 @@ def texts() -> list[str | None]:
 
 @pytest.fixture(scope="module")
 def text_table(session, texts):
-    session.con.register("text_rows_arrow", pa.table({"i": list(range(len(texts))), "t": texts}))
-    session.con.execute("create or replace table text_rows as select * from text_rows_arrow")
-    session.con.unregister("text_rows_arrow")
-    return "text_rows"
-
-
-@contextmanager
-def registered(session, statement: str, name: str):
-    """The function ``statement`` registers, for the block; unregistered after it."""
-    session.sql(statement)
-    try:
-        yield
-    finally:
-        session.unregister(name)
+    return numbered_table(session, "text_rows", "t", texts)
 
 
 def scored(session, function: str, table: str = "text_rows") -> list:
@@ -248,8 +233,7 @@ def test_a_worker_killed_mid_query_gives_exactly_the_same_rows(session, made, te
     two = f'workers="2" and num_cpus="{WORKER_CPUS}" and batch_size="16"'
     with registered(session, f"register transformers.`{made['classifier']}` as steady where {two}", "steady"):
         many = [t for t in texts if t is not None] * 60
-        session.con.register("many_arrow", pa.table({"i": list(range(len(many))), "t": many}))
-        session.con.execute("create or replace table many_texts as select * from many_arrow")
+        numbered_table(session, "many_texts", "t", many)
         want = scored(session, "steady", "many_texts")
         udf = session.functions["steady"].udf
         before = sum(s["batches"] for s in udf.stats())
@@ -353,8 +337,7 @@ def test_registering_a_text_model_again_during_a_query_is_a_rolling_swap(session
     two = f'workers="2" and num_cpus="{WORKER_CPUS}" and batch_size="16"'
     kept = [t for t in texts if t is not None]
     repeats = 300  # a query of some seconds, long enough to register again while it runs
-    session.con.register("roll_arrow", pa.table({"i": list(range(len(kept) * repeats)), "t": kept * repeats}))
-    session.con.execute("create or replace table roll_texts as select * from roll_arrow")
+    numbered_table(session, "roll_texts", "t", kept * repeats)
     pipes = [transformers.pipeline("text-classification", model=str(path), device="cpu") for path in (made["classifier"], second)]
     want = [pipe(kept, truncation=True) * repeats for pipe in pipes]
     with registered(session, f"register transformers.`{made['classifier']}` as rolled where {two}", "rolled"):

@@ -146,3 +146,51 @@ def save_sentence_transformer(encoder: Path, root: Path, shape: Shape) -> Path:
     path = root / "sentences"
     model.save(str(path))
     return path
+
+
+# A chat model's special tokens, and the chat template its tokenizer carries (one turn: <|role|>content<|end|>).
+CHAT_SPECIALS = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TINY_CHAT = Shape(hidden=64, layers=2, heads=4, intermediate=128, max_length=256, vocab=2000)  # the tests' causal LM
+BENCH_CHAT = Shape(hidden=256, layers=4, heads=4, intermediate=768, max_length=512, vocab=4000)  # bench.llm's: a few hundred tokens/s here
+
+
+def chat_tokenizer(shape: Shape) -> Any:
+    """A byte-level BPE tokenizer (as GPT-2's and Llama 3's are) trained on :func:`stdlib_texts`, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=shape.vocab, special_tokens=list(CHAT_SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(stdlib_texts(), trainer)
+    made = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=shape.max_length
+    )
+    made.chat_template = CHAT_TEMPLATE
+    return made
+
+
+def save_chat_model(root: Path, shape: Shape, *, seed: int = 3) -> Path:
+    """A Llama-shaped causal LM of ``shape`` with random weights and its chat tokenizer, saved with ``save_pretrained``
+    under ``root/chat``. Its weights are drawn wide, so its greedy answers differ from prompt to prompt."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = chat_tokenizer(shape)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=max(1, shape.heads // 2), max_position_embeddings=shape.max_length,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    path = root / "chat"
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -43,6 +43,7 @@ from sql_magics.tables.database import Database
 from udf_engine import ConfigError, RayContext, RayRuntime, RemoteUDF, UDFBuilder, WorkerError, put_model
 from udf_engine.actors.spares import SparesPolicy
 from udf_engine.errors import ResourceError
+from udf_engine.models.generation import DECLARED_RETURNS
 from udf_engine.models.store import DEFAULT_VERSION
 from udf_engine.ray_runtime import actor_name
 from udf_engine.settings import UDFConf
@@ -171,11 +172,15 @@ class FunctionRegistry:
         self, function: str, init_func: Callable, apply_func: Callable, *, rows: list[dict], kind: str, path: str,
         options: RegisterOptions,
     ) -> RegisteredFunction:
-        """Build workers with ``init_func``/``apply_func`` over a model's rows and register them."""
+        """Build workers with ``init_func``/``apply_func`` over a model's rows and register them. A declared
+        ``returns`` goes to the loader too: a generation model answers with its usage when it is a STRUCT."""
         _check_name(function)
+        settings = options.settings
+        if options.returns:
+            settings = replace(settings, extra={**settings.extra, DECLARED_RETURNS: options.returns})
         return self.build_and_add(
             function,
-            lambda: UDFBuilder.build(self.ray_context(function, options.settings, rows), init_func, apply_func),
+            lambda: UDFBuilder.build(self.ray_context(function, settings, rows), init_func, apply_func),
             lambda udf: self.add_udf(function, udf, kind=kind, path=path, options=options),
         )
 

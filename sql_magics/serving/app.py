@@ -19,6 +19,7 @@ Example:
 import asyncio
 import hmac
 import io
+import json
 import logging
 import secrets
 import time
@@ -28,12 +29,28 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
 from sql_magics.errors import ParseError
 from sql_magics.serving.metrics import Metrics
+from sql_magics.serving.openai_api import (
+    DONE,
+    GenerationRequest,
+    answer_id,
+    chat_answer,
+    chat_request,
+    chunk,
+    completion_answer,
+    completion_request,
+    embeddings_answer,
+    embeddings_request,
+    error_body,
+    event,
+    models_answer,
+    usage,
+)
 from sql_magics.serving.replica import Functions, Pins
 from sql_magics.serving.requests import (
     MAX_BODY_BYTES,
@@ -48,6 +65,7 @@ from sql_magics.serving.requests import (
     values_json,
 )
 from udf_engine.errors import BatchTimeoutError, ModelError, RayUDFError, WorkerError
+from udf_engine.models.loaders import PROMPT_INPUT, TEXT_INPUT
 
 VERSION_HEADER = "X-RayUDF-Version"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -87,16 +105,20 @@ def _status(err: BaseException) -> int:
     return 500
 
 
-def error_answer(err: Exception, endpoint: str) -> JSONResponse:
+def error_answer(err: Exception, endpoint: str, *, openai: bool = False) -> JSONResponse:
     """The answer to a request that raised: its own message for the caller's or the model's error; for a
-    fault of the server (500), one line with the error's type and an id, the traceback logged under that id."""
+    fault of the server (500), one line with the error's type and an id, the traceback logged under that id.
+    ``openai``: in OpenAI's error shape."""
     status = _status(err)
     if status != 500:
-        return JSONResponse({"error": str(err) or type(err).__name__}, status_code=status)
+        return _error(status, str(err) or type(err).__name__, openai=openai)
     incident = secrets.token_hex(4)
     _log.error("%s answered 500 (error id %s)", endpoint, incident, exc_info=err)
-    said = f"internal error ({type(err).__name__}); the server's log has it as error id {incident}"
-    return JSONResponse({"error": said}, status_code=500)
+    return _error(500, f"internal error ({type(err).__name__}); the server's log has it as error id {incident}", openai=openai)
+
+
+def _error(status: int, message: str, *, openai: bool = False) -> JSONResponse:
+    return JSONResponse(error_body(status, message) if openai else {"error": message}, status_code=status)
 
 
 async def follow_directory(
@@ -185,17 +207,69 @@ def _described(function) -> dict:
     }
 
 
+def _generates(function) -> bool:
+    return function.versions[0][0].width == PROMPT_INPUT
+
+
+def _embeds(function) -> bool:
+    return function.versions[0][0].width == TEXT_INPUT and function.returns.rstrip().endswith("]")
+
+
+async def _collected(events: AsyncIterator[dict]) -> dict:
+    """A whole answer from its events: its text, and the usage of the last."""
+    pieces, last = [], {}
+    async for item in events:
+        if "text" in item:
+            pieces.append(item["text"])
+        else:
+            last = item
+    return {**last, "text": "".join(pieces)}
+
+
+async def _sse(ident: str, ask: GenerationRequest, first: dict, events: AsyncIterator[dict], *, chat: bool) -> AsyncIterator[bytes]:
+    """A streamed answer as OpenAI's server-sent events: a chunk per piece of text, one with the finish
+    reason, the usage if asked, ``[DONE]``; an error after the first event is an ``error`` event."""
+    opened = False
+    try:
+        async for item in _chained(first, events):
+            if "text" in item:
+                yield event(chunk(ident, ask.model, chat=chat, text=item["text"], first=not opened))
+                opened = True
+                continue
+            yield event(chunk(ident, ask.model, chat=chat, finish_reason=item["finish_reason"], first=not opened))
+            if ask.usage_in_stream:
+                yield event(chunk(ident, ask.model, chat=chat, used=usage(item["prompt_tokens"], item["completion_tokens"])))
+        yield DONE
+    except Exception as err:  # noqa: BLE001 - the status is sent: the error goes as an event
+        yield event(json.loads(error_answer(err, "openai", openai=True).body))
+
+
+async def _chained(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def _releasing(body: AsyncIterator[bytes], pins: Pins) -> AsyncIterator[bytes]:
+    """A streamed body that lets go of its request's versions when it ends (or its client goes)."""
+    try:
+        async for part in body:
+            yield part
+    finally:
+        pins.release()
+
+
 async def _body(request: Request) -> bytes:
     """The body, counted as it arrives (a chunked one has no Content-Length to refuse it by): 413 at MAX_BODY_BYTES."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _Refused(413, f"the body is {int(declared):,} bytes; at most {MAX_BODY_BYTES:,} are taken")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
+    async for part in request.stream():
+        size += len(part)
         if size > MAX_BODY_BYTES:
             raise _Refused(413, f"the body is over {MAX_BODY_BYTES:,} bytes; at most {MAX_BODY_BYTES:,} are taken")
-        chunks.append(chunk)
+        chunks.append(part)
     return b"".join(chunks)
 
 
@@ -290,25 +364,29 @@ class Ingress:
             raise _Refused(401, "this server needs Authorization: Bearer <token>")
 
     async def _answer(
-        self, request: Request, endpoint: str, work: Callable[[Pins], Awaitable[Response]], *, scores: bool = True
+        self, request: Request, endpoint: str, work: Callable[[Pins], Awaitable[Response]], *, scores: bool = True,
+        openai: bool = False,
     ) -> Response:
-        """``work(pins)``'s answer, or the error's; timed and counted for /metrics."""
+        """``work(pins)``'s answer, or the error's (``openai``: in OpenAI's shape); timed and counted for
+        /metrics. A streamed answer holds its versions until its last event is sent."""
         started = time.perf_counter()
-        pins = None
+        pins = held = None
         try:
             self._check(request)
             functions = await self._ready()
-            pins = functions.pins()
+            pins = held = functions.pins()
             response = await work(pins)
             if scores and pins.chosen:
                 response.headers[VERSION_HEADER] = pins.versions()
+            if isinstance(response, StreamingResponse):
+                response.body_iterator, held = _releasing(response.body_iterator, pins), None
         except _Refused as err:
-            response = JSONResponse({"error": str(err)}, status_code=err.status)
+            response = _error(err.status, str(err), openai=openai)
         except Exception as err:  # noqa: BLE001 - every error is an answer: the server never dies of a request
-            response = error_answer(err, endpoint)
+            response = error_answer(err, endpoint, openai=openai)
         finally:
-            if pins is not None:
-                pins.release()
+            if held is not None:
+                held.release()
         function = ",".join(sorted(pins.chosen)) if pins is not None else ""
         self._metrics.request(function, endpoint, response.status_code, time.perf_counter() - started)
         return response
@@ -356,11 +434,79 @@ class Ingress:
 
         return await self._answer(request, "predict", work)
 
+    # -- OpenAI's API (sql_magics.serving.openai_api) ------------------------------------------
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        async def work(pins: Pins) -> Response:
+            served = self._functions.by_name.values()
+            return JSONResponse(models_answer(sorted(f.name for f in served if _generates(f) or _embeds(f))))
+
+        return await self._answer(request, "openai", work, scores=False, openai=True)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        async def work(pins: Pins) -> Response:
+            return await self._generate(chat_request(loads(await _body(request), "the body")), pins, chat=True)
+
+        return await self._answer(request, "openai", work, openai=True)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        async def work(pins: Pins) -> Response:
+            return await self._generate(completion_request(loads(await _body(request), "the body")), pins, chat=False)
+
+        return await self._answer(request, "openai", work, openai=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        async def work(pins: Pins) -> Response:
+            model, texts, encoding = embeddings_request(loads(await _body(request), "the body"))
+            if not _embeds(pins.function(model)):
+                raise RequestError(f"{model} is not an embedding function (one that takes a text and returns FLOAT[d])")
+            scored = await self._functions.score(model, [pa.array(texts, pa.string())], pins)
+            return JSONResponse(embeddings_answer(model, scored.array.to_pylist(), encoding))
+
+        return await self._answer(request, "openai", work, openai=True)
+
+    async def _generate(self, ask: GenerationRequest, pins: Pins, *, chat: bool) -> Response:
+        """Answer a chat or completion request: each prompt through the continuous batch of a worker of
+        the version the request chose; streamed as server-sent events when asked."""
+        if not _generates(pins.function(ask.model)):
+            raise RequestError(f"{ask.model} is not a generation function (register a causal LM with task='text-generation')")
+        client, ident = pins.client(ask.model), answer_id("chatcmpl" if chat else "cmpl")
+        if ask.stream:
+            events = self._timed(ask.model, client.stream(ask.prompts[0], ask.params))
+            first = await anext(events)  # a bad prompt or parameter is an error answer, not a broken stream
+            return StreamingResponse(_sse(ident, ask, first, events, chat=chat), media_type="text/event-stream")
+        answers = await asyncio.gather(*(_collected(self._timed(ask.model, client.stream(p, ask.params))) for p in ask.prompts))
+        used = usage(sum(a["prompt_tokens"] for a in answers), sum(a["completion_tokens"] for a in answers))
+        if chat:
+            return JSONResponse(chat_answer(ident, ask.model, answers[0]["text"], answers[0]["finish_reason"], used))
+        return JSONResponse(completion_answer(ident, ask.model, [(a["text"], a["finish_reason"]) for a in answers], used))
+
+    async def _timed(self, function: str, events: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        """``events``, with the time to their first piece of text and the tokens generated counted for /metrics."""
+        started = time.perf_counter()
+        timed = False
+        async for item in events:
+            if not timed and "text" in item:
+                self._metrics.first_token(function, time.perf_counter() - started)
+                timed = True
+            if "completion_tokens" in item:
+                self._metrics.generated(function, item["completion_tokens"])
+            yield item
+
     @app.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             snapshots = {**await self._directory.metrics.remote(), self._id: self._metrics.snapshot()}  # this replica's now
-            return PlainTextResponse(Metrics.merged(list(snapshots.values())).render(), media_type="text/plain; version=0.0.4")
+            merged = Metrics.merged(list(snapshots.values()))
+            for function in self._functions.by_name.values():
+                if _generates(function):
+                    stats = await asyncio.to_thread(function.versions[0][0].stats)
+                    merged.sequences[function.name] = (sum(s.get("running", 0) for s in stats), sum(s.get("waiting", 0) for s in stats))
+            return PlainTextResponse(merged.render(), media_type="text/plain; version=0.0.4")
 
         return await self._answer(request, "metrics", work, scores=False)
 

@@ -63,6 +63,15 @@ class Metrics:
         self.batch_requests: dict[str, Histogram] = {}  # requests in one worker call, by function
         self.batch_rows: dict[str, Histogram] = {}  # rows in one worker call, by function
         self.queries_running = 0  # /model/predict select lists evaluating now (a gauge)
+        self.first_token_s: dict[str, Histogram] = {}  # generation: seconds from a request to its first piece of text
+        self.tokens: Counter[str] = Counter()  # generation: tokens generated for requests, by function
+        self.sequences: dict[str, tuple[int, int]] = {}  # generation: (running, waiting) on the workers now, set to render
+
+    def first_token(self, function: str, seconds: float) -> None:
+        self.first_token_s.setdefault(function, Histogram(LATENCY_BUCKETS_S)).observe(seconds)
+
+    def generated(self, function: str, tokens: int) -> None:
+        self.tokens[function] += tokens
 
     def request(self, function: str, endpoint: str, code: int, seconds: float) -> None:
         self.requests[(function, endpoint, code)] += 1
@@ -75,7 +84,8 @@ class Metrics:
     def snapshot(self) -> dict:
         """The counters as plain data, to send to the directory."""
         return {"requests": dict(self.requests), "latency": self.latency, "batch_requests": self.batch_requests,
-                "batch_rows": self.batch_rows, "queries_running": self.queries_running}
+                "batch_rows": self.batch_rows, "queries_running": self.queries_running, "first_token_s": self.first_token_s,
+                "tokens": dict(self.tokens)}
 
     @classmethod
     def merged(cls, snapshots: list[dict]) -> Metrics:
@@ -83,9 +93,10 @@ class Metrics:
         for snap in snapshots:
             total.requests.update(snap["requests"])
             total.queries_running += snap.get("queries_running", 0)
-            for attr in ("latency", "batch_requests", "batch_rows"):
+            total.tokens.update(snap.get("tokens", {}))
+            for attr in ("latency", "batch_requests", "batch_rows", "first_token_s"):
                 mine = getattr(total, attr)
-                for key, hist in snap[attr].items():
+                for key, hist in snap.get(attr, {}).items():
                     mine.setdefault(key, Histogram(hist.bounds)).add(hist)
         return total
 
@@ -111,4 +122,15 @@ class Metrics:
                 out += hist.lines(name, f'function="{f}"')
         out += ["# HELP rayudf_sql_queries_running /model/predict select lists being evaluated now.",
                 "# TYPE rayudf_sql_queries_running gauge", f"rayudf_sql_queries_running {self.queries_running}"]
+        out += ["# HELP rayudf_time_to_first_token_seconds Seconds from a generation request to its first piece of text.",
+                "# TYPE rayudf_time_to_first_token_seconds histogram"]
+        for f, hist in sorted(self.first_token_s.items()):
+            out += hist.lines("rayudf_time_to_first_token_seconds", f'function="{f}"')
+        out += ["# HELP rayudf_generated_tokens_total Tokens generated for requests (its rate is tokens/s).",
+                "# TYPE rayudf_generated_tokens_total counter"]
+        out += [f'rayudf_generated_tokens_total{{function="{f}"}} {n}' for f, n in sorted(self.tokens.items())]
+        for i, (name, what) in enumerate((("running", "in a running batch"), ("waiting", "waiting to join one"))):
+            out += [f"# HELP rayudf_sequences_{name} Generation: sequences {what} on the function's workers now.",
+                    f"# TYPE rayudf_sequences_{name} gauge"]
+            out += [f'rayudf_sequences_{name}{{function="{f}"}} {counts[i]}' for f, counts in sorted(self.sequences.items())]
         return "\n".join(out) + "\n"

@@ -24,7 +24,7 @@ import asyncio
 import random
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +78,14 @@ class VersionClient:
     def map(self, matrix: Any) -> list[Any]:
         """Score one feature matrix on the workers (blocking: run it on a thread)."""
         return self._udf.score(matrix)
+
+    def stream(self, prompt: Any, params: Any = None) -> AsyncIterator[dict]:
+        """A generation model's answer to one prompt, as it is generated (see ``RemoteUDF.stream``)."""
+        return self._udf.stream(prompt, params)
+
+    def stats(self) -> list[dict]:
+        """The workers' statistics (blocking: run it on a thread)."""
+        return self._udf.stats()
 
 
 @dataclass

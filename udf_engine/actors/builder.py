@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -178,6 +178,11 @@ class RemoteUDF:
         each piece's output, in order (a :class:`~udf_engine.actors.failures.Partial` where the
         model failed on some rows under on_error="null")."""
         return self.dispatcher.map(cut(matrix, self.conf.batch_size))
+
+    def stream(self, prompt: Any, params: Any = None) -> AsyncIterator[dict]:
+        """A generation model's answer to one prompt as it is generated (an async iterator of
+        ``{"text": piece}`` events, then ``{"finish_reason", "prompt_tokens", "completion_tokens"}``)."""
+        return self.dispatcher.stream(prompt, params)
 
     def scan(self, tasks: Sequence[Any]) -> Iterator[Any]:
         """Run tasks that read and score their own rows on the workers (``worker.scan``); results in task order."""

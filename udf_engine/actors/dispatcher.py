@@ -22,10 +22,11 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import ray
@@ -39,6 +40,8 @@ from udf_engine.settings import UDFConf
 # How long a thread with nothing in flight sleeps before it checks again for a
 # free worker or a finished replacement (it is also woken as soon as either happens).
 _WAIT_TICK_S = 0.5
+# How often a stream that found no live worker (all being replaced) looks again.
+_STREAM_WAIT_S = 0.1
 # How long a worker that answered BUSY (other callers' batches fill it) gets no batch from this
 # dispatcher: about a small batch's time, so a freed worker is not left idle for long.
 _BUSY_PAUSE_S = 0.01
@@ -82,6 +85,7 @@ class Dispatcher:
         self._dead: set[str] = set()  # every worker known dead: never back in the pool
         self._died_together: set[str] = set()  # workers that died with others (their master's death): no batch's fault
         self._replace_error: BaseException | None = None  # why the last replacement failed
+        self._streams: dict[str, int] = {}  # generation streams open per worker
         self._cond = threading.Condition()
 
     # -- public verbs -------------------------------------------------------------
@@ -112,6 +116,57 @@ class Dispatcher:
             while following in arrived:
                 yield arrived.pop(following)
                 following += 1
+
+    async def stream(self, *args: Any) -> AsyncIterator[dict]:
+        """A generation model's answer (``worker.stream(*args)``'s events: ``{"text": piece}``, then the
+        usage), from the live worker with the fewest of this dispatcher's streams open. A worker that dies
+        mid-answer is replaced by another, which generates the very same text (greedily, or sampled from the
+        row's seed): only what was not yet given is given. What the model raises is a ModelError naming the function.
+        """
+        given, lost = "", 0
+        while True:
+            worker_id, handle = await self._stream_slot()
+            text = ""
+            try:
+                async for ref in handle.stream.remote(*args):
+                    event = await ref
+                    if "text" not in event:
+                        yield event
+                        return
+                    text += event["text"]
+                    if len(text) > len(given):
+                        yield {"text": text[len(given) :]}
+                        given = text
+            except ray.exceptions.ActorUnavailableError:
+                self._pause(worker_id, _UNREACHABLE_PAUSE_S)
+                lost += 1
+            except ray.exceptions.RayActorError:
+                await asyncio.to_thread(self._worker_died, worker_id)
+                lost += 1
+            except ray.exceptions.RayTaskError as err:
+                raise user_error(err, self._function) from None
+            finally:
+                with self._cond:
+                    if worker_id in self._streams:
+                        self._streams[worker_id] -= 1
+            if lost > self._max_retries:
+                raise WorkerError(f"function {self._function}: an answer lost its worker {lost} times (max_retries={self._max_retries})")
+
+    async def _stream_slot(self) -> tuple[str, Any]:
+        """The live worker with the fewest streams open from here (one more counted on it); waits while every worker is being replaced."""
+        while True:
+            with self._cond:
+                usable = self._usable()
+                if usable:
+                    worker_id = min(usable, key=lambda w: (self._streams.get(w, 0), self._in_flight[w]))
+                    self._streams[worker_id] = self._streams.get(worker_id, 0) + 1
+                    return worker_id, self._handles[worker_id]
+                if not self._handles and not self._replacing:
+                    raise WorkerError(
+                        f"function {self._function}: every worker died and none could be replaced"
+                        + (f": {self._replace_error}" if self._replace_error else "")
+                    )
+            await asyncio.sleep(_STREAM_WAIT_S)
 
     def ask_all(self, method: str, *args: Any) -> list[Any]:
         """The answers to a control call (``can_read``, ``stats``) of the workers that answer; one

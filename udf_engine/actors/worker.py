@@ -22,7 +22,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
@@ -30,14 +30,21 @@ from threadpoolctl import threadpool_limits
 
 from udf_engine.actors.batching import BUSY, CALLS_SEEN, MAX_IN_FLIGHT_PER_WORKER, cut
 from udf_engine.actors.failures import Failed, resolve, user_error
+from udf_engine.errors import ModelError
 from udf_engine.models.loaders import MATH_THREADS, RowWiseApply, declared_returns, input_width, load_info, model_counts
 from udf_engine.settings import UDFConf
 
 # Control calls get one thread of their own; batches (apply, scan, probe) threads enough to see every
-# call that comes (each waits for the model, or is answered BUSY); the rest (load, unload) the default one.
+# call that comes (each waits for the model, or is answered BUSY); a generation model's streams (one
+# per open HTTP stream, each mostly waiting for its next token) threads of their own; the rest (load,
+# unload) the default one.
 CONTROL = "control"
 BATCHES = "batches"
-CONCURRENCY_GROUPS = {CONTROL: 1, BATCHES: CALLS_SEEN}
+STREAMS = "streams"
+# Streams one worker answers at once; more wait for a thread. Its running batch is bounded by the
+# model's token budget, not by this: a stream waits in the model's queue as a SQL row does.
+MAX_STREAMS_PER_WORKER = 64
+CONCURRENCY_GROUPS = {CONTROL: 1, BATCHES: CALLS_SEEN, STREAMS: MAX_STREAMS_PER_WORKER}
 # How long to wait for a worker's answer to a control call (stats, can_read). A live worker answers
 # at once, as the call runs beside any batch; a worker just killed gets Ray's verdict (an actor
 # error) within a second or two, more on a loaded machine, and that verdict is what tells a death
@@ -271,6 +278,8 @@ class UDFWorker:
             self._holding += 1
             self._most_held = max(self._most_held, self._holding)
         try:
+            if getattr(self._model, "concurrent", False):  # a generation model: calls join its one running batch
+                return work(*args)
             with self._model_lock:
                 return work(*args)
         finally:
@@ -302,6 +311,16 @@ class UDFWorker:
             return outcomes
 
         return resolve(batches, run(batches), run, self._on_error)
+
+    @ray.method(concurrency_group=STREAMS, num_returns="streaming")
+    def stream(self, prompt: Any, params: Any = None) -> Iterator[dict]:
+        """A generation model's answer to one prompt as it is generated (``Generator.stream``'s events);
+        what the model raises reaches the caller, which names its function (``user_error``)."""
+        stream = getattr(self._model, "stream", None)
+        if stream is None:
+            raise ModelError("its model does not generate text")
+        yield from stream(prompt, params)
+        self._rows += 1
 
     @ray.method(concurrency_group=CONTROL)
     def can_read(self, files: Sequence[tuple[str, int]]) -> bool:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from udf_engine.errors import ModelError
+from udf_engine.models.generation import DECLARED_RETURNS
 from udf_engine.models.mlflow_flavors import MLFLOW_TEXT_OPTIONS
 from udf_engine.models.store import unpack
 from udf_engine.models.text import SENTENCE_TRANSFORMERS_OPTIONS, TRANSFORMERS_OPTIONS
@@ -35,6 +36,8 @@ from udf_engine.settings import DEFAULT_METHOD, Option
 MATH_THREADS = "math_threads"
 # A text model's input width: one VARCHAR argument a row (udf_engine.models.text).
 TEXT_INPUT = "text"
+# A generation model's: a prompt (text or chat messages), and the row's parameters if any (udf_engine.models.generation).
+PROMPT_INPUT = "prompt"
 
 
 def fetch_rows(model_refs: Sequence[Any]) -> list[dict]:
@@ -91,6 +94,7 @@ def _with_format_options(model_refs: Sequence[Any], conf: dict, fmt: str, load: 
     ``fmt``'s own from conf (typed where the registration was read), each missing one at its default."""
     engine = _engine_options(conf)
     options = {opt.name: conf.get(opt.name, opt.default) for opt in FORMAT_OPTIONS[fmt]}
+    options[DECLARED_RETURNS] = conf.get(DECLARED_RETURNS)  # a generation model answers with usage when a STRUCT is declared
     return _with_model_files(
         model_refs, lambda path, meta: load(path, str(meta.get("name")), options, threads=engine["threads"], num_gpus=engine["num_gpus"])
     )
@@ -348,6 +352,8 @@ def input_width(model: Any) -> int | str | None:
     """How many features one row of the model's input has, when the model says so (TEXT_INPUT: one text)."""
     if getattr(model, "takes_text", False):
         return TEXT_INPUT
+    if getattr(model, "takes_prompts", False):
+        return PROMPT_INPUT
     shape = getattr(model, "input_shape", None)
     if isinstance(shape, list):  # a multi-input Keras model: no single width
         return None

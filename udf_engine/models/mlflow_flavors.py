@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from udf_engine.errors import ModelError
+from udf_engine.models.generation import GENERATION_OPTIONS
 from udf_engine.models.text import (
     FEATURE_EXTRACTION,
     TASKS,
@@ -34,7 +35,7 @@ from udf_engine.models.torch_models import linear_width, torch_model, torch_setu
 
 FLAVORS = ("transformers", "sentence_transformers", "pytorch")  # the first of these a model has is the one it runs as
 # The text options an MLflow text model takes (its task is the one it was logged with).
-MLFLOW_TEXT_OPTIONS = tuple(opt for opt in TRANSFORMERS_OPTIONS if opt.name != "task")
+MLFLOW_TEXT_OPTIONS = tuple(opt for opt in TRANSFORMERS_OPTIONS if opt.name != "task" and opt not in GENERATION_OPTIONS)
 # Tasks MLflow (and Transformers' pipelines) name otherwise.
 _TASK_ALIASES = {"sentiment-analysis": TEXT_CLASSIFICATION, "ner": TOKEN_CLASSIFICATION}
 

@@ -17,6 +17,8 @@ Tasks of the ``transformers`` kind (``task=``, else read from the config's archi
   per token whose label is not ``O``, as the pipeline gives it with no aggregation.
 - ``feature-extraction``: one ``FLOAT[d]`` embedding per row, pooled (``mean`` over the real
   tokens, or ``cls``) and, with ``normalize=true``, of length 1.
+- ``text-generation``: a causal LM's answer to each prompt, continuously batched
+  (:mod:`udf_engine.models.generation`).
 
 Example (inside a worker, or in-process for a test):
     >>> defaults = {opt.name: opt.default for opt in TRANSFORMERS_OPTIONS}
@@ -36,17 +38,19 @@ from typing import Any
 import numpy as np
 
 from udf_engine.errors import ModelError
+from udf_engine.models.generation import GENERATION, GENERATION_OPTIONS, Generator, generator
 from udf_engine.models.token_batches import token_batches
 from udf_engine.models.torch_models import DTYPE_OPTION, torch_setup
 from udf_engine.settings import Option
 
-TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION = TASKS = (
-    "text-classification", "token-classification", "feature-extraction",
-)
+TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION = "text-classification", "token-classification", "feature-extraction"
+TASKS = (TEXT_CLASSIFICATION, TOKEN_CLASSIFICATION, FEATURE_EXTRACTION, GENERATION)
 # A config's architecture, by its suffix, and the task its head does (none of these: an encoder's features).
-_TASK_OF_HEAD = {"ForSequenceClassification": TEXT_CLASSIFICATION, "ForTokenClassification": TOKEN_CLASSIFICATION}
-# Heads this kind cannot run (generation is the LLM kind's; masked-LM and QA heads have no SQL shape here).
-_REFUSED_HEADS = ("ForCausalLM", "ForConditionalGeneration", "ForMaskedLM", "ForQuestionAnswering", "ForMultipleChoice")
+_TASK_OF_HEAD = {
+    "ForSequenceClassification": TEXT_CLASSIFICATION, "ForTokenClassification": TOKEN_CLASSIFICATION, "ForCausalLM": GENERATION,
+}
+# Heads this kind cannot run (encoder-decoder generation, masked-LM and QA heads have no SQL shape here).
+_REFUSED_HEADS = ("ForConditionalGeneration", "ForMaskedLM", "ForQuestionAnswering", "ForMultipleChoice")
 TRUNCATE, ERROR = TRUNCATIONS = ("truncate", "error")
 # token-classification leaves these labels out, as the pipeline does
 _IGNORED_LABELS = ("O",)
@@ -60,8 +64,8 @@ _COMMON = (
     DTYPE_OPTION,
 )
 TRANSFORMERS_OPTIONS: tuple[Option, ...] = (
-    Option("task", None, str, "transformers: `text-classification`, `token-classification` or `feature-extraction`; none: read "
-           "from the config's architecture", choices=TASKS),
+    Option("task", None, str, "transformers: `text-classification`, `token-classification`, `feature-extraction` or "
+           "`text-generation`; none: read from the config's architecture", choices=TASKS),
     Option("output", "label", str, "text-classification: `label` (the top label and its score) or `scores` (every label's, `FLOAT[n]`)",
            choices=("label", "scores")),
     Option("pooling", "mean", str, "feature-extraction: `mean` of the real tokens' states, or the first (`cls`) token's",
@@ -69,6 +73,7 @@ TRANSFORMERS_OPTIONS: tuple[Option, ...] = (
     Option("normalize", False, bool, "feature-extraction: scale each embedding to length 1"),
     Option("max_length", None, int, "text models: tokens a text may have; none: the model's own maximum"),
     *_COMMON,
+    *GENERATION_OPTIONS,
 )
 SENTENCE_TRANSFORMERS_OPTIONS: tuple[Option, ...] = _COMMON
 
@@ -284,7 +289,9 @@ def detect_task(config: Any) -> tuple[str, str]:
     return task, f"config.json: {name}"
 
 
-def load_transformers(path: Path, name: str, options: Mapping[str, Any], *, threads: int, num_gpus: float) -> TransformersModel:
+def load_transformers(
+    path: Path, name: str, options: Mapping[str, Any], *, threads: int, num_gpus: float
+) -> TransformersModel | Generator:
     """Load a ``save_pretrained`` directory for its task (``options``: TRANSFORMERS_OPTIONS' values)."""
     offline()
     device, dtype = torch_setup(dtype=options["dtype"], threads=threads, num_gpus=num_gpus)
@@ -297,6 +304,7 @@ def load_transformers(path: Path, name: str, options: Mapping[str, Any], *, thre
             TEXT_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
             TOKEN_CLASSIFICATION: transformers.AutoModelForTokenClassification,
             FEATURE_EXTRACTION: transformers.AutoModel,
+            GENERATION: transformers.AutoModelForCausalLM,
         }[task].from_pretrained
         model = auto(path, local_files_only=True, dtype=dtype).to(device).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -304,6 +312,8 @@ def load_transformers(path: Path, name: str, options: Mapping[str, Any], *, thre
         raise
     except Exception as err:  # noqa: BLE001 - any loader failure is a model problem for the user
         raise ModelError(f"cannot load transformers model {name!r}: {err}") from None
+    if task == GENERATION:
+        return generator(model, tokenizer, options, name=name, task_from=source, device=device)
     return transformers_model(model, tokenizer, task, options, name=name, task_from=source, device=device)
 
 
