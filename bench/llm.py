@@ -7,6 +7,8 @@ SQL workload: prompts of mixed length (5 to 150 words of standard-library Englis
 file, ``NEW_TOKENS`` new tokens each, greedy. Contenders, each answering every prompt:
 - **static batches** (the naive way): ``model.generate`` on 8 prompts at a time, left-padded, in file order;
 - **continuous batching in-process** (the limit): Transformers' own ``model.generate_batch``;
+- **rayudf's batcher in-process**: the decode loop rayudf's workers run
+  (``udf_engine.models.continuous``), in this process, every prompt at once;
 - **Ray Data**: ``map_batches`` with an actor pool of 2 holding the model, static batches of 8;
 - **rayudf**: the model registered on 2 workers, ``select chat(prompt) from read_parquet(...)``;
   each worker runs its rows in one continuous batch.
@@ -46,7 +48,7 @@ from bench.data import start_ray
 
 NEW_TOKENS = 32
 STATIC_BATCH = 8  # prompts a batch for the contenders that batch statically
-SQL_TARGETS = {"static batches": 1.5, "continuous in-process": 0.9, "Ray Data": None}
+SQL_TARGETS = {"static batches": 1.5, "continuous in-process": 0.9}
 HTTP_TARGETS = {"one at a time": 2.0, "@serve.batch": 1.2}
 
 
@@ -56,6 +58,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=64, help="streamed chat completions of the HTTP workload")
     p.add_argument("--concurrency", type=int, default=16, help="HTTP requests in flight at once")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of each contender")
+    p.add_argument("--only", choices=("sql", "http"), help="run one workload alone")
     p.add_argument("--workdir", type=Path, default=Path("bench_data") / "llm", help="where the prompts and the model go")
     p.add_argument("--out", type=Path, default=Path("bench/LLM.md"), help="the report")
     return p.parse_args(argv)
@@ -128,6 +131,17 @@ def run_continuous(path: Path, prompts: list[str]) -> int:
                               pad_token_id=tokenizer.pad_token_id)
     out = model.generate_batch(inputs=[tokenizer(p).input_ids for p in prompts], generation_config=config, warmup=False)
     return sum(len(o.generated_tokens) for o in out.values())
+
+
+def run_batcher(path: Path, prompts: list[str]) -> int:
+    """rayudf's own ContinuousBatcher in this process, every prompt at once: the limit of what its workers do."""
+    from udf_engine.models.continuous import ContinuousBatcher, Sampling, Sequence
+
+    model, tokenizer = local_model(path)
+    batcher = ContinuousBatcher(model, tokenizer, device="cpu", max_batch_tokens=8192)
+    sequences = [Sequence(tokenizer(p).input_ids, Sampling(max_new_tokens=NEW_TOKENS)) for p in prompts]
+    batcher.submit(sequences)
+    return sum(len(s.wait().generated) for s in sequences)
 
 
 def _generated(ids: list[int], tokenizer: Any) -> int:
@@ -279,11 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "static batches": lambda: run_static(path, prompts),
         "continuous in-process": lambda: run_continuous(path, prompts),
+        "rayudf's batcher in-process": lambda: run_batcher(path, prompts),
         "Ray Data": lambda: run_ray_data(path, data),
         "rayudf": lambda: run_rayudf(session, data),
     }
-    run_continuous(path, prompts[:8])  # Transformers' manager warms up once
-    for round_ in range(args.rounds):
+    local_model(path)  # loaded once, before any contender is timed
+    if args.only != "http":
+        run_continuous(path, prompts[:8])  # Transformers' manager warms up once
+    for round_ in range(args.rounds if args.only != "http" else 0):
         for name, run in runs.items():
             sql.setdefault(name, []).append(timed(run))
             print(f"sql round {round_ + 1}: {name}: {sql[name][-1][0]:.1f} s, {sql[name][-1][1]:,} tokens", flush=True)
@@ -304,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     for url, streamed in urls.values():  # warm: connections open, the replicas' models loaded
         asyncio.run(http_load(url, bodies[:2], 2, streamed=streamed, headers=headers))
     http: dict[str, list[tuple[float, list[float], int]]] = {}
-    for round_ in range(args.rounds):
+    for round_ in range(args.rounds if args.only != "sql" else 0):
         for name, (url, streamed) in urls.items():
             http.setdefault(name, []).append(asyncio.run(http_load(url, bodies, args.concurrency, streamed=streamed, headers=headers)))
             print(f"http round {round_ + 1}: {name}: {http[name][-1][0]:.1f} s, {http[name][-1][2]:,} tokens", flush=True)

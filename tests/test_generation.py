@@ -351,12 +351,45 @@ def httpx_get(server: str, path: str) -> str:
     return httpx.get(f"{server}{path}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60).text
 
 
-def test_a_stream_open_across_a_swap_finishes_on_its_version(session, server, tmp_path, prompts):
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    """A wider chat model, and it in this process: 200 tokens take it seconds, so a stream stays open that long."""
     from sql_magics.front.text_data import Shape
 
-    slow = save_chat_model(tmp_path / "slow", Shape(hidden=512, layers=6, heads=8, intermediate=1024, max_length=256, vocab=2000), seed=9)
-    slow_local = (transformers.AutoModelForCausalLM.from_pretrained(slow).eval(), transformers.AutoTokenizer.from_pretrained(slow))
-    session.sql(f"register transformers.`{slow}` as swapped where max_new_tokens='200' and {ONE}")
+    path = save_chat_model(tmp_path_factory.mktemp("slow"), Shape(hidden=512, layers=6, heads=8, intermediate=1024, max_length=256,
+                                                                  vocab=2000), seed=9)
+    return path, (transformers.AutoModelForCausalLM.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path))
+
+
+def streamed_text(lines) -> str:
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+    return "".join(e["choices"][0]["text"] for e in events if e["choices"])
+
+
+def test_a_worker_killed_mid_stream_gives_the_rest_of_the_same_answer(session, server, slow):
+    import httpx
+
+    path, slow_local = slow
+    session.sql(f"register transformers.`{path}` as killed where max_new_tokens='200' and {ONE}")
+    try:
+        pid = session.functions["killed"].udf.stats()[0]["pid"]
+        body = {"model": "killed", "prompt": "The", "max_tokens": 200, "stream": True, "temperature": 0.8, "seed": 3}
+        with httpx.stream("POST", f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120) as r:
+            lines = r.iter_lines()
+            first = [next(line for line in lines if line.startswith("data: "))]
+            os.kill(pid, signal.SIGKILL)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        want = generated(slow_local, "The", max_new_tokens=200, seed=row_seed(3, "The", 0), temperature=0.8)[0]
+        assert streamed_text([*first, *rest]) == want
+        assert session.functions["killed"].udf.stats()[0]["pid"] != pid
+    finally:
+        session.unregister("killed")
+
+
+def test_a_stream_open_across_a_swap_finishes_on_its_version(session, server, slow):
+    path, slow_local = slow
+    session.sql(f"register transformers.`{path}` as swapped where max_new_tokens='200' and {ONE}")
     try:
         import httpx
 
@@ -367,10 +400,8 @@ def test_a_stream_open_across_a_swap_finishes_on_its_version(session, server, tm
             session.sql(f"register transformers.`{chat_path_of(session)}` as swapped where max_new_tokens='200' and {ONE}")
             rest = [line for line in lines if line.startswith("data: ")]
             version = r.headers[VERSION_HEADER]
-        events = [json.loads(line[6:]) for line in [first, *rest] if line != "data: [DONE]"]
-        text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
         assert version == "swapped=1" and rest[-1] == "data: [DONE]"
-        assert text == generated(slow_local, "The", max_new_tokens=200)[0]
+        assert streamed_text([first, *rest]) == generated(slow_local, "The", max_new_tokens=200)[0]
         after = httpx_post(server, "/v1/completions", {"model": "swapped", "prompt": "The", "max_tokens": 5})
         assert after.headers[VERSION_HEADER] == "swapped=2"
     finally:

@@ -48,8 +48,9 @@ BUSY = _Busy()
 
 def cut(matrix: Any, rows: int) -> list[Any]:
     """``matrix`` (anything sliceable by rows) in pieces of at most ``rows`` rows, in order. Texts or
-    bytes (a 1-D object array) are cut where a piece reaches :data:`TEXT_PIECES`' share of the
-    characters as well: a long text is many times a short one's work, so equal rows are unequal work.
+    bytes (a 1-D object array), or prompt rows (a 2-D object array: the prompt first), are cut where a
+    piece reaches :data:`TEXT_PIECES`' share of the characters as well: a long text is many times a
+    short one's work, so equal rows are unequal work.
 
     Example:
         >>> texts = np.array(["x" * 6000, "x" * 3000, "x" * 500, "x" * 300, "x", "x"], dtype=object)
@@ -58,9 +59,10 @@ def cut(matrix: Any, rows: int) -> list[Any]:
         >>> [len(piece) for piece in cut(texts[2:], 4)]   # under TEXT_PIECE_MIN_CHARS: by rows alone
         [4]
     """
-    if not (isinstance(matrix, np.ndarray) and matrix.ndim == 1 and matrix.dtype == object):
+    if not (isinstance(matrix, np.ndarray) and matrix.ndim in (1, 2) and matrix.dtype == object):
         return [matrix[i : i + rows] for i in range(0, len(matrix), rows)]
-    lengths = np.fromiter((len(value) if isinstance(value, str | bytes) else 1 for value in matrix), np.int64, len(matrix))
+    texts = matrix if matrix.ndim == 1 else matrix[:, 0]
+    lengths = np.fromiter((len(value) if isinstance(value, str | bytes) else 1 for value in texts), np.int64, len(matrix))
     budget = max(TEXT_PIECE_MIN_CHARS, int(lengths.sum()) // TEXT_PIECES)
     pieces, start, size = [], 0, 0
     for stop, length in enumerate(lengths, 1):

@@ -29,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +60,13 @@ GENERATION_DEFAULTS = {opt.name: opt.default for opt in GENERATION_OPTIONS}
 DECLARED_RETURNS = "returns"
 # How long a stream's reader waits for the next piece before it looks whether the worker still decodes.
 _STREAM_POLL_S = 1.0
+# While more than STREAMS_ONE_BY_ONE streams are open on a worker, a streamed answer's pieces after its
+# first are sent at most every STREAM_FLUSH_S, each with the tokens made since; with fewer, token by token.
+# Every event is a Ray object to the replica, one to Serve's proxy and an HTTP chunk, which together cost
+# more CPU than a small model's token: 64 streams of 32 tokens at concurrency 16 on 2 cores made 403
+# tokens/s sent token by token, 583 sent every 0.1 s (the replica and proxy's CPU halved).
+STREAMS_ONE_BY_ONE = 2
+STREAM_FLUSH_S = 0.1
 
 
 def row_seed(seed: int, prompt: str, occurrence: int) -> int:
@@ -103,6 +112,8 @@ class Generator:
         self.max_positions = _max_positions(tokenizer, model.config)
         self.batcher = ContinuousBatcher(model, tokenizer, device=device, max_batch_tokens=options["max_batch_tokens"])
         self.load_info = {**info, "max_positions": self.max_positions, "max_batch_tokens": options["max_batch_tokens"]}
+        self._streams_lock = threading.Lock()
+        self._streams = 0  # streamed answers open now
         _parameters(self.options, {}, "the options")  # a bad option fails the load, naming it
 
     def counts(self) -> dict:
@@ -135,17 +146,33 @@ class Generator:
         pieces: queue.SimpleQueue = queue.SimpleQueue()
         seq = self._sequence(Row(prompt, params), on_text=pieces.put)
         self.batcher.submit([seq])
+        flushed = 0.0  # when an event was last sent: the first piece goes at once
+        with self._streams_lock:
+            self._streams += 1
         try:
             while True:
                 try:
                     piece = pieces.get(timeout=_STREAM_POLL_S)
                 except queue.Empty:
                     continue
+                held = [piece]
+                flush_s = STREAM_FLUSH_S if self._streams > STREAMS_ONE_BY_ONE else 0.0
+                while piece is not None and (wait := flushed + flush_s - time.perf_counter()) > 0:
+                    try:
+                        piece = pieces.get(timeout=wait)
+                    except queue.Empty:
+                        break
+                    held.append(piece)
+                text = "".join(p for p in held if p is not None)
+                if text:
+                    yield {"text": text}
+                    flushed = time.perf_counter()
                 if piece is None:
                     break
-                yield {"text": piece}
         finally:
             seq.cancelled = not seq.done
+            with self._streams_lock:
+                self._streams -= 1
         seq.wait()
         yield {"finish_reason": seq.finish_reason, "prompt_tokens": len(seq.ids), "completion_tokens": len(seq.generated)}
 
