@@ -320,6 +320,10 @@ def test_openai_errors_come_in_openais_shape(server, openai_client):
             openai_client.completions.create(model="chat", prompt=too_long, max_tokens=4, stream=stream)
     answer = httpx_post(server, "/v1/chat/completions", {"model": "chat", "messages": "hi"})
     assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="at most 256 prompts"):
+        openai_client.completions.create(model="chat", prompt=["x"] * 257, max_tokens=1)
+    with pytest.raises(openai.UnprocessableEntityError, match="stop takes at most 16 strings"):
+        openai_client.completions.create(model="chat", prompt="x", max_tokens=1, stop=[str(i) for i in range(17)])
 
 
 def httpx_post(server: str, path: str, body: dict, **headers: str):

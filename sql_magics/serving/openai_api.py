@@ -34,6 +34,8 @@ from sql_magics.serving.requests import RequestError
 # OpenAI's request fields and the generation parameters they become.
 _PARAMETERS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
                "top_p": "top_p", "stop": "stop", "seed": "seed"}
+# Prompts one completion request may have: each is an answer generated beside the others.
+MAX_PROMPTS = 256
 # OpenAI's error types by status.
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
                 413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
@@ -103,6 +105,8 @@ def completion_request(body: Any) -> GenerationRequest:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise RequestError("prompt: a string, or a list of strings")
+    if len(prompts) > MAX_PROMPTS:
+        raise RequestError(f"prompt: at most {MAX_PROMPTS} prompts a request, got {len(prompts)} (SQL scores a table of them)")
     ask = _generation(body, prompts)
     if ask.stream and len(prompts) > 1:
         raise RequestError("prompt: a streamed completion takes one prompt")

@@ -56,6 +56,8 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
 # The options a row's own parameters may override.
 ROW_PARAMETERS = tuple(opt.name for opt in GENERATION_OPTIONS)
 GENERATION_DEFAULTS = {opt.name: opt.default for opt in GENERATION_OPTIONS}
+# Stop strings a row may have (OpenAI takes 4).
+MAX_STOPS = 16
 # The conf key under which the registry hands a loader the result type the registration declared.
 DECLARED_RETURNS = "returns"
 # How long a stream's reader waits for the next piece before it looks whether the worker still decodes.
@@ -231,6 +233,8 @@ def _stops(stop: Any, where: str) -> tuple[str, ...]:
     stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list | tuple) else None
     if stops is None or not all(isinstance(s, str) for s in stops):
         raise ValueError(f"{where}: stop takes a string or a list of strings")
+    if len(stops) > MAX_STOPS:  # each is looked for in the answer at every token
+        raise ValueError(f"{where}: stop takes at most {MAX_STOPS} strings, got {len(stops)}")
     return stops
 
 
