@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import psutil
 import pytest
@@ -68,3 +71,36 @@ def test_joining_a_cluster_without_token_auth_warns_once(open_cluster):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_open(open_cluster)  # once per cluster
+
+
+def _joined_gcs(address: str, home: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``rayudf run`` of a script that joins ``address`` (RAY_ADDRESS) with HOME ``home`` and no RAY_AUTH_* set."""
+    script = tmp_path / "join.sql"
+    script.write_text("""run command as Ray.`` where outputTable="joined" and code='''
+import ray
+from pyjava.api.mlsql import RayContext
+RayContext.connect(globals(), None)
+context.build_result([{"gcs": ray.get_runtime_context().gcs_address}])
+''';
+select gcs from joined as output;""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(HOME=str(home), RAY_ADDRESS=address)
+    rayudf = str(Path(sys.executable).with_name("rayudf"))
+    return subprocess.run([rayudf, "run", str(script)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+
+def test_joining_a_token_cluster_finds_the_token_as_rays_cli_does_or_says_what_to_set(tmp_path):
+    home, stranger = tmp_path / "home", tmp_path / "stranger"
+    (home / ".ray").mkdir(parents=True)
+    stranger.mkdir()
+    (home / ".ray" / "auth_token").write_text("a" * 64)  # the cluster's token, where Ray's CLI looks for it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(HOME=str(home), RAY_AUTH_MODE="token")
+    with ray_head("--num-cpus=1", "--disable-usage-stats", env=env) as address:
+        joined = _joined_gcs(address, home, tmp_path)
+        assert joined.returncode == 0, joined.stderr
+        assert joined.stdout.split()[-1] == address
+        refused = _joined_gcs(address, stranger, tmp_path)  # no token on this "machine"
+    assert refused.returncode != 0
+    assert f"the Ray cluster at {address} wants Ray's token" in refused.stderr and "RAY_AUTH_TOKEN_PATH" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -144,9 +144,38 @@ def join(address: str, **options: Any) -> None:
     look for its raylet at this machine's reachable address, where none listens."""
     import ray
 
+    if not _token_mode_if_token_here() and os.environ.get(_AUTH_MODE, "").lower() != "token" and _unauthenticated_call(address) == REFUSED:
+        # said before Ray tries: its connection retries a refused call for some 20 s, logging each refusal
+        raise ConfigError(
+            f"the Ray cluster at {address} wants Ray's token and this machine has none (no RAY_AUTH_TOKEN, no {_token_path()}): "
+            "give its token in RAY_AUTH_TOKEN or in a file named by RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on its head prints it)"
+        )
     with _node_on_loopback() if _is_loopback(address) else nullcontext():
         ray.init(address=address, namespace=NAMESPACE, **options)
     warn_if_open(ray.get_runtime_context().gcs_address)
+
+
+def _token_path() -> Path:
+    """Where Ray reads its token from: RAY_AUTH_TOKEN_PATH, else ``~/.ray/auth_token``."""
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+
+
+def _token_mode_if_token_here() -> bool:
+    """Send Ray's token when joining a cluster, as Ray's own CLI does: when RAY_AUTH_MODE does not say
+    otherwise and this machine has a token (RAY_AUTH_TOKEN, or the file Ray reads). Without it, a
+    driver joining a token-authenticated cluster sends none and is refused. Whether token mode was turned on."""
+    if os.environ.get(_AUTH_MODE) is not None or not (os.environ.get("RAY_AUTH_TOKEN") or _token_path().exists()):
+        return False
+    os.environ[_AUTH_MODE] = "token"  # this process's Ray when it connects, and the workers it starts, read it
+    try:  # Ray's own switch also refreshes the config this process's Ray has read already (a private API: else the env alone)
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+        del os.environ[_AUTH_MODE]
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except Exception:  # noqa: BLE001 - another Ray's layout: the environment variable is set
+        os.environ[_AUTH_MODE] = "token"
+    return True
 
 
 @contextmanager
@@ -187,8 +216,7 @@ def _private_token_file() -> None:
     default umask: readable by every user) ourselves, mode 0600, when token auth is on and no token exists."""
     if os.environ.get(_AUTH_MODE, "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
         return
-    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    path = _token_path()
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,18 +253,31 @@ def warn_if_open(gcs_address: str | None) -> None:
 
 
 def _answers_without_token(gcs_address: str) -> bool:
-    """Whether the GCS at ``gcs_address`` answers a call that carries no token (Ray's internal gRPC API:
-    any other answer or shape counts as "no")."""
+    """Whether the GCS at ``gcs_address`` answers a call that carries no token."""
+    return _unauthenticated_call(gcs_address) == ANSWERED
+
+
+# How a GCS answers a call that carries no token: it answers (token auth off), refuses it (on), or neither.
+ANSWERED, REFUSED, UNKNOWN = "answered", "refused", "unknown"
+
+
+def _unauthenticated_call(gcs_address: str) -> str:
+    """How the GCS at ``gcs_address`` answers a call with no token (Ray's internal gRPC API: any other
+    answer or shape, or no answer, is UNKNOWN)."""
     try:
         import grpc
         from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-
+    except ImportError:
+        return UNKNOWN
+    try:
         with grpc.insecure_channel(gcs_address) as channel:
             stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
             stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=_PROBE_TIMEOUT_S)
-        return True
-    except Exception:  # noqa: BLE001 - refused (token auth on), unreachable, or another Ray's API: no warning
-        return False
+        return ANSWERED
+    except grpc.RpcError as err:
+        return REFUSED if err.code() == grpc.StatusCode.UNAUTHENTICATED else UNKNOWN
+    except Exception:  # noqa: BLE001 - another Ray's API, an address gRPC does not take
+        return UNKNOWN
 
 
 class RayRuntime:
