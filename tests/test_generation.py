@@ -414,3 +414,23 @@ def test_a_stream_open_across_a_swap_finishes_on_its_version(session, server, sl
 
 def chat_path_of(session) -> str:
     return session.functions["chat"].path
+
+
+def test_a_failure_while_prompts_join_fails_every_sequence_and_none_hangs(local, prompts):
+    model, tokenizer = local
+    batcher = ContinuousBatcher(model, tokenizer, device="cpu", max_batch_tokens=100_000)
+    prefill, calls = batcher._prefill, []
+
+    def second_group_fails(group):
+        calls.append(len(group))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        prefill(group)
+
+    batcher._prefill = second_group_fails
+    seqs = [Sequence([7] * length, Sampling(max_new_tokens=4)) for length in (1500, 1500, 10, 10)]  # two prefill groups
+    batcher.submit(seqs)
+    for seq in seqs:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            seq.wait(timeout=60)
+    assert len(calls) == 2

@@ -119,6 +119,7 @@ class ContinuousBatcher:
         # the running batch (touched by the decode loop alone): its sequences, their key/value cache,
         # attention mask (0: a padding column) and the token each generated last
         self._rows: list[Sequence] = []
+        self._joining: list[Sequence] = []  # let in from the queue, their prompts being run
         self._cache: Any = None
         self._mask: Any = None
         self._last: Any = None
@@ -165,9 +166,11 @@ class ContinuousBatcher:
     def _fail_all(self, err: BaseException) -> None:
         with self._cond:
             failed, self._waiting = [*self._rows, *self._waiting], deque()
-        self._rows, self._cache = [], None
+        failed += [s for s in self._joining if not any(s is f for f in failed)]  # let in, not yet in the batch
+        self._rows, self._cache, self._joining = [], None, []
         for seq in failed:
-            seq._finish(None, error=err)
+            if not seq.done:
+                seq._finish(None, error=err)
 
     def _admit(self) -> None:
         """Let in the waiting sequences that fit the token budget (one at least when none runs) and run their prompts."""
@@ -184,8 +187,10 @@ class ContinuousBatcher:
         for seq in [s for s in new if s.cancelled]:
             seq._finish(CANCELLED)
             new.remove(seq)
+        self._joining = new
         for group in token_batches([len(s.ids) for s in new], PREFILL_TOKENS):
             self._prefill([new[i] for i in group])
+        self._joining = []
 
     def _prefill(self, new: list[Sequence]) -> None:
         import torch
