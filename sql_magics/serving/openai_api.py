@@ -53,6 +53,11 @@ class GenerationRequest:
     usage_in_stream: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
+def _check_object(body: Any) -> None:
+    if not isinstance(body, Mapping):
+        raise RequestError("the body must be a JSON object")
+
+
 def _model(body: Mapping[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -81,8 +86,7 @@ def _generation(body: Any, prompts: list[Any]) -> GenerationRequest:
 
 def chat_request(body: Any) -> GenerationRequest:
     """A ``/v1/chat/completions`` body: its messages are one prompt, through the model's chat template."""
-    if not isinstance(body, Mapping):
-        raise RequestError("the body must be a JSON object")
+    _check_object(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages: a list of {role, content} objects")
@@ -99,8 +103,7 @@ def chat_request(body: Any) -> GenerationRequest:
 
 def completion_request(body: Any) -> GenerationRequest:
     """A ``/v1/completions`` body: its prompt (or list of prompts), each used as written."""
-    if not isinstance(body, Mapping):
-        raise RequestError("the body must be a JSON object")
+    _check_object(body)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -116,8 +119,7 @@ def completion_request(body: Any) -> GenerationRequest:
 def embeddings_request(body: Any) -> tuple[str, list[str], str]:
     """A ``/v1/embeddings`` body: the function, the texts to embed (``input``: a string or a list), and
     how to encode the vectors (``float``, or ``base64`` of little-endian float32s, which the client asks by default)."""
-    if not isinstance(body, Mapping):
-        raise RequestError("the body must be a JSON object")
+    _check_object(body)
     texts = body.get("input")
     texts = [texts] if isinstance(texts, str) else texts
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):

@@ -180,8 +180,8 @@ class Generator:
 
     def _sequence(self, row: Row, on_text: Any = None) -> Sequence:
         given = _parameters(self.options, row.params, "the row's parameters")
-        text = _prompt_text(row.prompt, given["system"], self.tokenizer)
-        ids = self.tokenizer(text, add_special_tokens=not _is_templated(row.prompt, given["system"]), verbose=False)["input_ids"]
+        text, templated = _prompt_text(row.prompt, given["system"], self.tokenizer)
+        ids = self.tokenizer(text, add_special_tokens=not templated, verbose=False)["input_ids"]  # a template has its own
         if len(ids) + given["max_new_tokens"] > self.max_positions:
             raise ValueError(
                 f"a prompt of {len(ids)} tokens and max_new_tokens {given['max_new_tokens']} do not fit the model's "
@@ -256,21 +256,18 @@ def _messages(prompt: Any) -> list[dict] | None:
     raise ValueError("a prompt is a text or a list of messages, each with a role and a content")
 
 
-def _is_templated(prompt: Any, system: str | None) -> bool:
-    return system is not None or _messages(prompt) is not None
-
-
-def _prompt_text(prompt: Any, system: str | None, tokenizer: Any) -> str:
-    """The model's input text: the prompt as written, or its messages (with ``system`` first) through the chat template."""
+def _prompt_text(prompt: Any, system: str | None, tokenizer: Any) -> tuple[str, bool]:
+    """The model's input text, and whether the chat template made it: the prompt as written, or its
+    messages (with ``system`` first) through the template."""
     messages = _messages(prompt)
     if messages is None and system is None:
-        return str(prompt)
+        return str(prompt), False
     messages = messages if messages is not None else [{"role": "user", "content": str(prompt)}]
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system}, *messages]
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the model's tokenizer has no chat template: give the prompt as plain text, and no system prompt")
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
 
 
 def _max_positions(tokenizer: Any, config: Any) -> int:
