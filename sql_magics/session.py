@@ -65,7 +65,7 @@ class Session:
         runtime = RayRuntime(ray_address, starter=on_waiting_thread, **(ray_init or {}))  # started on first registration
         session_id = secrets.token_hex(3)
         self.registry = FunctionRegistry(self.db, runtime, session_id=session_id, worker_env=self.state.python_env)
-        self.serving = Serving(self.registry, session_id=session_id, run_script=self._script)  # serves nothing until started
+        self.serving = Serving(self.registry, session_id=session_id, run_script=self.answer_script)  # serves nothing until started
         self._owners: dict[str, Session] = {}  # /run/script's sessions per owner (sessionPerUser), made on first use
         self._script_locks: dict[str | None, threading.Lock] = {}  # per owner (None: this session): one script at a time
         self._owners_lock = threading.Lock()  # guards _owners and _script_locks
@@ -164,7 +164,7 @@ class Session:
         """
         return self.serving.start(options)
 
-    def _script(self, sql: str, owner: str | None) -> pd.DataFrame | None:
+    def answer_script(self, sql: str, owner: str | None) -> pd.DataFrame | None:
         """Run a script for Byzer's ``/run/script``, in this session or in ``owner``'s own (sharing this
         Ray): the rows of its last statement, or of what it made (``select ... as t``, as Byzer answers)."""
         with self._owners_lock:

@@ -210,11 +210,11 @@ def named_actors(prefix: str, timeout_s: float = 10.0) -> list[str]:
 
 
 @contextmanager
-def ray_head(*args: str, env: dict, port: int | None = None) -> Iterator[str]:
+def ray_head(*args: str, env: dict, port: int | None = None, dashboard_port: int | None = None) -> Iterator[str]:
     """A ``ray start --head`` of the test's own (extra ``args``, ``env``), on its own temp dir and
-    ``port`` (a free one by default): yields its address. Stopped by killing the processes it
-    started (its process group, and what runs from its temp dir, such as nodes an autoscaler
-    added), nothing else."""
+    ``port`` (a free one by default), with a dashboard on ``dashboard_port`` if given: yields its
+    address. Stopped by killing the processes it started (its process group, and what runs from
+    its temp dir, such as nodes an autoscaler added), nothing else."""
     import shutil
     import signal
     import subprocess
@@ -228,7 +228,10 @@ def ray_head(*args: str, env: dict, port: int | None = None) -> Iterator[str]:
     temp_dir = Path(tempfile.mkdtemp(prefix="rayudf-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     ray_cli = str(Path(sys.executable).with_name("ray"))
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=false", "--block", *args],
+        [ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--block", *args, *(
+            ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"] if dashboard_port
+            else ["--include-dashboard=false"]
+        )],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

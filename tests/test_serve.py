@@ -26,9 +26,10 @@ import pytest
 
 from sql_magics import ExecutionError, Session
 from sql_magics.serving import app
-from sql_magics.serving import server as serving
+from sql_magics.serving import publisher as serving
 from sql_magics.serving.options import SERVE_OPTIONS, read_serve_options
-from sql_magics.serving.server import check_binding, script_answer
+from sql_magics.serving.publisher import script_answer
+from sql_magics.serving.server import check_binding
 from udf_engine import ConfigError
 
 from conftest import WORKER_CPUS, Weighted, free_port, save_pickled
@@ -84,7 +85,9 @@ def lin(rows) -> np.ndarray:
 
 
 def test_healthz_needs_no_token_and_every_other_endpoint_does(server, client):
-    assert httpx.get(f"{server}/healthz").json() == {"status": "ok", "functions": ["lin", "scale", "strlen"]}
+    health = httpx.get(f"{server}/healthz").json()
+    assert health["status"] == "ok" and health["functions"] == ["lin", "scale", "strlen"]
+    assert set(health["workers"]) == {"lin", "scale", "strlen"} and all(n >= 1 for n in health["workers"].values())
     for path in ("/v1/functions", "/metrics", "/model/predict?data=[[1,2]]&pipeline=lin"):
         assert httpx.get(f"{server}{path}").status_code == 401
         assert httpx.get(f"{server}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -528,7 +531,7 @@ def test_a_replica_whose_following_fails_logs_it_and_follows_on(monkeypatch, rep
     monkeypatch.setattr(app, "_DIRECTORY_RETRY_S", 0.01)
     # what the directory answers each poll: a fault of ours, news, the directory out of reach, news it fails to take in once
     answers = [ValueError("a fault of ours"), (1, "one"), ray.exceptions.RayError("the directory is restarting"), (2, "two"), (2, "two")]
-    asked, applied, refuse = [], [], {"two"}
+    asked, applied, refuse, lost = [], [], {"two"}, []
 
     async def ask(known: int):
         asked.append(known)
@@ -539,20 +542,21 @@ def test_a_replica_whose_following_fails_logs_it_and_follows_on(monkeypatch, rep
             raise answer
         return answer
 
-    async def apply(entries: str) -> None:
+    async def apply(entries: str, *starting: str) -> None:
         if entries in refuse:
             refuse.discard(entries)
             raise TypeError(f"cannot take {entries} in")
         applied.append(entries)
 
     async def follow_a_while() -> None:
-        following = asyncio.create_task(app.follow_directory(ask, apply, 0, "replica r1"))
+        following = asyncio.create_task(app.follow_directory(ask, apply, lambda: lost.append(len(applied)), 0, "replica r1"))
         while len(applied) < 2 and not following.done():
             await asyncio.sleep(0.01)
         following.cancel()
 
     asyncio.run(asyncio.wait_for(follow_a_while(), 10))
-    assert applied == ["one", "two"] and asked == [0, 0, 1, 1, 1, 2]
+    # out of reach, the replica forgets what it had (lost) and asks the directory again from revision 0
+    assert applied == ["one", "two"] and asked == [0, 0, 1, 0, 0, 2] and lost == [1]
     logged = [r for r in replica_log.records if r.name == app._log.name]
     assert [r.exc_info[0] for r in logged] == [ValueError, TypeError]  # the directory out of reach is no fault: not logged
     assert all("replica r1: following the directory failed" in r.getMessage() for r in logged)
@@ -575,6 +579,25 @@ def test_a_500_is_logged_with_its_traceback_and_answers_one_line(replica_log):
     assert len(replica_log.records) == 1
 
 
+def test_a_503_says_restarting_with_retry_after_and_nothing_of_rays(replica_log):
+    import ray
+
+    from sql_magics.serving.requests import RestartingError
+    from udf_engine.errors import WorkerError
+
+    said_by_ray = "actor 5f1e0c9a8b7d6e5f4a3b2c1d pid 4242 at 10.0.0.7: The actor is dead because its owner has died"
+    for err in (WorkerError(f"the workers of f are gone: {said_by_ray}"), ray.exceptions.RayError(said_by_ray)):
+        answer = app.error_answer(err, "v1")
+        said = json.loads(answer.body)["error"]
+        assert answer.status_code == 503 and answer.headers["retry-after"] == str(app.RETRY_AFTER_S)
+        assert "4242" not in said and "10.0.0.7" not in said and "owner" not in said
+        assert said.startswith("the function's workers are restarting")
+    assert [r.exc_info[1] is not None and "4242" in str(r.exc_info[1]) for r in replica_log.records] == [True, True]  # the log has it
+    said = "function f is restarting; try again in a few seconds"
+    restarting = app.error_answer(RestartingError(said), "v1")
+    assert restarting.status_code == 503 and json.loads(restarting.body) == {"error": said}
+
+
 def test_a_script_that_answers_500_is_logged_with_its_traceback(caplog):
     def exits(sql, owner):
         raise SystemExit(3)
@@ -592,7 +615,7 @@ def test_a_registration_the_replicas_do_not_confirm_says_so_until_they_do(sessio
     import ray
 
     monkeypatch.setattr(serving, "HEARD_TIMEOUT_S", 1.0)
-    directory = session.serving._directory
+    directory = session.serving._publisher.directory
     ray.get(directory.follow.remote(0, "stuck", [], {}))  # a replica that polls once and no more: it runs on revision 0
     assert session.sql("!serve status")["warning"].tolist() == [""]
     with caplog.at_level(logging.WARNING, logger=serving.__name__):
@@ -601,7 +624,7 @@ def test_a_registration_the_replicas_do_not_confirm_says_so_until_they_do(sessio
         said = r"^serve: 1 of \d+ replicas did not confirm the newest change of the served functions \(a registration, swap or removal\)"
         assert [r.getMessage() for r in caplog.records if re.match(said, r.getMessage())], caplog.text  # the stuck one; others heard
         assert re.match(said, session.sql("!serve status")["warning"][0])
-        revision, _ = ray.get(directory.follow.remote(0, "stuck", [], {}))  # it hears at last,
+        revision, *_ = ray.get(directory.follow.remote(0, "stuck", [], {}))  # it hears at last,
         ray.get(directory.follow.remote(revision, "stuck", [], {}))  # and says so with its next poll
         deadline = time.monotonic() + 5
         while session.sql("!serve status")["warning"][0] and time.monotonic() < deadline:

@@ -169,10 +169,16 @@ def _token_mode_if_token_here() -> bool:
         return False
     os.environ[_AUTH_MODE] = "token"  # this process's Ray when it connects, and the workers it starts, read it
     try:  # Ray's own switch also refreshes the config this process's Ray has read already (a private API: else the env alone)
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+        from ray._private.authentication import authentication_token_setup as setup
 
         del os.environ[_AUTH_MODE]
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        said = logging.getLogger(setup.__name__)
+        level = said.level
+        said.setLevel(logging.ERROR)  # its "token authentication is enabled" is for a cluster it starts, not one joined
+        try:
+            setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        finally:
+            said.setLevel(level)
     except Exception:  # noqa: BLE001 - another Ray's layout: the environment variable is set
         os.environ[_AUTH_MODE] = "token"
     return True

@@ -8,6 +8,7 @@ Example:
     $ rayudf run examples/digits_score.sql --set rows=100 --limit 5
     $ rayudf run examples/stream_scores.sql      # a stream script: runs until SIGINT/SIGTERM
     $ rayudf serve examples/serve_digits.sql --port 8000
+    $ rayudf deploy examples/serve_digits.sql --ray-address 10.0.0.5:6379 --host 0.0.0.0 --token-file token
     $ rayudf demo
 """
 
@@ -189,6 +190,50 @@ def serve(
         while not stop.wait(_SIGNAL_POLL_S):
             pass
         click.echo("stopping: the requests in flight finish", err=True)
+
+
+@main.command()
+@click.argument("script", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@_serve_flags
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="read the token from this file (its first line)")
+@click.option("--ray-address", default=None, help="the Ray cluster (default: RAY_ADDRESS)")
+@click.option("--name", default=None, help="the Serve application's name (default: the script's file name without .sql)")
+@click.option("--route-prefix", default="/", show_default=True, help="the app's URL path on Serve's proxy")
+@click.option("--status", "show_status", is_flag=True, help="list the apps deployed on the cluster, and stop")
+@click.option("--delete", "delete_name", default=None, metavar="NAME", help="delete the app NAME, and stop")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+def deploy(
+    script: Path | None, token_file: Path | None, ray_address: str | None, name: str | None, route_prefix: str,
+    show_status: bool, delete_name: str | None, debug: bool, **options: object,
+) -> None:
+    """Put a script's functions on a Ray cluster as a Ray Serve application that outlives this command:
+    it returns once the app answers (docs/serving.md, "Deploying on a cluster"). Deploying a changed
+    script to a running app swaps its functions with no failed request."""
+    from sql_magics.front import deploy as deploying
+    from udf_engine.ray_runtime import RayRuntime
+
+    if sum((script is not None, show_status, delete_name is not None)) != 1:
+        raise click.UsageError("give a SCRIPT to deploy, --status or --delete NAME (one of them)")
+    args: dict[str, object] = {}
+    if script is not None:
+        options["token"] = _token(click.get_current_context(), options["token"], token_file)
+        args = {**{k: v for k, v in options.items() if v is not None}, "script": _read(script), "base_dir": str(script.resolve().parent)}
+        try:
+            deploying.DeployArgs.of(args)  # the script and options checked before anything starts
+        except (ConfigError, ParseError) as err:
+            raise _Failed(str(err), 2) from None
+    with _statement_errors(debug):
+        RayRuntime(ray_address).ensure()
+        if show_status:
+            for row in deploying.deployed():
+                click.echo(f"{row['name']}\t{row['status']}\t{row['functions']}" + (f"\t{row['error']}" if row["error"] else ""))
+            return
+        if delete_name is not None:
+            deploying.undeploy(delete_name)
+            click.echo(f"deleted {delete_name}")
+            return
+        click.echo(str(deploying.deploy(name or script.stem, args, route_prefix)))
 
 
 def _token(context: click.Context, token: str | None, token_file: Path | None) -> str | None:

@@ -5,14 +5,18 @@ Endpoints:
   fields, a query string or a JSON body; a JSON array of row objects.
 - ``POST /v1/functions/{name}``: ``{"inputs": [[arg, ...], ...]}`` -> ``{"outputs": [...], "version": "2"}``,
   or an Arrow IPC stream in and out (``application/vnd.apache.arrow.stream``).
-- ``GET /v1/functions``, ``GET /healthz``, ``GET /metrics`` (Prometheus text).
+- ``GET /v1/functions``, ``GET /metrics`` (Prometheus text).
+- ``GET /healthz`` (and ``/readyz``): 200 when every function has a live worker, else 503 (a probe's answer).
 - ``GET|POST /run/script`` (Byzer's; only when the server allows scripts): runs in the session.
 
 Every answer that scored rows carries the versions that served it (``X-RayUDF-Version: f=2``).
-With a token, every endpoint but ``/healthz`` wants ``Authorization: Bearer <token>``.
+With a token, every endpoint but ``/healthz`` and ``/readyz`` wants ``Authorization: Bearer <token>``.
+An answer never carries Ray's words (actor ids, pids, addresses) or a traceback: those go to the
+replica's log. While a function's workers are gone (its owner restarting), calls of it answer 503
+with ``Retry-After``.
 
 Example:
-    >>> serve.run(Ingress.bind(directory, token=None, allow_scripts=False), name="rayudf-ab12")   # doctest: +SKIP
+    >>> serve.run(Ingress.bind("rayudf.ab12.serve", None, False, "127.0.0.1", 8000, 60.0), name="rayudf-ab12")   # doctest: +SKIP
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request) at runtime.
@@ -28,12 +32,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
 from sql_magics.errors import ParseError
+from sql_magics.serving.directory import app_directory_name
 from sql_magics.serving.metrics import Metrics
 from sql_magics.serving.openai_api import (
     DONE,
@@ -56,6 +62,7 @@ from sql_magics.serving.requests import (
     MAX_BODY_BYTES,
     QueryStoppedError,
     RequestError,
+    RestartingError,
     UnknownFunctionError,
     arrow_columns,
     inputs_arguments,
@@ -66,6 +73,7 @@ from sql_magics.serving.requests import (
 )
 from udf_engine.errors import BatchTimeoutError, ModelError, RayUDFError, WorkerError
 from udf_engine.models.loaders import PROMPT_INPUT, TEXT_INPUT
+from udf_engine.ray_runtime import NAMESPACE
 
 VERSION_HEADER = "X-RayUDF-Version"
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -79,8 +87,14 @@ MAX_ONGOING_REQUESTS = 256
 # and how often it looks whether they have.
 DRAIN_TIMEOUT_S = 30.0
 DRAIN_POLL_S = 0.2
-# After the directory cannot be reached (the session stopping, or restarting it), wait this long before asking again.
+# After the directory cannot be reached (the session stopping, a deployed app's owner restarting), wait this long before asking again.
 _DIRECTORY_RETRY_S = 1.0
+# How long a replica's first request waits for the directory's first answer before it answers 503.
+_FIRST_ANSWER_S = 10.0
+# What a 503 tells the caller to wait (Retry-After), in seconds: an owner that came back registers its functions in some.
+RETRY_AFTER_S = 5
+# A replica whose directory is out of reach this long fails Serve's health check: Serve replaces it.
+UNREACHABLE_S = 60.0
 # After following the directory failed otherwise (a fault of ours: logged), wait this long, doubled at each failure in
 # a row up to the most: the replica keeps trying to learn new versions, without filling its log with one error.
 _FOLLOW_RETRY_S, _FOLLOW_RETRY_MOST_S = 1.0, 30.0
@@ -98,7 +112,7 @@ def _status(err: BaseException) -> int:
         return 504
     if isinstance(err, ModelError):
         return 422
-    if isinstance(err, WorkerError):
+    if isinstance(err, WorkerError | RestartingError | ray.exceptions.RayError):  # workers or their owner gone: they come back
         return 503
     if isinstance(err, RayUDFError | ParseError):
         return 400
@@ -107,12 +121,19 @@ def _status(err: BaseException) -> int:
 
 def error_answer(err: Exception, endpoint: str, *, openai: bool = False) -> JSONResponse:
     """The answer to a request that raised: its own message for the caller's or the model's error; for a
-    fault of the server (500), one line with the error's type and an id, the traceback logged under that id.
+    fault of the server (500), one line with the error's type and an id, the traceback logged under that id;
+    for workers gone (503), ours ("function f is restarting") or a line with an id, and ``Retry-After``.
     ``openai``: in OpenAI's error shape."""
     status = _status(err)
-    if status != 500:
+    if status not in (500, 503):
         return _error(status, str(err) or type(err).__name__, openai=openai)
     incident = secrets.token_hex(4)
+    if status == 503:  # Ray's words (actor ids, pids, addresses) are the log's, not the caller's
+        _log.warning("%s answered 503 (error id %s)", endpoint, incident, exc_info=err)
+        said = str(err) if isinstance(err, RestartingError) else f"the function's workers are restarting; try again (error id {incident})"
+        answer = _error(503, said, openai=openai)
+        answer.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return answer
     _log.error("%s answered 500 (error id %s)", endpoint, incident, exc_info=err)
     return _error(500, f"internal error ({type(err).__name__}); the server's log has it as error id {incident}", openai=openai)
 
@@ -121,25 +142,31 @@ def _error(status: int, message: str, *, openai: bool = False) -> JSONResponse:
     return JSONResponse(error_body(status, message) if openai else {"error": message}, status_code=status)
 
 
+class DirectoryLost(Exception):  # noqa: N818 - a state, not a failure
+    """The directory is out of reach: no actor of its name (a deployed app's owner restarting), or Ray says it is gone."""
+
+
 async def follow_directory(
-    ask: Callable[[int], Awaitable[tuple[int, Any] | None]], apply: Callable[[Any], Awaitable[None]], revision: int, who: str
+    ask: Callable[[int], Awaitable[tuple | None]], apply: Callable[..., Awaitable[None]], lose: Callable[[], None],
+    revision: int, who: str,
 ) -> None:
     """A replica's follow of the directory, for its whole life: ``ask(revision)`` waits for news newer than
-    ``revision`` (None: none yet), ``apply(entries)`` takes them in. No error ends it: the directory out of
-    reach is asked again after _DIRECTORY_RETRY_S; any other error (taking news in included, which is then
-    asked for again) is logged with its traceback and followed by a pause that grows while it fails."""
-    import ray
-
+    ``revision`` (None: none yet), ``apply(*news[1:])`` takes them in. No error ends it: the directory out of
+    reach is ``lose()``-t and asked again, from revision 0 (a new directory numbers anew), after
+    _DIRECTORY_RETRY_S; any other error (taking news in included, which is then asked for again) is logged
+    with its traceback and followed by a pause that grows while it fails."""
     pause = _FOLLOW_RETRY_S
     while True:
         try:
             try:
                 news = await ask(revision)
-            except ray.exceptions.RayError:  # the session stopping, or restarting the directory: no fault, ask again
+            except (ray.exceptions.RayError, DirectoryLost):  # the session stopping, an owner restarting: no fault, ask again
+                lose()
+                revision = 0
                 await asyncio.sleep(_DIRECTORY_RETRY_S)
                 continue
             if news is not None:
-                await apply(news[1])
+                await apply(*news[1:])
                 revision = news[0]
             pause = _FOLLOW_RETRY_S
         except Exception:  # noqa: BLE001 - a replica that stops following answers with old versions for ever: log, pause, go on
@@ -313,6 +340,7 @@ def _arrow_bytes(table: pa.Table) -> bytes:
 @serve.deployment(
     ray_actor_options={"num_cpus": 0},  # a replica reserves nothing: the workers hold the cores
     max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    max_surge_percent=100,  # a changed app (its token, say) keeps its old replicas answering until the new ones are up
     graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
     graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
 )
@@ -321,9 +349,13 @@ class Ingress:
     """One replica of a session's HTTP tier."""
 
     def __init__(
-        self, directory: Any, token: str | None, allow_scripts: bool, host: str, port: int, request_timeout_s: float
+        self, directory_name: str | None, token: str | None, allow_scripts: bool, host: str, port: int, request_timeout_s: float,
+        owner: Any = None,
     ) -> None:
-        self._directory = directory  # the session's Directory actor
+        # the Directory actor's name (in NAMESPACE), looked up again once it is lost; None: this deployed app's
+        self._directory_name = directory_name or app_directory_name()
+        self._directory: Any = None
+        self._owner = owner  # a deployed app's Owner (sql_magics.front.deploy): bound here so that Serve deploys it with the app
         self._token = f"Bearer {token}".encode() if token else None
         self._allow_scripts = allow_scripts
         self._hosts = allowed_hosts(host)  # the names a request may say it is for (None: any)
@@ -331,30 +363,54 @@ class Ingress:
         self._timeout_s = request_timeout_s  # how long a select list may run
         self._id = secrets.token_hex(4)  # how this replica reports to the directory
         self._metrics = Metrics()
-        self._functions: Functions | None = None  # once the directory first answered
-        self._starting = asyncio.Lock()
+        self._functions: Functions | None = None  # from the first request on
+        self._heard: asyncio.Event | None = None  # set once the directory first answered, or was found out of reach
         self._following: asyncio.Task | None = None  # kept: the loop holds its tasks weakly, and its failure is logged
 
     # -- following the directory -----------------------------------------------------------
 
     async def _ready(self) -> Functions:
-        async with self._starting:
-            if self._functions is None:
-                functions = Functions(asyncio.get_running_loop(), self._metrics)
-                revision, entries = await self._directory.follow.remote(0, self._id, [], self._metrics.snapshot())
-                await asyncio.to_thread(functions.update, entries)
-                self._functions = functions
-                self._following = asyncio.get_running_loop().create_task(self._follow(functions, revision))
+        """The replica's functions, following the directory from the first request on (which waits for its first answer)."""
+        if self._functions is None:
+            self._functions, self._heard = Functions(asyncio.get_running_loop(), self._metrics), asyncio.Event()
+            self._following = asyncio.get_running_loop().create_task(self._follow(self._functions, self._heard))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._heard.wait()), _FIRST_ANSWER_S)
+        except TimeoutError:
+            pass  # still nothing: its requests answer 503
         return self._functions
 
-    async def _follow(self, functions: Functions, revision: int) -> None:
-        async def ask(known: int) -> tuple[int, Any] | None:
-            return await self._directory.follow.remote(known, self._id, functions.in_use(), self._metrics.snapshot())
+    def _directory_actor(self) -> Any:
+        if self._directory is None:
+            try:
+                self._directory = ray.get_actor(self._directory_name, namespace=NAMESPACE)
+            except ValueError:
+                raise DirectoryLost(self._directory_name) from None
+        return self._directory
 
-        async def apply(entries: Any) -> None:
-            await asyncio.to_thread(functions.update, entries)
+    async def _follow(self, functions: Functions, heard: asyncio.Event) -> None:
+        async def ask(known: int) -> tuple | None:
+            return await self._directory_actor().follow.remote(known, self._id, functions.in_use(), self._metrics.snapshot())
 
-        await follow_directory(ask, apply, revision, f"replica {self._id}")
+        async def apply(entries: Any, starting: Any) -> None:
+            await asyncio.to_thread(functions.update, entries, starting)
+            heard.set()
+
+        def lose() -> None:
+            self._directory = None
+            functions.lose()
+            heard.set()
+
+        await follow_directory(ask, apply, lose, 0, f"replica {self._id}")
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica that has not reached its directory (and so its functions) for
+        UNREACHABLE_S fails it, and Serve replaces it."""
+        functions = self._functions
+        if self._following is not None and self._following.done():
+            raise RuntimeError("this replica stopped following its directory")
+        if functions is not None and functions.lost_at is not None and time.monotonic() - functions.lost_at > UNREACHABLE_S:
+            raise RuntimeError(f"this replica has not reached its directory {self._directory_name} for {UNREACHABLE_S:g} s")
 
     # -- answering -------------------------------------------------------------------------
 
@@ -392,15 +448,20 @@ class Ingress:
         return response
 
     @app.get("/healthz")
+    @app.get("/readyz")
     async def healthz(self, request: Request) -> Response:
+        """200 while every function has a live worker; 503 (with Retry-After) while one has none, is still to
+        come, or the directory is out of reach: a load balancer's or Kubernetes' probe."""
         try:
             _check_origin(request, self._hosts, self._port)
-            functions = await self._ready()
+            ok, body = await (await self._ready()).health()
         except _Refused as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
         except Exception as err:  # noqa: BLE001 - an answer, logged, as every endpoint's
             return error_answer(err, "healthz")
-        return JSONResponse({"status": "ok", "functions": sorted(functions.by_name)})
+        if ok:
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.get("/v1/functions")
     async def list_functions(self, request: Request) -> Response:
@@ -500,7 +561,11 @@ class Ingress:
     @app.get("/metrics")
     async def metrics(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
-            snapshots = {**await self._directory.metrics.remote(), self._id: self._metrics.snapshot()}  # this replica's now
+            try:
+                others = await self._directory_actor().metrics.remote()
+            except (ray.exceptions.RayError, DirectoryLost):  # an owner restarting: this replica's alone
+                others = {}
+            snapshots = {**others, self._id: self._metrics.snapshot()}  # this replica's now
             merged = Metrics.merged(list(snapshots.values()))
             for function in self._functions.by_name.values():
                 if _generates(function):
@@ -515,7 +580,7 @@ class Ingress:
         async def work(pins: Pins) -> Response:
             if not self._allow_scripts:
                 raise _Refused(403, "/run/script is off: a script can read files and run Python; start the server with --allow-scripts")
-            answer = await self._directory.run_script.remote(await _params(request, json_only=True))
+            answer = await self._directory_actor().run_script.remote(await _params(request, json_only=True))
             return JSONResponse(answer["body"], status_code=answer["status"])
 
         return await self._answer(request, "script", work, scores=False)

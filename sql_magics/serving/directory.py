@@ -1,10 +1,10 @@
 """The directory: which functions and versions a session serves, told to its Serve replicas.
 
-The serving session publishes a new revision whenever a function is registered, swapped or
-removed. Each replica follows the directory (a long poll: the answer comes as soon as a newer
-revision exists) and reports, with each poll, the revision it runs on, the versions its requests
-in flight still use, and its metrics; the session keeps a version's workers up until no replica
-can still answer with it. ``/run/script`` requests travel through it to the session, which runs
+The serving session (its :class:`~sql_magics.serving.publisher.Publisher`) publishes a new revision
+whenever a function is registered, swapped or removed. Each replica follows the directory (a long
+poll: the answer comes as soon as a newer revision exists) and reports, with each poll, the revision
+it runs on, the versions its requests in flight still use, and its metrics; the session keeps a
+version's workers up until no replica can still answer with it. ``/run/script`` requests travel through it to the session, which runs
 them and answers.
 
 Example:
@@ -20,6 +20,24 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from udf_engine.ray_runtime import actor_name
+
+
+def app_directory_name(app: str | None = None) -> str:
+    """The name of a deployed app's directory (``rayudf deploy``): from the app's name, which a replica
+    of the app reads from Serve's context when ``app`` is None.
+
+    Example:
+        >>> app_directory_name("scores")
+        'rayudf.app.scores'
+    """
+    if app is None:
+        from ray import serve
+
+        app = serve.get_replica_context().app_name
+    return actor_name("app", app)
+
 
 # How long a replica's follow() waits for a newer revision before it answers "no change": also how
 # often a replica reports at the least, so a replica silent for REPLICA_SILENT_S is gone.
@@ -73,29 +91,33 @@ class Directory:
     def __init__(self) -> None:
         self._revision = 0  # bumped by each publish
         self._functions: dict[str, FunctionEntry] = {}
+        self._starting: tuple[str, ...] = ()  # functions to come (an owner running its script): replicas answer 503 for them
         self._changed = asyncio.Condition()
         self._reports: dict[str, _Report] = {}  # by replica id
         self._scripts: asyncio.Queue = asyncio.Queue()  # (job id, request) for the session to run
         self._answers: dict[int, asyncio.Future] = {}
         self._jobs = itertools.count(1)
 
-    async def publish(self, functions: dict[str, FunctionEntry]) -> int:
-        """The session's functions now; returns their revision."""
+    async def publish(self, functions: dict[str, FunctionEntry], starting: list[str] | tuple[str, ...] = ()) -> int:
+        """The session's functions now, and the names of those still to come (``starting``); returns their revision."""
         async with self._changed:
             self._revision += 1
-            self._functions = dict(functions)
+            self._functions, self._starting = dict(functions), tuple(starting)
             self._changed.notify_all()
             return self._revision
 
-    async def follow(self, known: int, replica: str, busy: list[str], metrics: dict) -> tuple[int, dict[str, FunctionEntry]] | None:
-        """A replica's poll: (revision, functions) once newer than ``known`` (None after FOLLOW_WAIT_S without one)."""
+    async def follow(
+        self, known: int, replica: str, busy: list[str], metrics: dict
+    ) -> tuple[int, dict[str, FunctionEntry], tuple[str, ...]] | None:
+        """A replica's poll: (revision, functions, names still to come) once newer than ``known`` (None after
+        FOLLOW_WAIT_S without one). A replica that lost its directory asks with ``known`` 0: this one's news."""
         self._reports[replica] = _Report(known, frozenset(busy), metrics)
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self._revision > known), FOLLOW_WAIT_S)
             except TimeoutError:
                 return None
-            return self._revision, dict(self._functions)
+            return self._revision, dict(self._functions), self._starting
 
     def reports(self) -> dict[str, tuple[int, frozenset[str]]]:
         """What each replica heard from recently says: (revision it runs on, keys of versions it still uses)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,12 +48,13 @@ from sql_magics.serving.requests import (
     PredictRequest,
     QueryStoppedError,
     RequestError,
+    RestartingError,
     UnknownFunctionError,
 )
 from sql_magics.serving.select_list import query
 from udf_engine.actors.builder import RemoteUDF
 from udf_engine.actors.failures import Partial
-from udf_engine.errors import InputError, ModelError, RayUDFError, RowError
+from udf_engine.errors import BatchTimeoutError, InputError, ModelError, RayUDFError, RowError, WorkerError
 
 # Threads that run requests' DuckDB queries: each one waits while its model calls are coalesced,
 # so there are as many as requests that may be coalesced into one call, and more.
@@ -65,6 +67,8 @@ QUERY_MEMORY_LIMIT = "512MB"
 MAX_RESULT_ROWS = 1_000_000
 # How often a stopped query is interrupted again until its thread lets go of it.
 _INTERRUPT_EVERY_S = 0.1
+# How long a health check waits for a function's master to count its live workers.
+HEALTH_TIMEOUT_S = 5.0
 _local = threading.local()  # the Pins of the request a query thread runs
 
 
@@ -86,6 +90,14 @@ class VersionClient:
     def stats(self) -> list[dict]:
         """The workers' statistics (blocking: run it on a thread)."""
         return self._udf.stats()
+
+    async def live_workers(self) -> int:
+        """How many of the version's workers Ray says are alive (0 when its master does not answer in time)."""
+        try:
+            rows = await asyncio.wait_for(self._udf.master.stats.remote(), HEALTH_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a master gone or too slow: no worker to count on
+            return 0
+        return sum(bool(row.get("alive")) for row in rows)
 
 
 @dataclass
@@ -174,8 +186,9 @@ def _joined(matrices: Sequence[Any]) -> Any:
 class Pins:
     """The version a request uses of each function it calls, chosen at its first call of it."""
 
-    def __init__(self, functions: dict[str, Function], busy: Counter) -> None:
+    def __init__(self, functions: dict[str, Function], busy: Counter, restarting: frozenset[str] | None = frozenset()) -> None:
         self._functions = functions  # as they were when the request came
+        self._restarting = restarting  # names to answer 503 for (None: every name the replica does not know: its directory is lost)
         self._busy = busy  # the replica's count of requests in flight per version key
         # Every version the request may still choose is in use until it ends: the session keeps its workers.
         self._held = [client.key for function in functions.values() for client, _ in function.versions]
@@ -187,6 +200,8 @@ class Pins:
 
     def function(self, name: str) -> Function:
         function = self._functions.get(name)
+        if function is None and (self._restarting is None or name in self._restarting):
+            raise RestartingError(f"function {name} is restarting; try again in a few seconds")
         if function is None:
             raise UnknownFunctionError(f"no function named {name!r} is served (GET /v1/functions lists them)")
         return function
@@ -209,19 +224,27 @@ class Pins:
 
 
 class Functions:
-    """The functions a replica serves, kept as the directory tells them."""
+    """The functions a replica serves, kept as the directory tells them.
+
+    While the directory is out of reach (the app's owner died: it comes back and registers its functions
+    again), the replica knows no function: every call answers 503, "restarting". So do the functions the
+    directory names as still to come.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
         self._loop = loop  # the replica's event loop, where calls are coalesced
         self._metrics = metrics
         self.by_name: dict[str, Function] = {}
+        self.starting: frozenset[str] = frozenset()  # functions the directory says are still to come
+        self.lost_at: float | None = time.monotonic()  # since when the directory is out of reach (None: it answers)
         self.busy: Counter[str] = Counter()  # requests in flight per version key
         self._clients: dict[str, VersionClient] = {}
         self._sql: _RequestSQL | None = None
         self._queries = ThreadPoolExecutor(QUERY_THREADS, thread_name_prefix="rayudf-query")
 
-    def update(self, entries: dict[str, FunctionEntry]) -> None:
-        """Take the directory's functions (blocking: clients ask the masters for their workers)."""
+    def update(self, entries: dict[str, FunctionEntry], starting: Sequence[str] = ()) -> None:
+        """Take the directory's functions, and the names of those still to come (blocking: clients ask the
+        masters for their workers)."""
         keys = {v.key for entry in entries.values() for v in entry.versions}
         clients = {k: c for k, c in self._clients.items() if k in keys}
         for entry in entries.values():
@@ -233,9 +256,32 @@ class Functions:
         if self._sql is None or self._sql.returns != {n: f.returns for n, f in functions.items()}:
             self._sql = _RequestSQL({n: f.returns for n, f in functions.items()}, self._loop)
         self._clients, self.by_name = clients, functions
+        self.starting, self.lost_at = frozenset(starting), None
+
+    def lose(self) -> None:
+        """The directory is out of reach: its functions' workers went with their owner (or will come back with it)."""
+        if self.lost_at is None:
+            self.lost_at = time.monotonic()
+        self._clients, self.by_name = {}, {}
 
     def pins(self) -> Pins:
-        return Pins(self.by_name, self.busy)
+        return Pins(self.by_name, self.busy, None if self.lost_at is not None else self.starting)
+
+    async def health(self) -> tuple[bool, dict]:
+        """Whether every function has a live worker, with what /healthz says: the functions, their live
+        workers, and those restarting (all of them while the directory is out of reach)."""
+        if self.lost_at is not None:
+            return False, {"status": "restarting", "functions": [], "workers": {}}
+        functions = dict(self.by_name)
+        counts = await asyncio.gather(*(
+            asyncio.gather(*(client.live_workers() for client, _ in f.versions)) for f in functions.values()
+        ))
+        workers = {name: sum(c) for name, c in zip(functions, counts, strict=True)}
+        ok = not self.starting and all(workers.values())
+        body = {"status": "ok" if ok else "unavailable", "functions": sorted(functions), "workers": workers}
+        if self.starting:
+            body["restarting"] = sorted(self.starting)
+        return ok, body
 
     def in_use(self) -> list[str]:
         """Keys of the versions requests in flight use."""
@@ -249,8 +295,11 @@ class Functions:
         if call.matrix is None:
             return call.scored([], function.arrow_type)
         outcome = await function.coalesced((client, call.matrix))
-        if outcome.error is not None:
-            raise call.placed(outcome.error) if isinstance(outcome.error, RowError) else outcome.error
+        error = outcome.error
+        if isinstance(error, WorkerError) and not isinstance(error, BatchTimeoutError):  # its words (actor ids, pids) go to the log
+            raise RestartingError(f"function {name} has no live worker now (they are restarting); try again in a few seconds") from error
+        if error is not None:
+            raise call.placed(error) if isinstance(error, RowError) else error
         return call.scored(outcome.outputs, function.arrow_type)
 
     async def predict(self, ask: PredictRequest, pins: Pins, timeout_s: float) -> pa.Table:

@@ -56,6 +56,11 @@ class QueryStoppedError(RequestError):
     """A select list stopped because its request ran past its time limit (answered 504), or its client went away."""
 
 
+class RestartingError(RayUDFError):
+    """A function the server cannot answer for now: it is (re)starting, or its workers are all gone.
+    Answered 503 with Retry-After: the same request succeeds once its workers are back."""
+
+
 @dataclass
 class PredictRequest:
     """The rows of a ``/model/predict`` request, and the select list to evaluate over them."""
