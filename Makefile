@@ -52,7 +52,7 @@ test: setup chromium lint
 	$(BIN)/python -m pytest
 
 # The benchmarks (README, "Performance"): SQL scoring, about 15 minutes, writes bench/RESULTS.md;
-# serving (docs/serving.md), about 4 minutes, writes bench/SERVING.md; interactive speed (a new
+# serving (docs/serving.md), both ingress modes, about 8 minutes, writes bench/SERVING.md; interactive speed (a new
 # session's first registrations), about 6 minutes, writes bench/INTERACTIVE.md; streaming
 # (docs/streaming.md), about 3 minutes, writes bench/STREAMING.md; text models, about 12 minutes for
 # 1,000 texts (MiniLM-shaped models on 2 cores score tens of texts a second), writes bench/TEXT.md;

@@ -8,7 +8,8 @@ The same model answers ``POST {"inputs": [[...], ...]}`` in three ways:
 
 Load comes from this process, on loopback, bounded in requests: latency at concurrency 1, and
 rows/s at concurrency 32 for 1-row and 1,000-row requests; the mean number of requests each call
-to the model took. The contenders take turns (rounds interleaved); the report quotes medians.
+to the model took. The contenders take turns (rounds interleaved); the report quotes medians. Each
+ingress mode of Serve (``--ingress``: HAProxy, Serve's own proxy) runs on a Ray of its own.
 
 Example:
     $ python -m bench.serving --rounds 1 --requests 100       # a quick look
@@ -35,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from bench.data import build_model, start_ray
+from sql_magics.serving.ingress import INGRESS_MODES, INGRESS_VARIABLE
 
 # The coalescing options every contender that coalesces gets (rayudf's defaults).
 MAX_BATCH_SIZE = 32
@@ -49,6 +51,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-requests", type=int, default=1000, help="1-row requests of a run at concurrency 32")
     p.add_argument("--bulk-requests", type=int, default=64, help="1,000-row requests of a run at concurrency 32")
     p.add_argument("--models", default="xgboost,keras", help="which models: xgboost, keras or both")
+    p.add_argument("--ingress", default="haproxy,proxy", help="Serve's ingress: haproxy (HAProxy, high-throughput mode), proxy, or both")
     p.add_argument("--workdir", type=Path, default=Path("bench_data"), help="where the models go")
     p.add_argument("--out", type=Path, default=Path("bench/SERVING.md"), help="the report")
     return p.parse_args(argv)
@@ -244,12 +247,6 @@ def _batch_counts(metrics: str, function: str) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    import httpx
-    import ray
-    from ray import serve
-
-    from sql_magics import Session
-
     command = " ".join(["python -m bench.serving", *(argv if argv is not None else sys.argv[1:])])
     work = args.workdir
     builds = {
@@ -257,20 +254,38 @@ def main(argv: list[str] | None = None) -> int:
         "keras": lambda: (build_model(work / "mlp_784.keras", width=784), 784),
     }
     models = {kind: builds[kind]() for kind in args.models.split(",")}
+    results: dict[tuple[str, str, str, str], list[float]] = {}
+    for mode in args.ingress.split(","):  # each on a Ray of its own: Serve's controller starts in the mode
+        os.environ[INGRESS_VARIABLE] = mode
+        _measure(args, models, mode, results)
+    _report(args, command, results)
+    return 0
+
+
+def _measure(args, models: dict, mode: str, results: dict) -> None:
+    """Every contender in ingress ``mode``, ``args.rounds`` interleaved rounds, into ``results``."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from sql_magics import Session
+
+    work = args.workdir
     start_ray()
     session = Session(warm="none")
     port = _free_port()
     for kind, (path, _) in models.items():
         session.register_model(f"m_{kind}", path, workers=2, max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     server = session.serve(port=port)
+    print(repr(server), flush=True)
     peer = peer_deployment()
     for kind, (path, _) in models.items():
         serve.run(peer.bind(kind, str(path)), name=f"peer_{kind}", route_prefix=f"/peer/{kind}", blocking=False)
-    results: dict[tuple[str, str, str], list[float]] = {}
+    _wait(f"{server.url}/peer/{list(models)[0]}/stats")
 
     def record(key: tuple[str, str, str], value: float) -> None:
-        results.setdefault(key, []).append(value)
-        print(f"  {' / '.join(key)}: {value:,.4g}", flush=True)
+        results.setdefault((mode, *key), []).append(value)
+        print(f"  {mode} / {' / '.join(key)}: {value:,.4g}", flush=True)
 
     for kind, (path, width) in models.items():
         limit_port = _free_port()
@@ -284,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         for url in urls.values():  # warm: graphs traced, connections open
             asyncio.run(_load(url, one[:50], 4))
         for round_ in range(args.rounds):
-            print(f"{kind}: round {round_ + 1}/{args.rounds}", flush=True)
+            print(f"{mode} {kind}: round {round_ + 1}/{args.rounds}", flush=True)
             for name, url in urls.items():
                 _, latencies = asyncio.run(_load(url, one[: args.requests], 1))
                 latencies.sort()
@@ -309,8 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     server.stop()
     session.close()
     ray.shutdown()
-    _report(args, command, results)
-    return 0
 
 
 def _report(args, command: str, results: dict) -> None:
@@ -327,19 +340,25 @@ def _report(args, command: str, results: dict) -> None:
         f"on loopback from one load generator on this machine. rayudf: 2 UDFWorkers, 1 replica; the peer: 1 replica "
         f"holding the model; both coalesce with max_batch_size={MAX_BATCH_SIZE}, batch_wait_timeout_s={BATCH_WAIT_S}.",
         "",
-        "| model | measure | rayudf | peer (Ray Serve) | limit (uvicorn) | rayudf / peer | target |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "Ingress: Serve's own proxy, or HAProxy (Serve's high-throughput mode: `RAY_SERVE_ENABLE_HA_PROXY=1`, "
+        "`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`), for rayudf and the peer alike (sql_magics.serving.ingress); the limit has none.",
+        "",
+        "| model | ingress | measure | rayudf | peer (Ray Serve) | limit (uvicorn) | rayudf / peer | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for kind in args.models.split(","):
         label = "XGBoost, 16 columns" if kind == "xgboost" else "Keras MLP 784-512-10"
-        for measure, unit, target in (
-            ("p50_ms", "ms", "<= 1.2x"), ("p99_ms", "ms", ""), ("rows_per_s_1row", "rows/s", ">= 1.0x"),
-            ("rows_per_s_1000rows", "rows/s", ">= 1.0x"), ("mean_batch", "requests", ">= 8"),
-        ):
-            values = [m.get((kind, name, measure)) for name in ("rayudf", "peer", "limit")]
-            shown = ["" if v is None else f"{v:,.1f}" for v in values]
-            ratio = f"{values[0] / values[1]:.2f}x" if values[0] is not None and values[1] else ""
-            lines.append(f"| {label} | {measure} ({unit}) | {shown[0]} | {shown[1]} | {shown[2]} | {ratio} | {target} |")
+        for mode in args.ingress.split(","):
+            for measure, unit, target in (
+                ("p50_ms", "ms", "<= 1.2x"), ("p99_ms", "ms", ""), ("rows_per_s_1row", "rows/s", ">= 1.0x"),
+                ("rows_per_s_1000rows", "rows/s", ">= 1.0x"), ("mean_batch", "requests", ">= 8"),
+            ):
+                values = [m.get((mode, kind, name, measure)) for name in ("rayudf", "peer", "limit")]
+                shown = ["" if v is None else f"{v:,.1f}" for v in values]
+                ratio = f"{values[0] / values[1]:.2f}x" if values[0] is not None and values[1] else ""
+                lines.append(
+                    f"| {label} | {INGRESS_MODES[mode]} | {measure} ({unit}) | {shown[0]} | {shown[1]} | {shown[2]} | {ratio} | {target} |"
+                )
     lines += ["", "All rounds:", ""]
     lines += [f"- {' / '.join(key)}: " + ", ".join(f"{v:,.4g}" for v in values) for key, values in results.items()]
     args.out.parent.mkdir(parents=True, exist_ok=True)

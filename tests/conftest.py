@@ -213,42 +213,68 @@ def named_actors(prefix: str, timeout_s: float = 10.0) -> list[str]:
 def ray_head(*args: str, env: dict, port: int | None = None, dashboard_port: int | None = None) -> Iterator[str]:
     """A ``ray start --head`` of the test's own (extra ``args``, ``env``), on its own temp dir and
     ``port`` (a free one by default), with a dashboard on ``dashboard_port`` if given: yields its
-    address. Stopped by killing the processes it started (its process group, and what runs from
-    its temp dir, such as nodes an autoscaler added), nothing else."""
+    address. Stopped by killing the processes it started, nothing else (see :func:`ray_start`)."""
+    from ray._private.services import node_ip_address_from_perspective
+
+    port = port or free_port()
+    address = f"{node_ip_address_from_perspective()}:{port}"  # where `ray start` puts its node
+    dashboard = (
+        ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"] if dashboard_port
+        else ["--include-dashboard=false"]
+    )
+    with ray_start("--head", f"--port={port}", *args, *dashboard, env=env):
+        yield address
+
+
+@contextmanager
+def ray_node(address: str, *args: str, env: dict) -> Iterator[int]:
+    """Another raylet of the cluster at ``address`` (``ray start --address``, extra ``args``), on a temp dir of
+    its own: yields the pid of its ``ray start`` (the leader of its process group). Losing the node is
+    ``os.killpg(pid, SIGKILL)``."""
+    with ray_start(f"--address={address}", *args, env=env) as pid:
+        yield pid
+
+
+@contextmanager
+def ray_start(*args: str, env: dict) -> Iterator[int]:
+    """``ray start --block`` with ``args`` on a temp dir of its own, in a process group of its own; yields its pid
+    once its raylet listens. Stopped by killing its process group and what runs from its temp dir (such as
+    nodes an autoscaler added), nothing else."""
     import shutil
     import signal
     import subprocess
     import tempfile
 
     import psutil
-    from ray._private.services import node_ip_address_from_perspective
 
-    port = port or free_port()
-    address = f"{node_ip_address_from_perspective()}:{port}"  # where `ray start` puts its node
     temp_dir = Path(tempfile.mkdtemp(prefix="rayudf-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    head = subprocess.Popen(
-        [ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--block", *args, *(
-            ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"] if dashboard_port
-            else ["--include-dashboard=false"]
-        )],
+    node = subprocess.Popen(
+        [ray_cli, "start", f"--temp-dir={temp_dir}", "--block", *args],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
         while not any(temp_dir.glob("session_*/sockets/raylet")):
-            assert time.monotonic() < deadline and head.poll() is None, "the head node did not start"
+            assert time.monotonic() < deadline and node.poll() is None, f"ray start {' '.join(args)} did not start"
             time.sleep(0.5)
-        yield address
+        yield node.pid
     finally:
         started = [p for p in psutil.process_iter(["cmdline"]) if any(str(temp_dir) in part for part in p.info["cmdline"] or [])]
-        os.killpg(head.pid, signal.SIGKILL)
+        try:  # and what they started, in groups of their own or not (Serve's HAProxy)
+            started += psutil.Process(node.pid).children(recursive=True)
+        except psutil.Error:
+            pass
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:  # lost already, by the test
+            pass
         for process in started:
             try:
                 process.kill()
             except psutil.Error:
                 pass
-        head.wait()
+        node.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

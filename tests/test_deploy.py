@@ -21,8 +21,11 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+import yaml
 
-from conftest import WORKER_CPUS, Weighted, free_port, ray_head, save_pickled
+from sql_magics.serving.ingress import INGRESS_MODES, ingress_mode
+
+from conftest import WORKER_CPUS, Weighted, free_port, ray_head, ray_node, save_pickled
 
 ROOT = Path(__file__).resolve().parents[1]
 RAYUDF = str(Path(sys.executable).with_name("rayudf"))
@@ -92,7 +95,7 @@ def titled(address: str, *prefixes: str) -> list[psutil.Process]:
 def test_a_deployed_app_outlives_its_launcher_and_comes_back_after_its_owner_and_workers_are_killed(cluster):
     done = deploy(cluster, str(script(cluster, "v1", V1)), "--name", "scores", "--port", str(cluster.port))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"deployed scores at {cluster.url} (functions: f)"
+    assert done.stdout.strip() == f"deployed scores at {cluster.url} (functions: f; ingress: {INGRESS_MODES[ingress_mode()]})"
     assert "INFO" not in done.stderr and "Token authentication" not in done.stderr  # Serve's and Ray's chatter is not the user's
     # the launcher has exited: Serve's controller, detached, keeps the app
     answer = ask(cluster)
@@ -102,26 +105,12 @@ def test_a_deployed_app_outlives_its_launcher_and_comes_back_after_its_owner_and
 
     victims = titled(cluster.address, "ray::ServeReplica:scores:Owner", "ray::UDFWorker")
     assert sorted(p.cmdline()[0].split(":")[-1].split(".")[0] for p in victims) == ["Owner", "UDFWorker"]
-    for process in victims:
-        process.send_signal(signal.SIGKILL)
-    refused, healths = [], []
-    deadline = time.monotonic() + BACK_WITHIN_S
-    while True:
-        health, answer = httpx.get(f"{cluster.url}/healthz", timeout=30), ask(cluster)
-        if health.status_code == answer.status_code == 200:
-            break
-        assert time.monotonic() < deadline, f"not back within {BACK_WITHIN_S:g} s: {health.status_code} {answer.text}"
-        if refused:  # once calls are refused, /healthz says so too (before, it may not have noticed the kill yet)
-            healths.append(health)
-        if answer.status_code != 200:
-            refused.append(answer)
-        time.sleep(0.2)
-    assert refused and healths, "the kill went unnoticed"
-    for answer in refused:
-        assert answer.status_code == 503 and answer.headers["retry-after"].isdigit(), answer.text
-        assert not _RAY_WORDS.search(answer.text), answer.text
-    assert {h.status_code for h in healths} == {503} and all(not _RAY_WORDS.search(h.text) for h in healths)
-    assert ask(cluster).json()["outputs"] == expected(V1)  # exact, from the owner Serve started again
+
+    def kill() -> None:
+        for process in victims:
+            process.send_signal(signal.SIGKILL)
+
+    back_after(cluster, kill)
 
 
 def under_load(cluster, change, **headers: str) -> tuple[list[httpx.Response], int, object]:
@@ -205,25 +194,59 @@ def documented_yaml() -> str:
     return re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
 
 
-def serve_deploy(cluster, weights: tuple[float, float], name: str) -> subprocess.CompletedProcess:
-    """``serve deploy`` of the YAML of docs/serving.md, its model one of ``weights``, on the cluster's address."""
+def serve_deploy(cluster, weights: tuple[float, float], name: str, change=lambda config: config) -> subprocess.CompletedProcess:
+    """``serve deploy`` of the YAML of docs/serving.md, its model one of ``weights``, on the cluster's address
+    (``change``: of the config, read)."""
     model = save_pickled(cluster.dir / f"{name}.pkl", Weighted(weights))
     config = documented_yaml()
     assert "import_path: sql_magics.front.deploy:app" in config
     config = config.replace("/models/scores.pkl", str(model)).replace("8000", str(cluster.port)).replace("0.0.0.0", "127.0.0.1")
     path = cluster.dir / f"{name}.yaml"
-    path.write_text(config)
+    path.write_text(yaml.safe_dump(change(yaml.safe_load(config))))
     env = {**cluster.env, "RAY_AUTH_MODE": "token"}  # Serve's CLI, unlike Ray's, does not look for the token by itself
     return subprocess.run([SERVE, "deploy", str(path), "-a", cluster.dashboard], capture_output=True, text=True, timeout=120, env=env)
+
+
+def wait_answering(cluster, within_s: float = 180.0) -> None:
+    deadline = time.monotonic() + within_s
+    while httpx.get(f"{cluster.url}/healthz", timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the app did not answer"
+        time.sleep(0.5)
+
+
+def back_after(cluster, fault, **headers: str) -> list[httpx.Response]:
+    """``fault()``, then calls until one is refused (Ray may take some seconds to learn of a lost node, and the
+    workers on other nodes answer meanwhile), then until /healthz and a call both answer 200 again, all within
+    BACK_WITHIN_S: the refused answers, each checked to be a 503 with Retry-After and none of Ray's words, as
+    /healthz's are."""
+    fault()
+    refused, healths = [], []
+    faulted = time.monotonic()
+    deadline = faulted + BACK_WITHIN_S
+    while True:
+        health, answer = httpx.get(f"{cluster.url}/healthz", timeout=30), ask(cluster, **headers)
+        if refused and health.status_code == answer.status_code == 200:
+            break
+        assert time.monotonic() < deadline, f"not back within {BACK_WITHIN_S:g} s: {health.status_code} {answer.text}"
+        if refused:  # once calls are refused, /healthz says so too (before, it may not have noticed the fault yet)
+            healths.append(health)
+        if answer.status_code != 200:
+            refused.append(answer)
+        time.sleep(0.2)
+    assert refused and healths, "the fault went unnoticed"
+    for answer in refused:
+        assert answer.status_code == 503 and answer.headers["retry-after"].isdigit(), answer.text
+        assert not _RAY_WORDS.search(answer.text), answer.text
+    assert {h.status_code for h in healths} == {503} and all(not _RAY_WORDS.search(h.text) for h in healths)
+    assert ask(cluster, **headers).json()["outputs"] == expected(V1)  # exact, from the owner Serve started again
+    print(f"back {time.monotonic() - faulted:.1f} s after the fault; {len(refused)} calls refused meanwhile")  # for the notes (-s)
+    return refused
 
 
 def test_the_documented_serve_config_deploys_and_swaps_a_changed_script_with_no_failed_request(cluster):
     done = serve_deploy(cluster, V1, "yaml_v1")
     assert done.returncode == 0, done.stderr
-    deadline = time.monotonic() + 180
-    while httpx.get(f"{cluster.url}/healthz", timeout=30).status_code != 200:
-        assert time.monotonic() < deadline, "the app of the documented config did not answer"
-        time.sleep(0.5)
+    wait_answering(cluster)
     assert ask(cluster).status_code == 401  # the config's token
     auth = {"Authorization": "Bearer s3cret"}
     answer = ask(cluster, **auth)
@@ -240,3 +263,43 @@ def test_the_documented_serve_config_deploys_and_swaps_a_changed_script_with_no_
     answers, settled, done = under_load(cluster, changed, **auth)
     assert done.returncode == 0, done.stderr
     assert_swapped(answers, settled)
+
+
+def test_losing_the_node_of_the_owner_brings_the_app_back_on_another(tmp_path):
+    """Three raylets: the head (Serve's controller and proxy), and two nodes the owner may run on (the resource
+    ``owner_node``, which the config asks for). The owner's node is lost (its processes SIGKILLed)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    dashboard, port = free_port(), free_port()
+    owner_nodes = ("--num-cpus=1", '--resources={"owner_node": 1}')
+    joining = {**env, "RAY_AUTH_MODE": "token"}  # `ray start --address` sends the head's token only when told to
+    with (
+        ray_head("--num-cpus=1", "--disable-usage-stats", env=env, dashboard_port=dashboard) as address,
+        ray_node(address, *owner_nodes, env=joining) as first,
+        ray_node(address, *owner_nodes, env=joining) as second,
+    ):
+        cluster = SimpleNamespace(
+            address=address, env=env, port=port, url=f"http://127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard}", dir=tmp_path,
+        )
+
+        def pinned(config: dict) -> dict:
+            config["proxy_location"] = "HeadOnly"  # one proxy on the port: the nodes share this machine
+            (owner,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Owner"]
+            owner["ray_actor_options"] = {"num_cpus": 0, "resources": {"owner_node": 0.01}}
+            return config
+
+        done = serve_deploy(cluster, V1, "node_v1", pinned)
+        assert done.returncode == 0, done.stderr
+        wait_answering(cluster)
+        auth = {"Authorization": "Bearer s3cret"}
+        assert ask(cluster, **auth).json()["outputs"] == expected(V1)
+        (holder,) = [
+            node for node in (first, second)
+            if any(p.cmdline()[0].startswith("ray::ServeReplica:scores:Owner") for p in psutil.Process(node).children(recursive=True))
+        ]
+
+        def lose() -> None:  # every process of the node at once: its raylet, its workers, what they started
+            node = psutil.Process(holder)
+            for process in [node, *node.children(recursive=True)]:
+                process.send_signal(signal.SIGKILL)
+
+        back_after(cluster, lose, **auth)

@@ -413,7 +413,7 @@ def test_run_script_takes_json_posts_only_and_nothing_from_other_sites(server, c
     rebound = {"Host": f"evil.example:{server.rsplit(':', 1)[1]}"}
     assert client.post("/run/script", json=script, headers=rebound).status_code == 421
     assert httpx.get(f"{server}/healthz", headers=rebound).status_code == 421
-    assert httpx.get(f"{server}/healthz", headers={"Host": "["}).status_code == 421
+    assert httpx.get(f"{server}/healthz", headers={"Host": "["}).status_code in (400, 421)  # HAProxy refuses it itself
     assert client.get("/v1/functions", headers={"Host": "localhost"}).status_code == 200  # loopback's names are this server's
 
 

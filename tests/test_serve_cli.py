@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from sql_magics.front.cli import main
+from sql_magics.serving.ingress import INGRESS_MODES, ingress_mode
 
 from conftest import WORKER_CPUS, Weighted, free_port, save_pickled
 
@@ -49,7 +50,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_exits_0(ray_address, model_d
     token_file.write_text("from-a-file\n")
     process, line = start(script, port, ray_address, "--token-file", str(token_file))
     try:
-        assert line == f"serving http://127.0.0.1:{port} (functions: slow)"
+        assert line == f"serving http://127.0.0.1:{port} (functions: slow; ingress: {INGRESS_MODES[ingress_mode()]})"
         url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer from-a-file"}
         assert httpx.post(f"{url}/v1/functions/slow", json={"inputs": [[1, 2]]}).status_code == 401
         assert httpx.post(f"{url}/run/script", json={"sql": "select 1"}, headers=auth).status_code == 403  # off without --allow-scripts

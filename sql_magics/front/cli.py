@@ -186,7 +186,7 @@ def serve(
         for warning in session.run(text, source_name=str(script), base_dir=script.parent).warnings:
             click.echo(f"warning: {warning}", err=True)
         handle = session.serve(**options)
-        click.echo(f"serving {handle.url} (functions: {', '.join(handle.functions)})")
+        click.echo(repr(handle))
         while not stop.wait(_SIGNAL_POLL_S):
             pass
         click.echo("stopping: the requests in flight finish", err=True)

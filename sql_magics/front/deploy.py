@@ -39,6 +39,7 @@ from ray import serve
 from sql_magics.language.parser import parse
 from sql_magics.serving.app import Ingress
 from sql_magics.serving.directory import app_directory_name
+from sql_magics.serving.ingress import INGRESS_MODES, controller_options, ingress_mode
 from sql_magics.serving.options import ServeOptions, read_serve_options
 from sql_magics.serving.server import check_binding, wait_healthy
 from udf_engine.errors import ConfigError, RayUDFError
@@ -221,9 +222,11 @@ class Deployed:
     name: str
     url: str
     functions: list[str]
+    ingress: str | None  # a key of INGRESS_MODES when this deploy started Serve (None: Serve ran already, as it was started)
 
     def __str__(self) -> str:
-        return f"deployed {self.name} at {self.url} (functions: {', '.join(self.functions) or 'none'})"
+        ingress = f"; ingress: {INGRESS_MODES[self.ingress]}" if self.ingress else ""
+        return f"deployed {self.name} at {self.url} (functions: {', '.join(self.functions) or 'none'}{ingress})"
 
 
 def deploy(name: str, args: dict, route_prefix: str = "/") -> Deployed:
@@ -234,7 +237,7 @@ def deploy(name: str, args: dict, route_prefix: str = "/") -> Deployed:
     if given.script is None:
         raise ConfigError("deploy: give the script's text (script) or a file of it (script_path)")
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines (Serve started, apps ready) are not the user's
-    _start_serve(settings)
+    ingress = _start_serve(settings)
     before = _owner_state(name)
     serve.run(app(args), name=name, route_prefix=route_prefix, blocking=False)
     digest = script_digest(given.script)
@@ -246,21 +249,27 @@ def deploy(name: str, args: dict, route_prefix: str = "/") -> Deployed:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{host}:{settings.port}{route_prefix.rstrip('/')}"
     wait_healthy(url, DEPLOYED_TIMEOUT_S)
-    return Deployed(name, url, state["functions"])
+    return Deployed(name, url, state["functions"], ingress)
 
 
-def _start_serve(settings: ServeOptions) -> None:
-    """Start Serve (detached: it outlives this process) on the options' address, or check the one running is there."""
+def _start_serve(settings: ServeOptions) -> str | None:
+    """Start Serve (detached: it outlives this process) on the options' address, in the ingress mode this machine
+    has (its mode then), or check that the Serve running is on that address (None)."""
     import ray
 
-    serve.start(http_options={"host": settings.host, "port": settings.port, "request_timeout_s": settings.request_timeout_s})
-    client = getattr(ray.serve.context, "_get_global_client", lambda: None)()
-    config = getattr(client, "http_config", None)
+    try:
+        config = ray.serve.context._get_global_client().http_config  # a private API: else Serve's own check alone
+    except Exception:  # noqa: BLE001 - no Serve yet (RayServeException), or another Serve's layout
+        config = None
     if config is not None and (config.host, config.port) != (settings.host, settings.port):
         raise ConfigError(
             f"deploy: Ray Serve on this cluster listens on {config.host}:{config.port} (one HTTP address per cluster); "
             f"deploy with --host {config.host} --port {config.port}"
         )
+    mode = None if config is not None else ingress_mode()
+    http = {"host": settings.host, "port": settings.port, "request_timeout_s": settings.request_timeout_s}
+    serve.start(http_options=http, controller_options=controller_options(mode) if mode else None)
+    return mode
 
 
 def _owner_state(name: str, timeout_s: float = 30.0) -> dict | None:

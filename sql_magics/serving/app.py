@@ -23,6 +23,7 @@ Example:
 import asyncio
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import secrets
@@ -195,11 +196,14 @@ def allowed_hosts(bound: str) -> frozenset[str] | None:
 
 
 def _check_origin(request: Request, hosts: frozenset[str] | None, port: int) -> None:
-    """Refuse a request for another host name (a DNS-rebinding page: 421), or one a web page of
-    another origin made a browser send (403): a browser says so in ``Sec-Fetch-Site`` on every
-    request (a cross-site GET from an ``<img>`` carries no Origin), and in ``Origin`` on a POST."""
+    """Refuse a request from another machine (403), for another host name (a DNS-rebinding page: 421),
+    or one a web page of another origin made a browser send (403): a browser says so in
+    ``Sec-Fetch-Site`` on every request (a cross-site GET from an ``<img>`` carries no Origin), and in
+    ``Origin`` on a POST. None of it when bound to every address (which needs a token)."""
     if hosts is None:
         return
+    if not _from_this_machine(request):
+        raise _Refused(403, f"this server answers this machine only (it is bound to {min(hosts)}), not {request.client.host}")
     try:
         host = urlsplit(f"//{request.headers.get('host', '')}").hostname
     except ValueError:  # not a host at all ("[")
@@ -212,6 +216,28 @@ def _check_origin(request: Request, hosts: frozenset[str] | None, port: int) -> 
     origin = request.headers.get("origin")
     if origin is not None and not _ours(origin, hosts, port):
         raise _Refused(403, f"requests from web pages of other origins are refused (Origin {origin!r})")
+
+
+def _from_this_machine(request: Request) -> bool:
+    """Whether the request's peer is this machine: loopback, or the address it came in on. Behind Serve's
+    proxy that is the caller the proxy took it from; with HAProxy, each replica answers HTTP on a port of
+    its own that Ray binds on every address, which a caller on another machine could reach.
+
+    Example:
+        >>> _from_this_machine(Request({"type": "http", "client": ("10.0.0.9", 5000), "server": ("10.0.0.5", 8000)}))
+        False
+        >>> _from_this_machine(Request({"type": "http", "client": ("10.0.0.5", 5000), "server": ("10.0.0.5", 8000)}))
+        True
+    """
+    peer, server = request.client, request.scope.get("server")
+    if peer is None:
+        return True  # no socket (an in-process call)
+    try:
+        if ipaddress.ip_address(peer.host).is_loopback:
+            return True
+    except ValueError:
+        return False
+    return server is not None and peer.host == server[0]
 
 
 def _ours(origin: str, hosts: frozenset[str], port: int) -> bool:

@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from sql_magics.models.registry import FunctionRegistry
+from sql_magics.serving.ingress import INGRESS_MODES, controller_options, ingress_mode
 from sql_magics.serving.options import TOKEN_VARIABLE, read_serve_options
 from sql_magics.serving.publisher import Publisher
 from udf_engine.errors import ConfigError, RayUDFError
@@ -50,9 +51,10 @@ class ServerHandle:
     url: str
     functions: list[str]
     stop: Callable[[], None]
+    ingress: str = "proxy"  # a key of INGRESS_MODES: HAProxy, or Serve's own proxy
 
     def __repr__(self) -> str:
-        return f"serving {self.url} (functions: {', '.join(self.functions) or 'none yet'})"
+        return f"serving {self.url} (functions: {', '.join(self.functions) or 'none yet'}; ingress: {INGRESS_MODES[self.ingress]})"
 
 
 def check_binding(host: str, token: str | None, allow_scripts: bool = False) -> None:
@@ -124,7 +126,11 @@ class Serving:
         try:
             self._publisher.start()
             self._serve_started = True
-            serve.start(http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s})
+            mode = ingress_mode()
+            serve.start(
+                http_options={"host": host, "port": port, "request_timeout_s": settings.request_timeout_s},
+                controller_options=controller_options(mode),
+            )
             serve.run(
                 Ingress.options(num_replicas=settings.replicas).bind(
                     self._publisher.directory_name, token, settings.allow_scripts, host, port, settings.request_timeout_s
@@ -136,7 +142,7 @@ class Serving:
         except BaseException:
             self._shutdown()
             raise
-        self._handle = ServerHandle(url, sorted(self._registry.model_functions()), self.stop)
+        self._handle = ServerHandle(url, sorted(self._registry.model_functions()), self.stop, mode)
         return self._handle
 
     def stop(self) -> None:
