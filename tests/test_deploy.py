@@ -175,6 +175,8 @@ def test_deploy_refuses_what_it_cannot_run_before_it_starts_anything(cluster):
     assert open_address.returncode == 2 and "give a token" in open_address.stderr
     assert deploy(cluster, "--delete", "nothing").stderr.startswith("error: deploy: no app named nothing runs on this cluster")
     assert deploy(cluster).returncode == 2  # neither a script, --status nor --delete
+    alone = subprocess.run([RAYUDF, "deploy", "--status"], capture_output=True, text=True, timeout=60, env=cluster.env)
+    assert alone.returncode == 2 and "give the Ray cluster (--ray-address or RAY_ADDRESS)" in alone.stderr  # not a Ray of its own
 
 
 def test_delete_stops_the_app_and_its_workers(cluster):

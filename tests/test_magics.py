@@ -44,6 +44,14 @@ def interrupt_when(ready, fired: list[float]) -> threading.Thread:
     return thread
 
 
+def fired_when(fired: list[float], started: float) -> str:
+    """What a failed interrupt test says: when the Ctrl-C went, after the cell started (never: ready() had not returned)."""
+    if not fired:
+        return "the Ctrl-C never went: ready() had not returned when the cell ended"
+    return (f"the Ctrl-C went {fired[0] - started:.1f} s after the cell started, and the cell ran on "
+            f"(SIGINT's handler now: {signal.getsignal(signal.SIGINT)!r})")
+
+
 @pytest.fixture
 def magic(ip):
     magic = ip.magics_manager.registry["SqlMagic"]
@@ -188,9 +196,10 @@ def test_interrupt_cancels_the_query_and_the_next_one_works(ip, magic, slow_mode
     scored_before = sum(s["rows"] for s in udf.stats())
     fired: list[float] = []
     timer = interrupt_when(lambda: sum(s["rows"] for s in udf.stats()) > scored_before, fired)  # the query runs
+    started = time.monotonic()
     _, error = run(ip, "%sql select sum(slow2(range::DOUBLE, 1.0)) from range(1000000)")
     timer.join()
-    assert isinstance(error, UsageError) and "interrupted" in str(error)
+    assert isinstance(error, UsageError) and "interrupted" in str(error), fired_when(fired, started)
     assert time.monotonic() - fired[0] < 30  # the full query would take over a minute
     result, error = run(ip, "%sql select slow2(2.0, 3.0) as y from range(1)")
     assert error is None and result.df["y"].tolist() == [5.0]
@@ -203,9 +212,10 @@ def test_an_interrupt_before_duckdb_runs_the_query_still_stops_it(ip, magic, slo
     timer = interrupt_when(lambda: any(".slow3." in name for name in named_actors("rayudf.", timeout_s=0)), fired)
     cell = (f'%%sql\nregister model.`{slow_model}` as slow3 where workers="1" and num_cpus="{WORKER_CPUS}" and batch_size="128";\n'
             "select sum(slow3(range::DOUBLE, 1.0)) from range(1000000)")
+    started = time.monotonic()
     _, error = run(ip, cell)
     timer.join()
-    assert isinstance(error, UsageError) and "interrupted" in str(error)
+    assert isinstance(error, UsageError) and "interrupted" in str(error), fired_when(fired, started)
     assert sum(s["rows"] for s in magic.session.functions["slow3"].udf.stats()) < 1_000_000  # the select stopped early
 
 

@@ -215,6 +215,8 @@ def deploy(
 
     if sum((script is not None, show_status, delete_name is not None)) != 1:
         raise click.UsageError("give a SCRIPT to deploy, --status or --delete NAME (one of them)")
+    if not (ray_address or os.environ.get("RAY_ADDRESS")):
+        raise _Failed("deploy: give the Ray cluster (--ray-address or RAY_ADDRESS): an app on a Ray of this command's would end with it", 2)
     args: dict[str, object] = {}
     if script is not None:
         options["token"] = _token(click.get_current_context(), options["token"], token_file)

@@ -1,7 +1,8 @@
 """Serving a session's functions over HTTP: Ray Serve started, the directory kept, versions leased.
 
 :class:`Serving` is what a session serves with (``Session.serve``, ``!serve``, ``rayudf serve``).
-Starting it starts Ray Serve (its proxy on every node, bound to ``host:port``), the session's
+Starting it starts Ray Serve (its ingress on every node, bound to ``host:port``: HAProxy where it is
+installed, :mod:`sql_magics.serving.ingress`), the session's
 publisher (:mod:`sql_magics.serving.publisher`: the directory that tells the replicas which functions
 and versions there are, kept up to date with every registration, swap and removal), and the app's
 replicas. Stopping deletes the app, which lets the requests in flight finish, then stops Serve.
