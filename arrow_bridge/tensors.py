@@ -157,6 +157,8 @@ def join_outputs(results: Sequence[Any]) -> Any:
     """Per-batch model outputs (arrays, dicts of arrays for a STRUCT, or lists) joined into one."""
     if not results:
         return np.empty(0)
+    if len(results) == 1:
+        return results[0]
     if isinstance(results[0], dict):
         return {k: join_outputs([r[k] for r in results]) for k in results[0]}
     if all(isinstance(r, np.ndarray) for r in results):
@@ -177,6 +179,8 @@ def slice_output(output: Any, start: int, stop: int) -> Any:
 
 
 def _convert(values: Any, target: pa.DataType) -> pa.Array:
+    if isinstance(values, pa.Array):  # converted already (a slice of a coalesced call's outputs)
+        return values if values.type == target else values.cast(target)
     if pat.is_struct(target):
         if not isinstance(values, dict):
             raise ModelError(f"declared a STRUCT result but the model returned {type(values).__name__}")

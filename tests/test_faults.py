@@ -195,3 +195,37 @@ def test_registering_again_during_a_query_is_a_rolling_swap(session, register, m
     assert models.loc["roll", "version"] == "2" and models.loc["roll", "workers"] == 1
     old_prefix = session.registry.actor_prefix("roll") + ".r1."
     assert named_actors(old_prefix, timeout_s=20) == []  # version 1's workers stopped once drained
+
+
+def test_batches_sent_from_an_event_loop_survive_what_sql_batches_survive(session, register, model_dir):
+    """``RemoteUDF.score_async`` (a Serve replica's calls, sent from its event loop): full workers, a worker
+    killed under its batches, the model's error on a row and a hung batch give what ``score`` gives."""
+    import asyncio
+
+    from udf_engine.errors import BatchTimeoutError, RowError
+
+    registered = register("looped", pickled(model_dir, "looped", Weighted(pause_s=0.5)), workers=2, batch_timeout_s=10)
+    udf = registered.udf
+    matrices = [np.array([[float(i), 1.0], [2.0, float(i)]]) for i in range(6)]
+
+    async def score_all(kill: int | None = None) -> list:
+        calls = [asyncio.ensure_future(udf.score_async(m)) for m in matrices]  # 6 batches for 4 slots: 2 wait on a thread
+        if kill is not None:
+            await asyncio.sleep(0.2)
+            os.kill(kill, signal.SIGKILL)
+        return await asyncio.gather(*calls)
+
+    for outputs, matrix in zip(asyncio.run(score_all()), matrices, strict=True):
+        np.testing.assert_array_equal(outputs[0], matrix @ WEIGHTS)
+    for outputs, matrix in zip(asyncio.run(score_all(kill=worker_pids(udf)[0])), matrices, strict=True):
+        np.testing.assert_array_equal(outputs[0], matrix @ WEIGHTS)  # none lost: sent again to the other worker
+    with pytest.raises(RowError, match=r"poison row") as raised:
+        asyncio.run(udf.score_async(np.array([[1.0, 1.0], [-1.0, 1.0]])))
+    with pytest.raises(RowError) as by_sql:
+        udf.score(np.array([[1.0, 1.0], [-1.0, 1.0]]))
+    assert str(raised.value) == str(by_sql.value)  # the row named as for SQL
+    started = time.monotonic()
+    with pytest.raises(BatchTimeoutError, match=r"function looped: a batch ran longer than batch_timeout_s=10 s"):
+        asyncio.run(udf.score_async(np.array([[-5.0, 1.0]])))
+    assert time.monotonic() - started < 40
+    np.testing.assert_array_equal(asyncio.run(udf.score_async(matrices[1]))[0], matrices[1] @ WEIGHTS)  # the function recovers

@@ -1,4 +1,4 @@
-"""The HTTP tier: a Ray Serve deployment whose FastAPI app answers for a session's model functions.
+"""The HTTP tier: a Ray Serve deployment that answers for a session's model functions (its routes: :mod:`sql_magics.serving.routes`).
 
 Endpoints:
 - ``GET|POST /model/predict``: Byzer's (``dataType``, ``data``, ``sql`` or ``pipeline``), as form
@@ -19,7 +19,8 @@ Example:
     >>> serve.run(Ingress.bind("rayudf.ab12.serve", None, False, "127.0.0.1", 8000, 60.0), name="rayudf-ab12")   # doctest: +SKIP
 """
 
-# No `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request) at runtime.
+from __future__ import annotations
+
 import asyncio
 import hmac
 import io
@@ -34,10 +35,10 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from sql_magics.errors import ParseError
 from sql_magics.serving.directory import app_directory_name
@@ -72,6 +73,7 @@ from sql_magics.serving.requests import (
     rows_json,
     values_json,
 )
+from sql_magics.serving.routes import Routes
 from udf_engine.errors import BatchTimeoutError, ModelError, RayUDFError, WorkerError
 from udf_engine.models.loaders import PROMPT_INPUT, TEXT_INPUT
 from udf_engine.ray_runtime import NAMESPACE
@@ -102,7 +104,7 @@ _FOLLOW_RETRY_S, _FOLLOW_RETRY_MOST_S = 1.0, 30.0
 # Serve's logger: a replica's records go to its Serve log (logs/serve/replica_*.log), with the request's id.
 _log = logging.getLogger("ray.serve.rayudf")
 
-app = FastAPI(title="rayudf", docs_url=None, redoc_url=None, openapi_url=None)
+routes = Routes()
 
 
 def _status(err: BaseException) -> int:
@@ -370,7 +372,7 @@ def _arrow_bytes(table: pa.Table) -> bytes:
     graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
     graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
 )
-@serve.ingress(app)
+@serve.ingress()
 class Ingress:
     """One replica of a session's HTTP tier."""
 
@@ -393,6 +395,9 @@ class Ingress:
         self._heard: asyncio.Event | None = None  # set once the directory first answered, or was found out of reach
         self._following: asyncio.Task | None = None  # kept: the loop holds its tasks weakly, and its failure is logged
 
+    def __serve_build_asgi_app__(self) -> Any:
+        return routes.app(self)
+
     # -- following the directory -----------------------------------------------------------
 
     async def _ready(self) -> Functions:
@@ -400,10 +405,11 @@ class Ingress:
         if self._functions is None:
             self._functions, self._heard = Functions(asyncio.get_running_loop(), self._metrics), asyncio.Event()
             self._following = asyncio.get_running_loop().create_task(self._follow(self._functions, self._heard))
-        try:
-            await asyncio.wait_for(asyncio.shield(self._heard.wait()), _FIRST_ANSWER_S)
-        except TimeoutError:
-            pass  # still nothing: its requests answer 503
+        if not self._heard.is_set():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._heard.wait()), _FIRST_ANSWER_S)
+            except TimeoutError:
+                pass  # still nothing: its requests answer 503
         return self._functions
 
     def _directory_actor(self) -> Any:
@@ -473,8 +479,8 @@ class Ingress:
         self._metrics.request(function, endpoint, response.status_code, time.perf_counter() - started)
         return response
 
-    @app.get("/healthz")
-    @app.get("/readyz")
+    @routes.route("/healthz", "GET")
+    @routes.route("/readyz", "GET")
     async def healthz(self, request: Request) -> Response:
         """200 while every function has a live worker; 503 (with Retry-After) while one has none, is still to
         come, or the directory is out of reach: a load balancer's or Kubernetes' probe."""
@@ -489,15 +495,15 @@ class Ingress:
             return JSONResponse(body)
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    @app.get("/v1/functions")
+    @routes.route("/v1/functions", "GET")
     async def list_functions(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             return JSONResponse([_described(f) for f in self._functions.by_name.values()])
 
         return await self._answer(request, "functions", work, scores=False)
 
-    @app.post("/v1/functions/{name}")
-    async def call_function(self, name: str, request: Request) -> Response:
+    @routes.route("/v1/functions/{name}", "POST")
+    async def call_function(self, request: Request, name: str) -> Response:
         async def work(pins: Pins) -> Response:
             with pins.function(name).coalesced.coming():  # a call forming now waits for these rows
                 body = await _body(request)
@@ -509,11 +515,11 @@ class Ingress:
                 scored = await self._functions.score(name, arguments, pins)
             if request.headers.get("accept", "").startswith(ARROW_STREAM) or arrow:
                 return Response(_arrow_bytes(pa.table({"output": scored.array})), media_type=ARROW_STREAM)
-            return JSONResponse({"outputs": values_json(scored.array.to_pylist()), "version": pins.client(name).label})
+            return JSONResponse({"outputs": values_json(scored.array), "version": pins.client(name).label})
 
         return await self._answer(request, "v1", work)
 
-    @app.api_route("/model/predict", methods=["GET", "POST"])
+    @routes.route("/model/predict", "GET", "POST")
     async def predict(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             ask = predict_request(await _params(request))
@@ -523,7 +529,7 @@ class Ingress:
 
     # -- OpenAI's API (sql_magics.serving.openai_api) ------------------------------------------
 
-    @app.get("/v1/models")
+    @routes.route("/v1/models", "GET")
     async def models(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             served = self._functions.by_name.values()
@@ -531,21 +537,21 @@ class Ingress:
 
         return await self._answer(request, "openai", work, scores=False, openai=True)
 
-    @app.post("/v1/chat/completions")
+    @routes.route("/v1/chat/completions", "POST")
     async def chat_completions(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             return await self._generate(chat_request(loads(await _body(request), "the body")), pins, chat=True)
 
         return await self._answer(request, "openai", work, openai=True)
 
-    @app.post("/v1/completions")
+    @routes.route("/v1/completions", "POST")
     async def completions(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             return await self._generate(completion_request(loads(await _body(request), "the body")), pins, chat=False)
 
         return await self._answer(request, "openai", work, openai=True)
 
-    @app.post("/v1/embeddings")
+    @routes.route("/v1/embeddings", "POST")
     async def embeddings(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             model, texts, encoding = embeddings_request(loads(await _body(request), "the body"))
@@ -584,7 +590,7 @@ class Ingress:
                 self._metrics.generated(function, item["completion_tokens"])
             yield item
 
-    @app.get("/metrics")
+    @routes.route("/metrics", "GET")
     async def metrics(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             try:
@@ -601,7 +607,7 @@ class Ingress:
 
         return await self._answer(request, "metrics", work, scores=False)
 
-    @app.api_route("/run/script", methods=["GET", "POST"])
+    @routes.route("/run/script", "GET", "POST")
     async def run_script(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             if not self._allow_scripts:

@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from arrow_bridge.function import add_arrow_function
 from arrow_bridge.scoring import Call, Scored
-from arrow_bridge.tensors import join_outputs, slice_output
+from arrow_bridge.tensors import join_outputs, slice_output, to_arrow
 from arrow_bridge.types import arrow_type
 from sql_magics.errors import clean_duckdb_error
 from sql_magics.serving.coalescer import Coalescer
@@ -79,9 +79,9 @@ class VersionClient:
         self.key, self.label, self.width = entry.key, entry.label, entry.width
         self._udf = RemoteUDF.attach(function, entry.master, entry.conf, entry.model_refs, {"input_width": entry.width})
 
-    def map(self, matrix: Any) -> list[Any]:
-        """Score one feature matrix on the workers (blocking: run it on a thread)."""
-        return self._udf.score(matrix)
+    async def map(self, matrix: Any) -> list[Any]:
+        """Score one feature matrix on the workers."""
+        return await self._udf.score_async(matrix)
 
     def stream(self, prompt: Any, params: Any = None) -> AsyncIterator[dict]:
         """A generation model's answer to one prompt, as it is generated (see ``RemoteUDF.stream``)."""
@@ -151,7 +151,7 @@ class Function:
         if joined is not None:
             self._metrics.batch(self.name, requests=len(matrices), rows=len(joined))
             try:
-                outputs = await asyncio.to_thread(client.map, joined)
+                outputs = await client.map(joined)
             except (ModelError, InputError) as err:
                 if len(matrices) == 1:
                     return [Outcome(error=err)]
@@ -161,16 +161,27 @@ class Function:
                 if len(matrices) == 1:
                     return [Outcome(outputs)]
                 if not any(isinstance(o, Partial) for o in outputs):
-                    whole, starts = join_outputs(outputs), np.cumsum([0, *sizes])
-                    return [Outcome([slice_output(whole, a, b)]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+                    return _split(outputs, self.arrow_type, sizes)
         return [await self._score_alone(client, m) for m in matrices]  # each request its own answer or error
 
     async def _score_alone(self, client: VersionClient, matrix: Any) -> Outcome:
         self._metrics.batch(self.name, requests=1, rows=len(matrix))
         try:
-            return Outcome(await asyncio.to_thread(client.map, matrix))
+            return Outcome(await client.map(matrix))
         except RayUDFError as err:
             return Outcome(error=err)
+
+
+def _split(outputs: list[Any], arrow_type: pa.DataType, sizes: list[int]) -> list[Outcome]:
+    """A coalesced call's outputs, as each request's share: converted to Arrow once, then sliced (no copy);
+    when they do not convert, each share is converted on its own, so that the error is the rows' own."""
+    starts = np.cumsum([0, *sizes])
+    try:
+        whole = to_arrow(outputs, arrow_type, int(starts[-1]))
+    except ModelError:
+        joined = join_outputs(outputs)
+        return [Outcome([slice_output(joined, a, b)]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    return [Outcome([whole.slice(a, b - a)]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
 
 def _joined(matrices: Sequence[Any]) -> Any:

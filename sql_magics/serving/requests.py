@@ -23,7 +23,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,14 +178,23 @@ def rows_json(table: pa.Table) -> list[dict]:
     return [_plain(row) for row in table.to_pylist()]
 
 
-def values_json(values: Sequence[Any]) -> list:
-    """A result column as JSON-ready values.
+def values_json(values: pa.Array) -> list:
+    """A result column as JSON-ready values (numbers, and fixed-size lists of them, read at once when none is
+    null, NaN or infinite).
 
     Example:
-        >>> values_json([1.5, float("nan"), {"a": [1, None]}, b"x"])
-        [1.5, None, {'a': [1, None]}, "b'x'"]
+        >>> values_json(pa.array([1.5, float("nan"), None])), values_json(pa.array([[1, 2]], pa.list_(pa.int8(), 2)))
+        ([1.5, None, None], [[1, 2]])
+        >>> values_json(pa.array([{"a": [1, None], "b": b"x"}]))
+        [{'a': [1, None], 'b': "b'x'"}]
     """
-    return [_plain(value) for value in values]
+    shape = values.type
+    flat = values.flatten() if pa.types.is_fixed_size_list(shape) and not values.null_count else values
+    if (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)) and not flat.null_count:
+        numbers = flat.to_numpy()
+        if numbers.dtype.kind != "f" or np.isfinite(numbers).all():
+            return (numbers if flat is values else numbers.reshape(len(values), shape.list_size)).tolist()
+    return [_plain(value) for value in values.to_pylist()]
 
 
 def _plain(value: Any) -> Any:

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -178,6 +179,13 @@ class RemoteUDF:
         each piece's output, in order (a :class:`~udf_engine.actors.failures.Partial` where the
         model failed on some rows under on_error="null")."""
         return self.dispatcher.map(cut(matrix, self.conf.batch_size))
+
+    async def score_async(self, matrix: Any) -> list[Any]:
+        """:meth:`score`, for an event loop: a matrix of one piece is sent from the loop (``Dispatcher.map_one``)."""
+        batches = cut(matrix, self.conf.batch_size)
+        if len(batches) == 1:
+            return [await self.dispatcher.map_one(batches[0])]
+        return await asyncio.to_thread(self.dispatcher.map, batches)
 
     def stream(self, prompt: Any, params: Any = None) -> AsyncIterator[dict]:
         """A generation model's answer to one prompt as it is generated (an async iterator of

@@ -103,6 +103,47 @@ class Dispatcher:
         """
         return resolve(batches, self._run(batches), self._run, self._on_error)
 
+    async def map_one(self, batch: Any) -> Any:
+        """``map([batch])[0]``, for an event loop (a Serve replica's coalesced call): sent and awaited from the
+        loop, with no thread between (a thread's hand-off costs about half a Ray call's CPU again). A batch
+        that finds every worker full, its worker busy, unreachable or dead, or the model failing on it goes
+        on to :meth:`map`, on a thread, which waits, retries, splits and reports as for SQL; a batch past
+        ``batch_timeout_s`` fails as there."""
+        slot = self._acquire()
+        if slot is None:
+            return await self._mapped(batch)
+        worker_id, handle = slot
+        ref = handle.apply.remote(batch)
+        pending = {ref: (0, worker_id, time.monotonic())}
+        answer = asyncio.wrap_future(ref.future())
+        try:
+            while (limit := self._wait_s(pending)) is not None and not answer.done():  # (asyncio.wait costs a fifth of a call)
+                done, _ = await asyncio.wait((answer,), timeout=limit)
+                if not done:
+                    await asyncio.to_thread(self._fail_hung, pending)  # raises (the worker stopped) once it is past its deadline
+            outcome = await answer
+        except ray.exceptions.ActorUnavailableError:
+            self._pause(worker_id, _UNREACHABLE_PAUSE_S)
+            return await self._mapped(batch)
+        except ray.exceptions.RayActorError:
+            self._release(worker_id)
+            await asyncio.to_thread(self._worker_died, worker_id)  # out of the pool, and replaced, before map sends the batch again
+            return await self._mapped(batch)
+        except ray.exceptions.RayTaskError:  # the model's error: map finds the rows it fails on
+            self._release(worker_id, finished=True)
+            return await self._mapped(batch)
+        except BaseException:
+            self._release(worker_id)
+            raise
+        if outcome is BUSY:
+            self._pause(worker_id, _BUSY_PAUSE_S)
+            return await self._mapped(batch)
+        self._release(worker_id, finished=True)
+        return outcome
+
+    async def _mapped(self, batch: Any) -> Any:
+        return (await asyncio.to_thread(self.map, [batch]))[0]
+
     def scan(self, tasks: Sequence[Any]) -> Iterator[Any]:
         """Run each task on some worker (``worker.scan(task)``: it reads and scores its own rows);
         results are yielded in task order as they arrive. A task whose worker dies runs again

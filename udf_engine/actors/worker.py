@@ -243,7 +243,9 @@ class UDFWorker:
             "returns": declared_returns(self._model),
         }
 
-    @ray.method(concurrency_group=BATCHES)
+    # Served requests make hundreds of small batches a second: Ray's task events (the dashboard's list of
+    # tasks) for each took about a tenth of the call's CPU on both sides, and nobody reads them for batches.
+    @ray.method(concurrency_group=BATCHES, enable_task_events=False)
     def apply(self, batch: Any) -> Any:
         """Score one batch and count it (BUSY, at once, when the worker holds its bound of batches)."""
         return self._admitted(self._apply, batch)
