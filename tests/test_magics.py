@@ -44,6 +44,16 @@ def interrupt_when(ready, fired: list[float]) -> threading.Thread:
     return thread
 
 
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt in the main thread while the test runs, as in a kernel running a cell
+    (ipykernel puts this handler on around each cell). pytest started by a non-interactive shell in the
+    background (``make test &``) inherits SIGINT ignored, and Python then leaves it so."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def fired_when(fired: list[float], started: float) -> str:
     """What a failed interrupt test says: when the Ctrl-C went, after the cell started (never: ready() had not returned)."""
     if not fired:
@@ -190,7 +200,7 @@ def test_workers_table_and_progress_bar_for_a_long_query(ip, magic, slow_model, 
     assert row["rows"] == 30000 and row["alive"]
 
 
-def test_interrupt_cancels_the_query_and_the_next_one_works(ip, magic, slow_model):
+def test_interrupt_cancels_the_query_and_the_next_one_works(ip, magic, slow_model, ctrl_c):
     run(ip, f'%sql register model.`{slow_model}` as slow2 where workers="1" and num_cpus="{WORKER_CPUS}" and batch_size="128"')
     udf = magic.session.functions["slow2"].udf
     scored_before = sum(s["rows"] for s in udf.stats())
@@ -205,7 +215,7 @@ def test_interrupt_cancels_the_query_and_the_next_one_works(ip, magic, slow_mode
     assert error is None and result.df["y"].tolist() == [5.0]
 
 
-def test_an_interrupt_before_duckdb_runs_the_query_still_stops_it(ip, magic, slow_model):
+def test_an_interrupt_before_duckdb_runs_the_query_still_stops_it(ip, magic, slow_model, ctrl_c):
     # Ctrl-C while the cell's first statement starts a model's worker: DuckDB drops an interrupt of an
     # idle connection, so the magic interrupts again until the cell's work ends, the select included
     fired: list[float] = []

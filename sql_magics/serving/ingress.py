@@ -27,6 +27,10 @@ from udf_engine.errors import ConfigError
 INGRESS_VARIABLE = "RAYUDF_INGRESS"
 INGRESS_MODES = {"haproxy": "HAProxy", "proxy": "Serve's proxy"}  # mode -> what the start-up line says
 _HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# How long a stopping replica keeps answering so that load balancers in front can let it go: Ray's 30 s is
+# for a cloud balancer's health checks. Serve's own HAProxy is told at once and retries a refused connection
+# on another replica, and with 30 s every stop of a server (and every rolling swap) waited that long.
+_DRAIN_VARIABLE, _DRAIN_S = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"
 # The ports HAProxy's mode binds beside the app's on every address (its Prometheus metrics, its stats page,
 # the fallback proxy for deployments scaled to zero), each at a fixed default in Ray.
 _SIDE_PORTS = (
@@ -65,11 +69,12 @@ def controller_options(mode: str, environ: Mapping[str, str] = os.environ) -> di
     """``serve.start``'s ``controller_options`` for ``mode``: the environment the controller, and so its
     proxies and replicas, run in. HAProxy's side ports (:data:`_SIDE_PORTS`) are free ports of this
     machine unless ``environ`` names them: Ray's defaults are fixed, so a second Serve on one machine
-    (another user's, a test cluster) would find them taken and HAProxy would not start."""
+    (another user's, a test cluster) would find them taken and HAProxy would not start. A stopping
+    replica drains for :data:`_DRAIN_S` seconds unless ``environ`` says otherwise (a balancer of your own in front)."""
     if mode != "haproxy":
         return {}
     ports = {name: environ.get(name) or str(_free_port()) for name in _SIDE_PORTS}
-    return {"runtime_env": {"env_vars": {**_HAPROXY_ENV, **ports}}}
+    return {"runtime_env": {"env_vars": {**_HAPROXY_ENV, **ports, _DRAIN_VARIABLE: environ.get(_DRAIN_VARIABLE, _DRAIN_S)}}}
 
 
 def _free_port() -> int:
