@@ -336,7 +336,7 @@ def test_registering_a_text_model_again_during_a_query_is_a_rolling_swap(session
     second = save_text_models(tmp_path, TINY, seed=8)["classifier"]  # the same shape, other weights: other answers
     two = f'workers="2" and num_cpus="{WORKER_CPUS}" and batch_size="16"'
     kept = [t for t in texts if t is not None]
-    repeats = 300  # a query of some seconds, long enough to register again while it runs
+    repeats = 500  # a query of some seconds, long enough to register again while it runs (300 was not, once, on a fast day)
     numbered_table(session, "roll_texts", "t", kept * repeats)
     pipes = [transformers.pipeline("text-classification", model=str(path), device="cpu") for path in (made["classifier"], second)]
     want = [pipe(kept, truncation=True) * repeats for pipe in pipes]
