@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import io
 import ipaddress
@@ -38,7 +39,7 @@ import ray
 from ray import serve
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from sql_magics.errors import ParseError
 from sql_magics.serving.directory import app_directory_name
@@ -73,7 +74,7 @@ from sql_magics.serving.requests import (
     rows_json,
     values_json,
 )
-from sql_magics.serving.routes import Routes
+from sql_magics.serving.routes import JSONAnswer, Routes
 from udf_engine.errors import BatchTimeoutError, ModelError, RayUDFError, WorkerError
 from udf_engine.models.loaders import PROMPT_INPUT, TEXT_INPUT
 from udf_engine.ray_runtime import NAMESPACE
@@ -122,7 +123,7 @@ def _status(err: BaseException) -> int:
     return 500
 
 
-def error_answer(err: Exception, endpoint: str, *, openai: bool = False) -> JSONResponse:
+def error_answer(err: Exception, endpoint: str, *, openai: bool = False) -> JSONAnswer:
     """The answer to a request that raised: its own message for the caller's or the model's error; for a
     fault of the server (500), one line with the error's type and an id, the traceback logged under that id;
     for workers gone (503), ours ("function f is restarting") or a line with an id, and ``Retry-After``.
@@ -141,8 +142,8 @@ def error_answer(err: Exception, endpoint: str, *, openai: bool = False) -> JSON
     return _error(500, f"internal error ({type(err).__name__}); the server's log has it as error id {incident}", openai=openai)
 
 
-def _error(status: int, message: str, *, openai: bool = False) -> JSONResponse:
-    return JSONResponse(error_body(status, message) if openai else {"error": message}, status_code=status)
+def _error(status: int, message: str, *, openai: bool = False) -> JSONAnswer:
+    return JSONAnswer(error_body(status, message) if openai else {"error": message}, status_code=status)
 
 
 class DirectoryLost(Exception):  # noqa: N818 - a state, not a failure
@@ -206,10 +207,7 @@ def _check_origin(request: Request, hosts: frozenset[str] | None, port: int) -> 
         return
     if not _from_this_machine(request):
         raise _Refused(403, f"this server answers this machine only (it is bound to {min(hosts)}), not {request.client.host}")
-    try:
-        host = urlsplit(f"//{request.headers.get('host', '')}").hostname
-    except ValueError:  # not a host at all ("[")
-        host = None
+    host = _host_name(request.headers.get("host", ""))
     if host not in hosts:
         raise _Refused(421, f"this server answers for {', '.join(sorted(hosts))}, not for the host {host or '(none)'!r}")
     fetched_by = request.headers.get("sec-fetch-site")
@@ -234,12 +232,33 @@ def _from_this_machine(request: Request) -> bool:
     peer, server = request.client, request.scope.get("server")
     if peer is None:
         return True  # no socket (an in-process call)
+    loopback = _loopback(peer.host)
+    return loopback or (loopback is not None and server is not None and peer.host == server[0])
+
+
+# Requests come from few addresses for few host names: what they are is looked up once (a bounded cache: an
+# address or a Host header of a caller's choosing costs it nothing more).
+@functools.lru_cache(maxsize=1024)
+def _loopback(address: str) -> bool | None:
+    """Whether an IP address is a loopback one (None: it is no IP address)."""
     try:
-        if ipaddress.ip_address(peer.host).is_loopback:
-            return True
+        return ipaddress.ip_address(address).is_loopback
     except ValueError:
-        return False
-    return server is not None and peer.host == server[0]
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_name(host: str) -> str | None:
+    """The host name of a ``Host`` header (no port, lowercase), or None when it is none at all ("[").
+
+    Example:
+        >>> _host_name("LocalHost:8000"), _host_name("[::1]:8000"), _host_name("[")
+        ('localhost', '::1', None)
+    """
+    try:
+        return urlsplit(f"//{host}").hostname
+    except ValueError:
+        return None
 
 
 def _ours(origin: str, hosts: frozenset[str], port: int) -> bool:
@@ -488,17 +507,17 @@ class Ingress:
             _check_origin(request, self._hosts, self._port)
             ok, body = await (await self._ready()).health()
         except _Refused as err:
-            return JSONResponse({"error": str(err)}, status_code=err.status)
+            return JSONAnswer({"error": str(err)}, status_code=err.status)
         except Exception as err:  # noqa: BLE001 - an answer, logged, as every endpoint's
             return error_answer(err, "healthz")
         if ok:
-            return JSONResponse(body)
-        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            return JSONAnswer(body)
+        return JSONAnswer(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @routes.route("/v1/functions", "GET")
     async def list_functions(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
-            return JSONResponse([_described(f) for f in self._functions.by_name.values()])
+            return JSONAnswer([_described(f) for f in self._functions.by_name.values()])
 
         return await self._answer(request, "functions", work, scores=False)
 
@@ -515,7 +534,7 @@ class Ingress:
                 scored = await self._functions.score(name, arguments, pins)
             if request.headers.get("accept", "").startswith(ARROW_STREAM) or arrow:
                 return Response(_arrow_bytes(pa.table({"output": scored.array})), media_type=ARROW_STREAM)
-            return JSONResponse({"outputs": values_json(scored.array), "version": pins.client(name).label})
+            return JSONAnswer({"outputs": values_json(scored.array), "version": pins.client(name).label})
 
         return await self._answer(request, "v1", work)
 
@@ -523,7 +542,7 @@ class Ingress:
     async def predict(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             ask = predict_request(await _params(request))
-            return JSONResponse(rows_json(await self._functions.predict(ask, pins, self._timeout_s)))
+            return JSONAnswer(rows_json(await self._functions.predict(ask, pins, self._timeout_s)))
 
         return await self._answer(request, "predict", work)
 
@@ -533,7 +552,7 @@ class Ingress:
     async def models(self, request: Request) -> Response:
         async def work(pins: Pins) -> Response:
             served = self._functions.by_name.values()
-            return JSONResponse(models_answer(sorted(f.name for f in served if _generates(f) or _embeds(f))))
+            return JSONAnswer(models_answer(sorted(f.name for f in served if _generates(f) or _embeds(f))))
 
         return await self._answer(request, "openai", work, scores=False, openai=True)
 
@@ -558,7 +577,7 @@ class Ingress:
             if not _embeds(pins.function(model)):
                 raise RequestError(f"{model} is not an embedding function (one that takes a text and returns FLOAT[d])")
             scored = await self._functions.score(model, [pa.array(texts, pa.string())], pins)
-            return JSONResponse(embeddings_answer(model, scored.array.to_pylist(), encoding))
+            return JSONAnswer(embeddings_answer(model, scored.array.to_pylist(), encoding))
 
         return await self._answer(request, "openai", work, openai=True)
 
@@ -575,8 +594,8 @@ class Ingress:
         answers = await asyncio.gather(*(_collected(self._timed(ask.model, client.stream(p, ask.params))) for p in ask.prompts))
         used = usage(sum(a["prompt_tokens"] for a in answers), sum(a["completion_tokens"] for a in answers))
         if chat:
-            return JSONResponse(chat_answer(ident, ask.model, answers[0]["text"], answers[0]["finish_reason"], used))
-        return JSONResponse(completion_answer(ident, ask.model, [(a["text"], a["finish_reason"]) for a in answers], used))
+            return JSONAnswer(chat_answer(ident, ask.model, answers[0]["text"], answers[0]["finish_reason"], used))
+        return JSONAnswer(completion_answer(ident, ask.model, [(a["text"], a["finish_reason"]) for a in answers], used))
 
     async def _timed(self, function: str, events: AsyncIterator[dict]) -> AsyncIterator[dict]:
         """``events``, with the time to their first piece of text and the tokens generated counted for /metrics."""
@@ -613,6 +632,6 @@ class Ingress:
             if not self._allow_scripts:
                 raise _Refused(403, "/run/script is off: a script can read files and run Python; start the server with --allow-scripts")
             answer = await self._directory_actor().run_script.remote(await _params(request, json_only=True))
-            return JSONResponse(answer["body"], status_code=answer["status"])
+            return JSONAnswer(answer["body"], status_code=answer["status"])
 
         return await self._answer(request, "script", work, scores=False)

@@ -178,16 +178,24 @@ def rows_json(table: pa.Table) -> list[dict]:
     return [_plain(row) for row in table.to_pylist()]
 
 
+# Up to this many values an answer reads them one by one: numpy's pass costs more than it saves on so few.
+_FEW_VALUES = 16
+
+
 def values_json(values: pa.Array) -> list:
-    """A result column as JSON-ready values (numbers, and fixed-size lists of them, read at once when none is
-    null, NaN or infinite).
+    """A result column as JSON-ready values (numbers, and fixed-size lists of them, read at once when there
+    are more than a few and none is null, NaN or infinite).
 
     Example:
         >>> values_json(pa.array([1.5, float("nan"), None])), values_json(pa.array([[1, 2]], pa.list_(pa.int8(), 2)))
         ([1.5, None, None], [[1, 2]])
+        >>> values_json(pa.array(np.arange(40, dtype=np.float32)))[-2:], values_json(pa.array([0.5] * 40 + [float("inf")]))[-2:]
+        ([38.0, 39.0], [0.5, None])
         >>> values_json(pa.array([{"a": [1, None], "b": b"x"}]))
         [{'a': [1, None], 'b': "b'x'"}]
     """
+    if len(values) <= _FEW_VALUES:
+        return [_plain(value) for value in values.to_pylist()]
     shape = values.type
     flat = values.flatten() if pa.types.is_fixed_size_list(shape) and not values.null_count else values
     if (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)) and not flat.null_count:

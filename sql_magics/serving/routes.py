@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +25,20 @@ from starlette.responses import JSONResponse, Response
 
 Handler = Callable[..., Awaitable[Response]]
 _log = logging.getLogger("ray.serve.rayudf")
+# Starlette's JSON, with an encoder made once: json.dumps with options makes one per call, a tenth of a small answer's cost.
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+class JSONAnswer(JSONResponse):
+    """A JSON answer, as Starlette's ``JSONResponse`` renders it.
+
+    Example:
+        >>> JSONAnswer({"outputs": [1.5, None], "text": "é"}).body
+        b'{"outputs":[1.5,null],"text":"\xc3\xa9"}'
+    """
+
+    def render(self, content: Any) -> bytes:
+        return _encode(content).encode()
 
 
 class Routes:
@@ -56,12 +71,12 @@ class Routes:
             prefix, _, segment = path.rpartition("/")
             parameter, table = self._last_segment.get(f"{prefix}/", ("", None))
             if table is None or not segment:
-                return JSONResponse({"error": f"no endpoint at {path}"}, status_code=404), params
+                return JSONAnswer({"error": f"no endpoint at {path}"}, status_code=404), params
             params = {parameter: segment}
         handler = table.get(method)
         if handler is None:
             allowed = ", ".join(sorted(table))
-            return JSONResponse({"error": f"{path} takes {allowed}, not {method}"}, status_code=405, headers={"Allow": allowed}), params
+            return JSONAnswer({"error": f"{path} takes {allowed}, not {method}"}, status_code=405, headers={"Allow": allowed}), params
         return handler, params
 
     def app(self, owner: Any) -> Callable[..., Awaitable[None]]:
@@ -81,7 +96,7 @@ class Routes:
                 response = await found(owner, Request(scope, receive), **params)
             except Exception:  # noqa: BLE001 - a fault of ours the handler did not answer: logged, a bare 500
                 _log.exception("%s %s failed", scope["method"], scope["path"])
-                response = JSONResponse({"error": "internal error; the server's log has it"}, status_code=500)
+                response = JSONAnswer({"error": "internal error; the server's log has it"}, status_code=500)
             await response(scope, receive, send)
 
         return asgi
