@@ -236,25 +236,42 @@ def _from_this_machine(request: Request) -> bool:
     return loopback or (loopback is not None and server is not None and peer.host == server[0])
 
 
-# Requests come from few addresses for few host names: what they are is looked up once (a bounded cache: an
-# address or a Host header of a caller's choosing costs it nothing more).
-@functools.lru_cache(maxsize=1024)
+# Requests come from few addresses for few host names: what each is, is looked up once, in bounded caches that
+# keep only what is short enough to be an address or a name (a caller chooses its Host header).
+_LONGEST_ADDRESS = 45  # IPv6's longest text
+_LONGEST_HOST = 260  # a DNS name's 253 characters and a port
+
+
 def _loopback(address: str) -> bool | None:
-    """Whether an IP address is a loopback one (None: it is no IP address)."""
+    """Whether an IP address is a loopback one (None: it is no IP address).
+
+    Example:
+        >>> _loopback("127.0.0.2"), _loopback("10.0.0.9"), _loopback("::1"), _loopback("example.com")
+        (True, False, True, None)
+    """
+    return _loopback_address(address) if len(address) <= _LONGEST_ADDRESS else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _loopback_address(address: str) -> bool | None:
     try:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return None
 
 
-@functools.lru_cache(maxsize=1024)
 def _host_name(host: str) -> str | None:
     """The host name of a ``Host`` header (no port, lowercase), or None when it is none at all ("[").
 
     Example:
-        >>> _host_name("LocalHost:8000"), _host_name("[::1]:8000"), _host_name("[")
-        ('localhost', '::1', None)
+        >>> _host_name("LocalHost:8000"), _host_name("[::1]:8000"), _host_name("["), _host_name("a" * 300)
+        ('localhost', '::1', None, None)
     """
+    return _parsed_host(host) if len(host) <= _LONGEST_HOST else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed_host(host: str) -> str | None:
     try:
         return urlsplit(f"//{host}").hostname
     except ValueError:
