@@ -338,8 +338,9 @@ def test_registering_a_text_model_again_during_a_query_is_a_rolling_swap(session
     kept = [t for t in texts if t is not None]
     repeats = 500  # a query of some seconds, long enough to register again while it runs (300 was not, once, on a fast day)
     numbered_table(session, "roll_texts", "t", kept * repeats)
+    numbered_table(session, "roll_after", "t", kept)  # after the swap, one pass shows the new version
     pipes = [transformers.pipeline("text-classification", model=str(path), device="cpu") for path in (made["classifier"], second)]
-    want = [pipe(kept, truncation=True) * repeats for pipe in pipes]
+    want = [pipes[0](kept, truncation=True) * repeats, pipes[1](kept, truncation=True)]
     with registered(session, f"register transformers.`{made['classifier']}` as rolled where {two}", "rolled"):
         first = session.functions["rolled"].udf
         with ThreadPoolExecutor(1) as pool:
@@ -350,7 +351,7 @@ def test_registering_a_text_model_again_during_a_query_is_a_rolling_swap(session
             session.sql(f"register transformers.`{second}` as rolled where {ONE}")
             assert not query.done(), "register waited for the query; it should only start the new workers and switch"
             during = query.result(timeout=300)
-        after = scored(session, "rolled", "roll_texts")
+        after = scored(session, "rolled", "roll_after")
         for got, expected in ((during, want[0]), (after, want[1])):  # every row from one version: the one running when it began
             assert [g["label"] for g in got] == [w["label"] for w in expected]
             np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in expected], atol=TOLERANCE, rtol=0)
