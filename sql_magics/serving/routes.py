@@ -30,7 +30,7 @@ _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",",
 
 
 class JSONAnswer(JSONResponse):
-    """A JSON answer, as Starlette's ``JSONResponse`` renders it.
+    r"""A JSON answer, as Starlette's ``JSONResponse`` renders it.
 
     Example:
         >>> JSONAnswer({"outputs": [1.5, None], "text": "é"}).body
